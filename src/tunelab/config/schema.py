@@ -1,0 +1,89 @@
+"""The validated shape of a run config. Unknown keys, wrong types and impossible values fail here."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tunelab.methods import method_options_model
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    name: str = Field(min_length=1, description="built-in alias | local HF dir | hub id | path to .gguf")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+
+class DataConfig(Strict):
+    train: str = Field(min_length=1)
+    eval: str | None = None
+    eval_split: float | None = Field(default=None, gt=0.0, lt=1.0)
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = "auto"
+    max_length: int = Field(default=1024, ge=8)
+    packing: bool = True
+    too_long: Literal["truncate", "drop"] = "truncate"
+    # "assistant": loss on assistant turns (and their end-of-turn token) only; "all": every token.
+    train_on: Literal["assistant", "all"] = "assistant"
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DataConfig:
+        if self.eval is not None and self.eval_split is not None:
+            raise ValueError("give either data.eval or data.eval_split, not both")
+        return self
+
+
+class TrainConfig(Strict):
+    max_steps: int | None = Field(default=None, ge=1)
+    epochs: float | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=8, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    lr: float = Field(default=2e-4, gt=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup: float = Field(default=0.03, ge=0, description="fraction of steps if < 1, else a step count")
+    weight_decay: float = Field(default=0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(default=1e-8, gt=0)
+    max_grad_norm: float = Field(default=1.0, ge=0, description="0 disables clipping")
+    seed: int = 0
+    save_every: int = Field(default=50, ge=0, description="0: only the final weights")
+    eval_every: int = Field(default=50, ge=0, description="0: eval only at the end")
+    keep_checkpoints: int = Field(default=2, ge=1)
+    log_every: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainConfig:
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("give either train.max_steps or train.epochs, not both")
+        return self
+
+
+class RunConfig(Strict):
+    model: ModelConfig
+    data: DataConfig
+    method: Any = Field(default_factory=lambda: {"name": "lora"})
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: str = "runs/run"
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_options(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, dict):
+            raise ValueError("method must be a mapping with a 'name' key")
+        # Each registered method validates its own options (unknown keys fail, naming the key).
+        return method_options_model(value.get("name", "lora")).model_validate(value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")

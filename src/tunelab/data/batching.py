@@ -1,0 +1,76 @@
+"""Turn tokenized samples into model inputs: padded rows, or packed rows with per-sample attention.
+
+Labels are shifted here: `labels[t]` is the token to predict at position t (-100 where nothing is
+predicted), so a row can hold several samples without any sample predicting its neighbour's tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (rows, length)
+    labels: torch.Tensor  # (rows, length), already shifted; IGNORE where there is no target
+    position_ids: torch.Tensor  # (rows, length), restarting at 0 for each sample
+    attention_mask: torch.Tensor  # (rows, 1, length, length) bool: True where a query may attend
+    n_tokens: int  # real (non-padding) tokens
+    n_targets: int  # tokens the loss falls on
+
+    def to(self, device: torch.device) -> Batch:
+        tensors = {k: v.to(device) for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}
+        return Batch(**tensors, n_tokens=self.n_tokens, n_targets=self.n_targets)
+
+
+def make_batch(samples: list[dict], max_length: int, packing: bool, pad_id: int) -> Batch:
+    rows = pack_rows([len(s["input_ids"]) for s in samples], max_length) if packing else [[i] for i in range(len(samples))]
+    width = max(sum(len(samples[i]["input_ids"]) for i in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    segment = torch.zeros(shape, dtype=torch.long)  # 0 = padding, k = k-th sample of the row
+    for r, row in enumerate(rows):
+        start = 0
+        for k, i in enumerate(row, start=1):
+            ids = torch.tensor(samples[i]["input_ids"], dtype=torch.long)
+            mask = torch.tensor(samples[i]["target_mask"], dtype=torch.bool)
+            n = len(ids)
+            input_ids[r, start : start + n] = ids
+            labels[r, start : start + n - 1] = torch.where(mask[1:], ids[1:], IGNORE)
+            position_ids[r, start : start + n] = torch.arange(n)
+            segment[r, start : start + n] = k
+            start += n
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same_sample = segment[:, :, None] == segment[:, None, :]
+    # Padding queries attend to themselves only: a row of all -inf would make softmax NaN.
+    attention = (same_sample & causal & (segment[:, None, :] > 0)) | torch.eye(width, dtype=torch.bool)
+    return Batch(
+        input_ids=input_ids,
+        labels=labels,
+        position_ids=position_ids,
+        attention_mask=attention[:, None],
+        n_tokens=int((segment > 0).sum()),
+        n_targets=int((labels != IGNORE).sum()),
+    )
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: sample indices grouped into rows of at most `capacity` tokens."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows

@@ -1,0 +1,3 @@
+from tunelab.train.loop import RunResult, train
+
+__all__ = ["RunResult", "train"]

@@ -1,0 +1,147 @@
+"""Checkpoints that survive a crash at any instant, and exact resume from them.
+
+A checkpoint is `OUTPUT/checkpoints/step-N/`: the trainable weights, the optimizer state, every RNG
+state and the step (which fixes the data position). It is written into a hidden temp directory,
+fsynced, and renamed into place, so `step-N` either exists complete or not at all. Everything is
+safetensors or JSON: loading a checkpoint never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from tunelab.errors import TunelabError
+
+STEP_DIR = re.compile(r"step-(\d+)")
+
+
+@dataclass
+class TrainState:
+    """What the loop needs beyond tensors to continue exactly where it stopped."""
+
+    step: int
+    tokens_seen: int
+    train_seconds: float
+
+
+def save_checkpoint(
+    checkpoints_dir: Path, state: TrainState, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, keep: int
+) -> Path:
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoints_dir / f"step-{state.step}"
+    staging = checkpoints_dir / f".tmp-step-{state.step}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    save_file({k: v.contiguous() for k, v in trainable.items()}, staging / "trainable.safetensors")
+    optimizer_tensors, optimizer_meta = _flatten_optimizer(optimizer)
+    save_file(optimizer_tensors, staging / "optimizer.safetensors")
+    rng_tensors, rng_meta = _rng_state()
+    save_file(rng_tensors, staging / "rng.safetensors")
+    meta = {"state": state.__dict__, "optimizer": optimizer_meta, "rng": rng_meta}
+    (staging / "state.json").write_text(json.dumps(meta))
+    for file in staging.iterdir():
+        _fsync(file)
+    _fsync(staging)
+    if final.exists():  # only when re-saving a step: move the old copy aside before replacing it
+        old = checkpoints_dir / f".old-step-{state.step}-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(staging, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(staging, final)
+    _fsync(checkpoints_dir)
+    for stale in list_checkpoints(checkpoints_dir)[:-keep]:
+        shutil.rmtree(stale)
+    return final
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temp directories of interrupted writes are ignored)."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [p for p in checkpoints_dir.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)))
+
+
+def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """Restore the optimizer and RNG states; return the loop state and the trainable weights."""
+    try:
+        meta = json.loads((path / "state.json").read_text())
+        trainable = load_file(path / "trainable.safetensors")
+        optimizer_tensors = load_file(path / "optimizer.safetensors")
+        rng_tensors = load_file(path / "rng.safetensors")
+    except (OSError, ValueError) as err:
+        raise TunelabError(f"checkpoint {path} is unreadable: {err}") from None
+    optimizer.load_state_dict(_unflatten_optimizer(optimizer_tensors, meta["optimizer"]))
+    _restore_rng(rng_tensors, meta["rng"])
+    return TrainState(**meta["state"]), trainable
+
+
+def clean_staging(checkpoints_dir: Path) -> None:
+    """Remove what an interrupted checkpoint write left behind."""
+    if checkpoints_dir.is_dir():
+        for leftover in checkpoints_dir.glob(".*-step-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state_dict = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entries in state_dict["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = cuda_state
+    version, python_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {
+        "python": [version, list(python_state), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+    }
+    return tensors, meta
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("cuda.")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    version, python_state, gauss = meta["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    kind, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,261 @@
+"""The training loop: one run from a validated config to its artifacts.
+
+Read `train()` top to bottom: set up the output dir, model, method, data and optimizer; resume
+if asked; then each step gathers its micro-batches, normalizes the loss by the target tokens of the
+whole accumulated batch, clips, steps, logs, evaluates and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from tunelab.config import RunConfig, dump_config, load_config
+from tunelab.console import console
+from tunelab.data.batching import make_batch
+from tunelab.data.dataset import build_datasets
+from tunelab.errors import TrainingDiverged, TunelabError
+from tunelab.eval.loss import evaluate_loss
+from tunelab.methods import build_method
+from tunelab.models import load_model
+from tunelab.objectives import causal_lm_loss
+from tunelab.train.artifacts import save_artifacts
+from tunelab.train.checkpoint import TrainState, clean_staging, list_checkpoints, load_checkpoint, save_checkpoint
+from tunelab.train.schedule import lr_at, warmup_steps
+
+# What a run directory may hold; `overwrite` removes exactly these and nothing else.
+RUN_FILES = ("checkpoints", "adapter", "model", "metrics.jsonl", "report.json", "config.yaml", "eval.json", "loss.png")
+# Config keys that may change between a run and its resumption without breaking exactness.
+RESUMABLE_CHANGES = {"save_every", "eval_every", "keep_checkpoints", "log_every"}  # under train.
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    report: dict = field(default_factory=dict)
+
+    @property
+    def final_loss(self) -> float:
+        return self.report["final_train_loss"]
+
+
+def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
+    started = time.perf_counter()
+    tcfg, dcfg = config.train, config.data
+    output = Path(config.output)
+    checkpoints_dir = output / "checkpoints"
+    _prepare_output(output, config, resume, overwrite)
+
+    _seed_everything(tcfg.seed)
+    model, tokenizer = load_model(config.model)
+    method = build_method(config.method)
+    method.attach(model)
+    params = method.trainable_parameters(model)
+    if not params:
+        raise TunelabError(f"method '{method.name}' left no trainable parameter on this model")
+    device = next(iter(params.values())).device
+    data = build_datasets(dcfg, tokenizer, tcfg.seed)
+    _report_data(data.stats)
+
+    optimizer = torch.optim.AdamW(
+        list(params.values()), lr=tcfg.lr, betas=tcfg.adam_betas, eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay
+    )
+    samples_per_step = tcfg.batch_size * tcfg.grad_accum
+    steps_per_epoch = math.ceil(len(data.train) / samples_per_step)
+    total_steps = tcfg.max_steps or math.ceil((tcfg.epochs or 1.0) * steps_per_epoch)
+    warmup = warmup_steps(tcfg.warmup, total_steps)
+
+    state = TrainState(step=0, tokens_seen=0, train_seconds=0.0)
+    checkpoint = list_checkpoints(checkpoints_dir)[-1] if resume and list_checkpoints(checkpoints_dir) else None
+    if checkpoint is not None:
+        # The method's init above drew from the RNG; the checkpoint restores the RNG to its saved point.
+        state, trainable = load_checkpoint(checkpoint, optimizer)
+        method.load_state_dict(model, trainable, source=str(checkpoint))
+        console.print(f"Resuming from {checkpoint} (step {state.step} of {total_steps})")
+    metrics_path = output / "metrics.jsonl"
+    _truncate_metrics(metrics_path, after_step=state.step)
+
+    pad_id = tokenizer.pad_token_id
+    max_grad_norm = tcfg.max_grad_norm or float("inf")
+    last_loss = float("nan")
+    eval_metrics: dict = {}
+    model.train()
+    progress = Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[speed]} tok/s"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    with progress, metrics_path.open("a") as metrics_file:
+        task = progress.add_task("train", total=total_steps, completed=state.step, loss="-", speed="-")
+        for step in range(state.step + 1, total_steps + 1):
+            step_started = time.perf_counter()
+            lr = lr_at(step, total_steps, tcfg.lr, tcfg.scheduler, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            # The step's samples follow from the step number alone, so a resumed run sees the same data.
+            indices = _step_sample_indices(step, len(data.train), samples_per_step, steps_per_epoch, tcfg.seed)
+            micro_batches = [
+                make_batch([data.train[i] for i in indices[k : k + tcfg.batch_size]], dcfg.max_length, dcfg.packing, pad_id)
+                for k in range(0, len(indices), tcfg.batch_size)
+            ]
+            # Normalize by the targets of the whole accumulated batch, not per micro-batch: then
+            # batch 8 x accum 1 and batch 1 x accum 8 give the same loss and gradient.
+            step_targets = sum(b.n_targets for b in micro_batches)
+            step_loss = 0.0
+            for batch in micro_batches:
+                loss = causal_lm_loss(model, batch.to(device)) / step_targets
+                loss.backward()
+                step_loss += loss.item()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm))
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                good = list_checkpoints(checkpoints_dir)
+                raise TrainingDiverged(
+                    f"training diverged at step {step}: loss={step_loss}, grad_norm={grad_norm}; try a lower train.lr. "
+                    + (f"The last good checkpoint is {good[-1]}." if good else "No checkpoint was written yet.")
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            step_seconds = time.perf_counter() - step_started
+            step_tokens = sum(b.n_tokens for b in micro_batches)
+            state = TrainState(step, state.tokens_seen + step_tokens, state.train_seconds + step_seconds)
+            last_loss = step_loss
+            record = {
+                "step": step,
+                "loss": step_loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": step_tokens,
+                "target_tokens": step_targets,
+                "seconds": step_seconds,
+                "tokens_per_s": step_tokens / step_seconds,
+            }
+            if data.eval is not None and ((tcfg.eval_every and step % tcfg.eval_every == 0) or step == total_steps):
+                eval_metrics = evaluate_loss(model, data.eval, tcfg.batch_size, dcfg.max_length, dcfg.packing, pad_id)
+                record.update(eval_metrics)
+            if step % tcfg.log_every == 0 or "eval_loss" in record or step == total_steps:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            if tcfg.save_every and step % tcfg.save_every == 0 and step < total_steps:
+                save_checkpoint(checkpoints_dir, state, method.state_dict(model), optimizer, tcfg.keep_checkpoints)
+            progress.update(task, completed=step, loss=f"{step_loss:.4f}", speed=f"{record['tokens_per_s']:.0f}")
+
+    model.eval()
+    save_artifacts(method, model, tokenizer, config, output)
+    report = {
+        "final_train_loss": last_loss,
+        **eval_metrics,
+        "steps": total_steps,
+        "tokens": state.tokens_seen,
+        "train_seconds": state.train_seconds,
+        "tokens_per_s": state.tokens_seen / state.train_seconds if state.train_seconds else None,
+        "total_seconds": time.perf_counter() - started,
+        "peak_memory_mb": _peak_memory_mb(),
+        "trainable_params": sum(p.numel() for p in params.values()),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "method": method.name,
+        "model": config.model.name,
+        "data": {split: stats.as_dict() for split, stats in data.stats.items()},
+        "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint is not None else None,
+    }
+    _write_json_atomic(output / "report.json", report)
+    return RunResult(output_dir=output, report=report)
+
+
+def _step_sample_indices(step: int, n_samples: int, per_step: int, steps_per_epoch: int, seed: int) -> list[int]:
+    """The training samples of 1-based `step`: a fresh seeded permutation each epoch."""
+    epoch, position = divmod(step - 1, steps_per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n_samples)
+    return order[position * per_step : (position + 1) * per_step].tolist()
+
+
+def _prepare_output(output: Path, config: RunConfig, resume: bool, overwrite: bool) -> None:
+    existing = [name for name in RUN_FILES if (output / name).exists()]
+    if resume and (output / "config.yaml").is_file():
+        _check_resumable(output / "config.yaml", config)
+    elif existing and not resume:
+        if not overwrite:
+            raise TunelabError(
+                f"output {output} already holds a run ({', '.join(existing)}); "
+                "pass --resume to continue it or --overwrite to start over"
+            )
+        for name in existing:
+            path = output / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    output.mkdir(parents=True, exist_ok=True)
+    clean_staging(output / "checkpoints")
+    dump_config(config, output / "config.yaml")
+
+
+def _check_resumable(saved_path: Path, config: RunConfig) -> None:
+    saved, current = _flatten(load_config(saved_path).to_dict()), _flatten(config.to_dict())
+    ignored = {f"train.{key}" for key in RESUMABLE_CHANGES}
+    changed = sorted(k for k in saved.keys() | current.keys() if k not in ignored and saved.get(k) != current.get(k))
+    if changed:
+        raise TunelabError(f"--resume: the config differs from the run's saved config.yaml at {', '.join(changed)}")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        flat.update(_flatten(value, path + ".") if isinstance(value, dict) else {path: value})
+    return flat
+
+
+def _truncate_metrics(path: Path, after_step: int) -> None:
+    """Drop metric lines past the step being resumed from (they will be recomputed)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
+    _write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _report_data(stats: dict) -> None:
+    for split, s in stats.items():
+        notes = [f"{s.rows} rows ({s.format})"]
+        if s.truncated:
+            notes.append(f"{s.truncated} truncated to data.max_length")
+        if s.dropped_too_long:
+            notes.append(f"{s.dropped_too_long} dropped as longer than data.max_length")
+        if s.dropped_no_target:
+            notes.append(f"{s.dropped_no_target} dropped with no target token left")
+        console.print(f"data {split}: " + ", ".join(notes))
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_json_atomic(path: Path, value: dict) -> None:
+    _write_text_atomic(path, json.dumps(value, indent=2) + "\n")
