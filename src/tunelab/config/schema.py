@@ -66,7 +66,8 @@ class TrainConfig(Strict):
 class RunConfig(Strict):
     model: ModelConfig
     data: DataConfig
-    method: Any = Field(default_factory=lambda: {"name": "lora"})
+    # validate_default: an omitted `method` also becomes LoRA's options object, not a bare dict.
+    method: Any = Field(default_factory=lambda: {"name": "lora"}, validate_default=True)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: str = "runs/run"
 

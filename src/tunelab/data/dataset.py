@@ -16,7 +16,7 @@ from tunelab.errors import TunelabError
 from tunelab.models.loader import cache_dir
 
 # Bump when tokenization changes, so stale caches are not reused.
-TOKENIZATION_VERSION = "1"
+TOKENIZATION_VERSION = "2"
 
 
 @dataclass
@@ -71,13 +71,18 @@ def tokenized_split(path: str, config: DataConfig, tokenizer) -> tuple[Dataset, 
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         disable_progress_bars()
 
-        def tokenize(example: dict) -> dict:
-            row = tokenize_example(example, tokenizer, config.train_on)
-            full_length = len(row["input_ids"])
-            return {k: v[: config.max_length] for k, v in row.items()} | {"full_length": full_length}
+        def tokenize(example: dict, row: int) -> dict:
+            tokens = tokenize_example(example, tokenizer, config.train_on)
+            truncated = {k: v[: config.max_length] for k, v in tokens.items()}
+            # `row` ties each sample back to its file row (eval generation needs the text).
+            return truncated | {"full_length": len(tokens["input_ids"]), "row": row}
 
         tokenized = Dataset.from_list(examples).map(
-            tokenize, remove_columns=list(examples[0]), cache_file_name=str(cache_file), new_fingerprint=cache_file.stem
+            tokenize,
+            with_indices=True,
+            remove_columns=list(examples[0]),
+            cache_file_name=str(cache_file),
+            new_fingerprint=cache_file.stem,
         )
         format_file.write_text(data_format)  # written last: its presence marks a complete cache entry
 

@@ -7,6 +7,7 @@ malformed row stops the run with one message naming the file and line, before an
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,8 +37,10 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
         yield from _jsonl_rows(path)
     elif suffix == ".json":
         yield from _json_array_rows(path)
-    elif suffix in (".csv", ".parquet"):
-        yield from _table_rows(path, suffix)
+    elif suffix == ".csv":
+        yield from _csv_rows(path)
+    elif suffix == ".parquet":
+        yield from _parquet_rows(path)
     else:
         raise TunelabError(f"{path}: unsupported data file type '{suffix}' (use one of {', '.join(SUFFIXES)})")
 
@@ -171,6 +174,8 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
 def _json_array_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """Rows of a JSON array file, each located by the line its object starts on."""
     text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        return  # an empty file: no rows (reported as an empty data set)
     decoder = json.JSONDecoder()
 
     def fail(err: json.JSONDecodeError):
@@ -206,13 +211,36 @@ def _skip_space(text: str, index: int) -> int:
     return index
 
 
-def _table_rows(path: Path, suffix: str) -> Iterator[tuple[str, dict]]:
+def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """Rows of a CSV file with a header line, each located by the line its record starts on.
+
+    Cells stay the text they are (no type guessing: a completion `42` or `NA` is that string); an
+    empty cell is a missing field.
+    """
+    csv.field_size_limit(2**31 - 1)  # a long text cell is data, not an error (the default is 128 KiB)
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader, None)
+            start = reader.line_num + 1
+            for cells in reader:
+                if cells:  # the reader gives blank lines as []
+                    if len(cells) != len(header):
+                        raise TunelabError(f"{path}:{start}: {len(cells)} cells, but the header has {len(header)}")
+                    yield f"{path}:{start}", {key: cell or None for key, cell in zip(header, cells)}
+                start = reader.line_num + 1
+        except csv.Error as err:
+            raise TunelabError(f"{path}:{reader.line_num}: bad CSV: {err}") from None
+        except UnicodeDecodeError as err:
+            raise TunelabError(f"{path}: cannot read csv file: it is not UTF-8 text ({err.reason})") from None
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
     from datasets import Dataset
 
     try:
-        table = Dataset.from_csv(str(path)) if suffix == ".csv" else Dataset.from_parquet(str(path))
+        table = Dataset.from_parquet(str(path))
     except Exception as err:  # noqa: BLE001  (any parse failure is a bad input file)
-        raise TunelabError(f"{path}: cannot read {suffix[1:]} file: {err}") from None
-    first_line = 2 if suffix == ".csv" else 1  # a CSV's first line is its header
+        raise TunelabError(f"{path}: cannot read parquet file: {err}") from None
     for i, row in enumerate(table):
-        yield (f"{path}:{i + first_line}" if suffix == ".csv" else f"{path}: row {i + 1}"), row
+        yield f"{path}: row {i + 1}", row

@@ -1,0 +1,3 @@
+from tunelab.export.exporters import FORMATS, export_run
+
+__all__ = ["FORMATS", "export_run"]

@@ -15,7 +15,9 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level BPE without merges: every byte is one token, so any text round-trips."""
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-    for char in pre_tokenizers.ByteLevel.alphabet():
+    # alphabet() comes in a different order on every call: sort it, or each tokenizer built would
+    # map bytes to different ids (a saved run would not match its reloaded tokenizer).
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[char] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

@@ -1,0 +1,148 @@
+"""The `tunelab` command line. Each command is a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tunelab.console import console
+from tunelab.errors import TunelabError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Adapt Hugging Face causal LMs: train, evaluate, export.")
+
+
+def _run(action):
+    """Run a command body; bad inputs end in one clear message and exit code 1, not a traceback."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # tunelab shows its own progress
+    hf_logging.set_verbosity_error()
+    try:
+        return action()
+    except TunelabError as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        raise typer.Exit(130) from None
+
+
+@app.command("train")
+def train_command(
+    config: Path = typer.Argument(..., help="run config (YAML)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides, e.g. train.lr=1e-4"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in the output dir"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a finished or failed run in the output dir"),
+):
+    """Fine-tune a model as CONFIG says; writes checkpoints, metrics.jsonl, the weights and report.json."""
+
+    def action():
+        from tunelab import load_config
+        from tunelab.train import train
+
+        result = train(load_config(config, overrides), resume=resume, overwrite=overwrite)
+        r = result.report
+        console.print(
+            f"[bold green]done[/]: final loss {r['final_train_loss']:.4f}"
+            + (f", eval loss {r['eval_loss']:.4f}" if "eval_loss" in r else "")
+            + f", {r['tokens_per_s']:.0f} tok/s -> {result.output_dir}"
+        )
+
+    _run(action)
+
+
+@app.command("eval")
+def eval_command(
+    target: Path = typer.Argument(..., help="a run directory (base vs fine-tuned) or a config file (base model)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides"),
+    base: bool = typer.Option(True, "--base/--no-base", help="also score the base model (run directories)"),
+    max_samples: Optional[int] = typer.Option(None, help="score only the first N eval samples"),
+    max_new_tokens: int = typer.Option(128, help="generation length limit"),
+    out: Optional[Path] = typer.Option(None, help="where eval.json goes (default: the run directory)"),
+):
+    """Eval loss/perplexity and generation scores (exact match, JSON fields) on the eval split."""
+
+    def action():
+        from tunelab.eval import evaluate
+
+        results = evaluate(target, overrides, base=base, max_samples=max_samples, max_new_tokens=max_new_tokens, out=out)
+        print(json.dumps(results, indent=2))
+
+    _run(action)
+
+
+@app.command("generate")
+def generate_command(
+    run_dir: Path = typer.Argument(..., help="a run directory"),
+    prompt: str = typer.Argument(..., help="the user message"),
+    base: bool = typer.Option(False, "--base", help="use the run's base model instead of the fine-tuned one"),
+    system: Optional[str] = typer.Option(None, help="a system message"),
+    raw: bool = typer.Option(False, "--raw", help="send PROMPT as plain text, without the chat template"),
+    max_new_tokens: int = typer.Option(256),
+    temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples"),
+    top_p: float = typer.Option(1.0),
+    seed: int = typer.Option(0),
+):
+    """Generate a reply from a fine-tuned run (or its base model)."""
+
+    def action():
+        from tunelab.config import load_config
+        from tunelab.eval import generate
+        from tunelab.models import load_model
+        from tunelab.train.artifacts import load_run
+
+        if base:
+            model, tokenizer = load_model(load_config(run_dir / "config.yaml").model)
+        else:
+            loaded = load_run(run_dir)
+            model, tokenizer = loaded.model, loaded.tokenizer
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        request = prompt if raw else messages
+        reply = generate(model, tokenizer, [request], max_new_tokens, temperature, top_p, seed=seed)[0]
+        print(reply)
+
+    _run(action)
+
+
+@app.command("export")
+def export_command(
+    run_dir: Path = typer.Argument(..., help="a run directory"),
+    format: str = typer.Option(..., "--format", help="peft | merged"),
+    out: Path = typer.Option(..., "--out", help="the directory to write"),
+):
+    """Export a run as a peft adapter directory or as merged full weights."""
+
+    def action():
+        from tunelab.export import export_run
+
+        console.print(f"exported -> {export_run(run_dir, format, out)}")
+
+    _run(action)
+
+
+@app.command("quickstart")
+def quickstart_command(
+    out: Path = typer.Option(Path("runs/quickstart"), help="output directory"),
+    model: str = typer.Option("smollm2-135m-instruct", help="model alias, directory, hub id or .gguf"),
+    steps: Optional[int] = typer.Option(None, help="training steps (default: the tuned budget)"),
+):
+    """Fine-tune SmolLM2-135M-Instruct on a JSON record-extraction task and score it before/after."""
+
+    def action():
+        from tunelab.quickstart import run_quickstart
+
+        run_quickstart(out, model=model, steps=steps)
+
+    _run(action)
+
+
+def main() -> None:  # python -m tunelab.cli.main
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

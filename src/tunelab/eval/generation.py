@@ -1,0 +1,69 @@
+"""Batched text generation with a KV cache (greedy or sampled), for eval and `tunelab generate`."""
+
+from __future__ import annotations
+
+import torch
+
+from tunelab.data.tokenize import render_prompt
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every token that ends a turn: the tokenizer's EOS and the model's generation EOS ids."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def prompt_text(prompt: list[dict] | str, tokenizer) -> str:
+    """Chat prompts (a list of messages) go through the chat template; plain strings pass as-is."""
+    return render_prompt(prompt, tokenizer) if isinstance(prompt, list) else prompt
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[dict] | str],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress=None,
+) -> list[str]:
+    """One completion per prompt. Prompts are batched by length (left-padded) to waste little compute."""
+    model.eval()
+    device = next(model.parameters()).device
+    texts = [prompt_text(p, tokenizer) for p in prompts]
+    encoded = [tokenizer(t, add_special_tokens=not isinstance(p, list))["input_ids"] for t, p in zip(texts, prompts)]
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    outputs: list[str] = [""] * len(texts)
+    stops = stop_token_ids(model, tokenizer)
+    sampling = {"do_sample": False}
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
+    with torch.random.fork_rng(devices=[]):  # sampling must not move the caller's RNG
+        torch.manual_seed(seed)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in chunk)
+            input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                ids = encoded[i]
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                attention_mask[row, width - len(ids) :] = 1
+            generated = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stops,
+                pad_token_id=tokenizer.pad_token_id,
+                **sampling,
+            )
+            for row, i in enumerate(chunk):
+                outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
+            if progress is not None:
+                progress(len(chunk))
+    return outputs

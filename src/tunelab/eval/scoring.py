@@ -1,0 +1,62 @@
+"""Scores for generated answers against known references: exact match and JSON field match."""
+
+from __future__ import annotations
+
+import json
+import re
+
+
+def normalize_text(text: str) -> str:
+    """Case-folded, whitespace-collapsed, stripped: formatting noise does not count as an error."""
+    return re.sub(r"\s+", " ", text).strip().casefold()
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    return normalize_text(prediction) == normalize_text(reference)
+
+
+def parse_json_object(text: str) -> dict | None:
+    """The first JSON object in `text` (models often wrap it in prose or code fences), or None."""
+    decoder = json.JSONDecoder()
+    for start in [m.start() for m in re.finditer(r"\{", text)]:
+        try:
+            value, _ = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def values_equal(predicted, reference) -> bool:
+    if isinstance(reference, bool) or isinstance(predicted, bool):
+        return predicted is reference
+    if isinstance(reference, (int, float)) and isinstance(predicted, (int, float)):
+        return abs(predicted - reference) <= 1e-6 * max(1.0, abs(reference))
+    if isinstance(reference, str) and isinstance(predicted, str):
+        return normalize_text(predicted) == normalize_text(reference)
+    return predicted == reference
+
+
+def json_scores(prediction: str, reference: dict) -> dict:
+    """record_match: the prediction holds exactly the reference's keys with equal values;
+    field_accuracy: the fraction of reference fields predicted right."""
+    predicted = parse_json_object(prediction)
+    if predicted is None:
+        return {"json_valid": 0.0, "json_record_match": 0.0, "json_field_accuracy": 0.0}
+    right = [key in predicted and values_equal(predicted[key], value) for key, value in reference.items()]
+    record = set(predicted) == set(reference) and all(right)
+    return {
+        "json_valid": 1.0,
+        "json_record_match": float(record),
+        "json_field_accuracy": sum(right) / len(right) if right else float(record),
+    }
+
+
+def score_prediction(prediction: str, reference: str) -> dict:
+    """Every score that applies: exact match always, JSON scores when the reference is a JSON object."""
+    scores = {"exact_match": float(exact_match(prediction, reference))}
+    reference_object = parse_json_object(reference) if reference.lstrip().startswith("{") else None
+    if reference_object is not None:
+        scores.update(json_scores(prediction, reference_object))
+    return scores

@@ -1,0 +1,116 @@
+"""Shared test helpers: small data files, run configs for the in-process tiny model, and run outputs.
+
+Import from a test module as `from helpers import ...` (pytest puts the tests folder on sys.path).
+Every path these helpers write into a config is absolute, so a run does not depend on the cwd.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tunelab.data.records_task import make_splits
+
+TINY_MODEL = "tiny-random-llama"
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def write_records_data(directory: str | Path, n_train: int, n_eval: int = 0, seed: int = 0) -> tuple[Path, Path | None]:
+    """The synthetic record-extraction task as `train.jsonl` (and `eval.jsonl` when n_eval > 0)."""
+    directory = Path(directory)
+    train_rows, eval_rows = make_splits(n_train, n_eval, seed)
+    train_file = write_jsonl(directory / "train.jsonl", train_rows)
+    eval_file = write_jsonl(directory / "eval.jsonl", eval_rows) if n_eval else None
+    return train_file, eval_file
+
+
+def tiny_run_config(
+    output: str | Path,
+    train_file: str | Path,
+    eval_file: str | Path | None = None,
+    *,
+    model: dict | None = None,
+    data: dict | None = None,
+    method: dict | None = None,
+    train: dict | None = None,
+) -> dict:
+    """A run config (as a dict) for `tiny-random-llama` in fp32 on the CPU: small, fast, deterministic.
+
+    The keyword sections are merged over the defaults, e.g. `train={"max_steps": 5}`. A `method`
+    with a different `name` replaces the default LoRA options instead of merging into them.
+    """
+    config = {
+        "model": {"name": TINY_MODEL, "dtype": "float32", "device": "cpu"},
+        "data": {"train": str(train_file), "max_length": 384, "packing": True},
+        "method": {"name": "lora", "r": 4, "alpha": 8.0, "dropout": 0.0},
+        "train": {
+            "max_steps": 3,
+            "batch_size": 4,
+            "grad_accum": 1,
+            "lr": 1e-3,
+            "warmup": 0,
+            "seed": 0,
+            "save_every": 0,
+            "eval_every": 0,
+            "log_every": 1,
+        },
+        "output": str(output),
+    }
+    if eval_file is not None:
+        config["data"]["eval"] = str(eval_file)
+    if method is not None and method.get("name", "lora") != "lora":
+        config["method"] = {}
+    for section, values in (("model", model), ("data", data), ("method", method), ("train", train)):
+        config[section].update(copy.deepcopy(values or {}))
+    return config
+
+
+def write_yaml(path: str | Path, mapping: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(mapping, sort_keys=False))
+    return path
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of `run_dir/metrics.jsonl`, in file order."""
+    text = (Path(run_dir) / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def read_report(run_dir: str | Path) -> dict:
+    return json.loads((Path(run_dir) / "report.json").read_text())
+
+
+def checkpoint_steps(run_dir: str | Path) -> list[int]:
+    """Steps of the complete `step-N` checkpoints of a run, ascending."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name.split("-")[1]) for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def load_adapter(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(Path(run_dir) / "adapter" / "adapter.safetensors")
+
+
+def load_checkpoint_weights(run_dir: str | Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(Path(run_dir) / "checkpoints" / f"step-{step}" / "trainable.safetensors")
+
+
+def assert_tensors_equal(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Same names, and every tensor bitwise equal."""
+    assert sorted(actual) == sorted(expected)
+    different = [name for name in expected if not torch.equal(actual[name], expected[name])]
+    assert not different, f"tensors differ: {different[:5]}"
