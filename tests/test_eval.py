@@ -399,13 +399,9 @@ def test_evaluate_averages_generation_scores(tmp_path, records, monkeypatch):
 def test_evaluate_json_scores_cover_only_json_references(tmp_path, monkeypatch, json_first):
     """With some answers JSON and some plain text, the JSON scores average over the JSON answers,
     whatever the row order."""
-    rows = [
-        {"instruction": "Capital of France?", "output": "Paris"},
-        {"instruction": "As JSON: Ana is 31.", "output": '{"name": "Ana", "age": 31}'},
-        {"instruction": "Capital of Peru?", "output": "Lima"},
-    ]
-    if json_first:
-        rows.reverse()
+    plain = [{"instruction": "Capital of France?", "output": "Paris"}, {"instruction": "Capital of Peru?", "output": "Lima"}]
+    as_json = {"instruction": "As JSON: Ana is 31.", "output": '{"name": "Ana", "age": 31}'}
+    rows = [as_json, *plain] if json_first else [*plain, as_json]
     data = write_jsonl(tmp_path / "data.jsonl", rows)
     answers = {row["instruction"]: row["output"] for row in rows}
     monkeypatch.setattr(evaluate_module, "generate", fake_generate(lambda prompt: answers[prompt[-1]["content"]]))

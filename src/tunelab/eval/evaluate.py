@@ -44,8 +44,11 @@ def score_model(model, tokenizer, config: RunConfig, eval_set, cases, max_new_to
                 model, tokenizer, [p for p, _ in cases], max_new_tokens=max_new_tokens, progress=lambda n: bar.advance(task, n)
             )
         scores = [score_prediction(pred, ref) for pred, (_, ref) in zip(predictions, cases)]
-        for key in scores[0]:
-            metrics[key] = sum(s.get(key, 0.0) for s in scores) / len(scores)
+        # Each score averages over the cases it applies to (JSON scores: JSON references only), so
+        # neither the first case nor a mix of plain and JSON answers decides what is reported.
+        for key in dict.fromkeys(key for s in scores for key in s):
+            applicable = [s[key] for s in scores if key in s]
+            metrics[key] = sum(applicable) / len(applicable)
     return metrics, predictions
 
 

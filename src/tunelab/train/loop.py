@@ -55,7 +55,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
     tcfg, dcfg = config.train, config.data
     output = Path(config.output)
     checkpoints_dir = output / "checkpoints"
-    _prepare_output(output, config, resume, overwrite)
+    replaced = _check_output(output, config, resume, overwrite)  # fails before any work or write
 
     _seed_everything(tcfg.seed)
     model, tokenizer = load_model(config.model)
@@ -67,6 +67,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
     device = next(iter(params.values())).device
     data = build_datasets(dcfg, tokenizer, tcfg.seed)
     _report_data(data.stats)
+    _init_output(output, config, replaced)
 
     optimizer = torch.optim.AdamW(
         list(params.values()), lr=tcfg.lr, betas=tcfg.adam_betas, eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay
@@ -185,19 +186,24 @@ def _step_sample_indices(step: int, n_samples: int, per_step: int, steps_per_epo
     return order[position * per_step : (position + 1) * per_step].tolist()
 
 
-def _prepare_output(output: Path, config: RunConfig, resume: bool, overwrite: bool) -> None:
+def _check_output(output: Path, config: RunConfig, resume: bool, overwrite: bool) -> list[str]:
+    """Refuse to mix runs in one directory; return the old run's files that `overwrite` will replace."""
     existing = [name for name in RUN_FILES if (output / name).exists()]
     if resume and (output / "config.yaml").is_file():
         _check_resumable(output / "config.yaml", config)
-    elif existing and not resume:
-        if not overwrite:
-            raise TunelabError(
-                f"output {output} already holds a run ({', '.join(existing)}); "
-                "pass --resume to continue it or --overwrite to start over"
-            )
-        for name in existing:
-            path = output / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return []
+    if existing and not resume and not overwrite:
+        raise TunelabError(
+            f"output {output} already holds a run ({', '.join(existing)}); "
+            "pass --resume to continue it or --overwrite to start over"
+        )
+    return existing if overwrite and not resume else []
+
+
+def _init_output(output: Path, config: RunConfig, replaced: list[str]) -> None:
+    for name in replaced:
+        path = output / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
     output.mkdir(parents=True, exist_ok=True)
     clean_staging(output / "checkpoints")
     dump_config(config, output / "config.yaml")
