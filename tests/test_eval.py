@@ -192,14 +192,18 @@ PROMPTS = [
 ]
 
 
+def prompt_ids(tokenizer, prompt) -> list[int]:
+    """A chat prompt through the chat template (which adds any special tokens), text as it is."""
+    if isinstance(prompt, list):
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
 @torch.no_grad()
 def reference_greedy(model, tokenizer, prompt, max_new_tokens: int) -> str:
     """Greedy decoding the slow, obvious way: one unpadded sequence, a full forward per token."""
-    if isinstance(prompt, list):
-        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    else:
-        ids = tokenizer(prompt)["input_ids"]
+    ids = prompt_ids(tokenizer, prompt)
     new = []
     for _ in range(max_new_tokens):
         next_id = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
@@ -211,8 +215,7 @@ def reference_greedy(model, tokenizer, prompt, max_new_tokens: int) -> str:
 
 def test_generate_batched_equals_one_by_one_and_reference(chaotic_tiny, ids_decoding):
     model, tokenizer = chaotic_tiny
-    lengths = {len(tokenizer(p if isinstance(p, str) else p[-1]["content"])["input_ids"]) for p in PROMPTS}
-    assert len(lengths) > 1  # prompts of different lengths: the batch is left-padded
+    assert len({len(prompt_ids(tokenizer, p)) for p in PROMPTS}) == len(PROMPTS)  # every row padded differently
     batched = generate(model, tokenizer, PROMPTS, max_new_tokens=10)
     one_by_one = [generate(model, tokenizer, [p], max_new_tokens=10)[0] for p in PROMPTS]
     expected = [reference_greedy(model, tokenizer, p, 10) for p in PROMPTS]

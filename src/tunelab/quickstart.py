@@ -20,7 +20,7 @@ from tunelab.plots import plot_loss
 from tunelab.train import train
 
 # Chosen so the whole quickstart fits in well under 10 minutes on 2 CPU cores (see README).
-DEFAULTS = {"n_train": 2000, "n_eval": 100, "steps": 100, "batch_size": 8, "lr": 2e-3, "r": 16, "alpha": 32}
+DEFAULTS = {"n_train": 2000, "n_eval": 100, "steps": 60, "batch_size": 8, "lr": 2e-3, "r": 16, "alpha": 32}
 
 
 def run_quickstart(out: str | Path = "runs/quickstart", model: str = SMOLLM2, steps: int | None = None, seed: int = 0) -> dict:

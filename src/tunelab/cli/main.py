@@ -24,7 +24,9 @@ def _run(action):
     try:
         return action()
     except TunelabError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        # soft_wrap: no line breaks inserted at the console width, so a long path or file:line
+        # stays whole (and greppable) in logs and pipes.
+        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

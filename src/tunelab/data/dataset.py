@@ -62,6 +62,8 @@ def tokenized_split(path: str, config: DataConfig, tokenizer) -> tuple[Dataset, 
     The cache holds every row tokenized (and truncated to max_length); which rows train, and the
     counts of truncated and dropped ones, are worked out from it on each run.
     """
+    if not Path(path).is_file():  # checked here because the cache key hashes the file before it is read
+        raise TunelabError(f"data file not found: {path}")
     cache_file = cache_dir() / "tokenized" / f"{_fingerprint(path, config, tokenizer)}.arrow"
     format_file = cache_file.with_suffix(".format")
     if cache_file.is_file() and format_file.is_file():
