@@ -15,6 +15,7 @@ from tunelab.config import load_config
 from tunelab.console import console
 from tunelab.data import records_task
 from tunelab.eval.evaluate import evaluate
+from tunelab.files import write_json_atomic
 from tunelab.models.loader import SMOLLM2
 from tunelab.plots import plot_loss
 from tunelab.train import train
@@ -68,7 +69,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", model: str = SMOLLM2, st
         "run_dir": str(out / "run"),
     }
     plot_loss(out / "run" / "metrics.jsonl", out / "loss.png", title=f"quickstart: LoRA on {model}")
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomic(out / "report.json", report)
     console.print(
         f"[bold green]exact-record match on {report['n_eval']} held-out records: "
         f"before {report['before']:.2f} -> after {report['after']:.2f}[/]  "

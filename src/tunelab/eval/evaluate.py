@@ -16,6 +16,7 @@ from tunelab.errors import TunelabError
 from tunelab.eval.generation import generate
 from tunelab.eval.loss import evaluate_loss
 from tunelab.eval.scoring import score_prediction
+from tunelab.files import write_json_atomic
 from tunelab.models import load_model
 from tunelab.train.artifacts import load_run
 
@@ -95,7 +96,7 @@ def evaluate(
 
     out_dir = Path(out) if out else (target if is_run else Path(config.output))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json_atomic(out_dir / "eval.json", results)
     with (out_dir / "eval_samples.jsonl").open("w") as f:
         for i, (prompt, reference) in enumerate(cases):
             row = {"prompt": prompt, "reference": reference} | {label: predictions[label][i] for label in predictions}

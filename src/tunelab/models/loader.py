@@ -69,16 +69,8 @@ def load_model(config: ModelConfig) -> tuple[PreTrainedModel, object]:
     """The model (on its device, in its dtype, in train mode off) and its tokenizer."""
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    if config.name == TINY:
-        tokenizer = tiny_tokenizer()
-        model = tiny_llama(len(tokenizer))
-    else:
-        source = _local_source(config.name)
-        tokenizer = _load_tokenizer(source, config)
-        model = _from_pretrained(source, config, dtype)
-    ensure_chat_template(tokenizer)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(config)
+    model = tiny_llama(len(tokenizer)) if config.name == TINY else _from_pretrained(_local_source(config.name), config, dtype)
     model.to(device=device, dtype=dtype)
     model.eval()
     return model, tokenizer

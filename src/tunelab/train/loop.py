@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import resource
 import shutil
@@ -26,6 +25,7 @@ from tunelab.console import console
 from tunelab.data.batching import make_batch
 from tunelab.data.dataset import build_datasets
 from tunelab.errors import TrainingDiverged, TunelabError
+from tunelab.files import write_json_atomic, write_text_atomic
 from tunelab.eval.loss import evaluate_loss
 from tunelab.methods import build_method
 from tunelab.models import load_model
@@ -175,7 +175,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
         "data": {split: stats.as_dict() for split, stats in data.stats.items()},
         "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint is not None else None,
     }
-    _write_json_atomic(output / "report.json", report)
+    write_json_atomic(output / "report.json", report)
     return RunResult(output_dir=output, report=report)
 
 
@@ -230,7 +230,7 @@ def _truncate_metrics(path: Path, after_step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
-    _write_text_atomic(path, "".join(line + "\n" for line in kept))
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _seed_everything(seed: int) -> None:
@@ -255,13 +255,3 @@ def _peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(path: Path, value: dict) -> None:
-    _write_text_atomic(path, json.dumps(value, indent=2) + "\n")
