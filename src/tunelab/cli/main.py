@@ -142,6 +142,38 @@ def quickstart_command(
     _run(action)
 
 
+@app.command("bench")
+def bench_command(
+    model: str = typer.Option("smollm2-135m-instruct", help="model alias, directory, hub id or .gguf"),
+    data: Optional[str] = typer.Option(None, help="Alpaca-format JSON (default: ../shared Alpaca demo, else synthetic)"),
+    method: str = typer.Option("lora", help="the method both sides train (the HF side runs it through peft)"),
+    steps: int = typer.Option(12, help="training steps of batch --batch-size"),
+    batch_size: int = typer.Option(8, help="samples per step"),
+    max_length: int = typer.Option(512, help="longest sample in tokens (longer ones are truncated)"),
+    lr: float = typer.Option(1e-3, help="learning rate of both sides"),
+    repeats: int = typer.Option(1, help="runs per side, alternating; speed is the median"),
+    long_context: bool = typer.Option(False, "--long-context", help="also find the longest sequence each side trains on"),
+    memory_budget_mb: float = typer.Option(16384, help="the memory budget of --long-context, MiB"),
+    out: Path = typer.Option(Path("runs/bench.json"), help="where the JSON result goes"),
+):
+    """Train the same samples with tunelab and with HF Trainer + peft; compare tokens/s, memory, eval loss."""
+
+    def action():
+        from tunelab.bench import Workload, run_bench
+
+        if method != "lora":
+            raise TunelabError(f"bench --method: only 'lora' has an HF Trainer + peft counterpart here, not '{method}'")
+        workload = Workload(model=model, data=data, method=method, steps=steps, batch_size=batch_size, max_length=max_length, lr=lr)
+        result = run_bench(workload, out, repeats=repeats, long_context_mb=memory_budget_mb if long_context else None)
+        console.print(
+            f"[bold green]speedup {result['speedup']:.2f}x[/], memory ratio {result['memory_ratio']:.2f}, "
+            f"eval loss {result['tunelab']['eval_loss']:.4f} vs {result['hf_peft']['eval_loss']:.4f}, "
+            f"useful {result['tunelab_useful_gflops']:.0f} of {result['matmul_peak_gflops']:.0f} GFLOP/s peak -> {out}"
+        )
+
+    _run(action)
+
+
 def main() -> None:  # python -m tunelab.cli.main
     app()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -50,6 +50,9 @@ class TrainConfig(Strict):
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = Field(default=1e-8, gt=0)
     max_grad_norm: float = Field(default=1.0, ge=0, description="0 disables clipping")
+    # Forward passes of at most this many tokens (samples are grouped, never split): bounds
+    # activation memory without changing the loss. "auto": 1024 on CPU, no limit on GPU; 0: no limit.
+    max_tokens_per_forward: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     seed: int = 0
     save_every: int = Field(default=50, ge=0, description="0: only the final weights")
     eval_every: int = Field(default=50, ge=0, description="0: eval only at the end")

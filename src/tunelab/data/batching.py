@@ -18,17 +18,34 @@ class Batch:
     input_ids: torch.Tensor  # (rows, length)
     labels: torch.Tensor  # (rows, length), already shifted; IGNORE where there is no target
     position_ids: torch.Tensor  # (rows, length), restarting at 0 for each sample
-    attention_mask: torch.Tensor  # (rows, 1, length, length) bool: True where a query may attend
+    # (rows, 1, length, length) bool, True where a query may attend; None for a padding-free row
+    attention_mask: torch.Tensor | None
+    # Padding-free rows: cumulative sample lengths (0, n1, n1+n2, ...), for packed attention
+    cu_seq_lens: torch.Tensor | None
     n_tokens: int  # real (non-padding) tokens
     n_targets: int  # tokens the loss falls on
 
     def to(self, device: torch.device) -> Batch:
-        tensors = {k: v.to(device) for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}
-        return Batch(**tensors, n_tokens=self.n_tokens, n_targets=self.n_targets)
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) and k != "cu_seq_lens" else v for k, v in self.__dict__.items()}
+        return Batch(**moved)
+
+    def model_inputs(self) -> dict:
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+        if self.cu_seq_lens is not None:
+            inputs["cu_seq_lens_q"] = self.cu_seq_lens
+        return inputs
 
 
-def make_batch(samples: list[dict], max_length: int, packing: bool, pad_id: int) -> Batch:
-    rows = pack_rows([len(s["input_ids"]) for s in samples], max_length) if packing else [[i] for i in range(len(samples))]
+def make_batch(samples: list[dict], max_length: int, packing: bool, pad_id: int, padding_free: bool = False) -> Batch:
+    """Padded rows (no packing), packed rows of at most max_length tokens with a block-causal mask
+    (packing), or all samples in one row with no padding and no mask (padding_free: the model's
+    attention must read the sample boundaries, see models/attention.py)."""
+    if padding_free:
+        rows = [list(range(len(samples)))]
+    elif packing:
+        rows = pack_rows([len(s["input_ids"]) for s in samples], max_length)
+    else:
+        rows = [[i] for i in range(len(samples))]
     width = max(sum(len(samples[i]["input_ids"]) for i in row) for row in rows)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
@@ -46,18 +63,31 @@ def make_batch(samples: list[dict], max_length: int, packing: bool, pad_id: int)
             position_ids[r, start : start + n] = torch.arange(n)
             segment[r, start : start + n] = k
             start += n
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    same_sample = segment[:, :, None] == segment[:, None, :]
-    # Padding queries attend to themselves only: a row of all -inf would make softmax NaN.
-    attention = (same_sample & causal & (segment[:, None, :] > 0)) | torch.eye(width, dtype=torch.bool)
+    attention = cu_seq_lens = None
+    if padding_free:
+        lengths = torch.tensor([0] + [len(s["input_ids"]) for s in samples])
+        cu_seq_lens = lengths.cumsum(0).to(torch.int32)
+    else:
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        same_sample = segment[:, :, None] == segment[:, None, :]
+        # Padding queries attend to themselves only: a row of all -inf would make softmax NaN.
+        attention = ((same_sample & causal & (segment[:, None, :] > 0)) | torch.eye(width, dtype=torch.bool))[:, None]
     return Batch(
         input_ids=input_ids,
         labels=labels,
         position_ids=position_ids,
-        attention_mask=attention[:, None],
+        attention_mask=attention,
+        cu_seq_lens=cu_seq_lens,
         n_tokens=int((segment > 0).sum()),
         n_targets=int((labels != IGNORE).sum()),
     )
+
+
+def split_by_tokens(samples: list[dict], max_tokens: int) -> list[list[dict]]:
+    """Group samples so each group holds at most max_tokens tokens (a longer sample goes alone); 0: one group."""
+    if not max_tokens:
+        return [samples]
+    return [[samples[i] for i in group] for group in pack_rows([len(s["input_ids"]) for s in samples], max_tokens)]
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -49,8 +49,10 @@ class LoraLinear(nn.Module):
         return self.base_layer.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
-        return self.base_layer(x) + (update * self.scaling).to(x.dtype)
+        base = self.base_layer
+        return LoraLinearFunction.apply(
+            x, self.lora_dropout(x), base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling
+        )
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
@@ -60,6 +62,52 @@ class LoraLinear(nn.Module):
         with torch.no_grad():
             base.weight += self.delta_weight().to(base.weight.dtype)
         return base
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """y = x Wᵀ + b + s·((x' Aᵀ) Bᵀ), where x' is x after dropout, written so no output-sized
+    temporary exists: the scale falls on the rank-r product and the update accumulates into the
+    base output in place (one BLAS call). Backward accumulates the two input gradients the same
+    way. This is most of a LoRA step on CPU, where every extra pass over an activation costs.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_lora, weight, bias, lora_a, lora_b, scaling):
+        shape = x.shape
+        x2, x_lora2 = x.reshape(-1, shape[-1]), x_lora.reshape(-1, shape[-1]).to(lora_a.dtype)
+        a = (x_lora2 @ lora_a.t()).mul_(scaling)  # (tokens, r)
+        y = torch.nn.functional.linear(x2, weight, bias)
+        if y.dtype == lora_b.dtype:
+            y.addmm_(a, lora_b.t())
+        else:  # a half-precision base with its fp32 adapter
+            y += (a @ lora_b.t()).to(y.dtype)
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[2] else None, x_lora2, weight, lora_a, lora_b, a)
+        ctx.scaling, ctx.shared_input, ctx.has_bias = scaling, x_lora is x, bias is not None
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, x_lora2, weight, lora_a, lora_b, a = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        g_lora = g.to(lora_b.dtype)
+        grad_a_out = (g_lora @ lora_b).mul_(ctx.scaling)  # gradient at the rank-r product, (tokens, r)
+        grad_lora_a = grad_a_out.t() @ x_lora2
+        grad_lora_b = g_lora.t() @ a
+        grad_x = grad_x_lora = grad_weight = grad_bias = None
+        needs = ctx.needs_input_grad
+        if needs[0] or needs[1]:
+            grad_x = g @ weight
+            grad_a_out_x, lora_a_x = grad_a_out.to(grad_x.dtype), lora_a.to(grad_x.dtype)
+            if ctx.shared_input:  # no dropout: both paths flow into x, summed by the same BLAS call
+                grad_x.addmm_(grad_a_out_x, lora_a_x)
+            else:
+                grad_x_lora = (grad_a_out_x @ lora_a_x).reshape(*grad_out.shape[:-1], -1)
+            grad_x = grad_x.reshape(*grad_out.shape[:-1], -1)
+        if needs[2]:
+            grad_weight = g.t() @ x2
+        if needs[3] and ctx.has_bias:
+            grad_bias = g.sum(0)
+        return grad_x, grad_x_lora, grad_weight, grad_bias, grad_lora_a, grad_lora_b, None
 
 
 @register

@@ -15,11 +15,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from tunelab.config.schema import ModelConfig
 from tunelab.console import console
 from tunelab.errors import TunelabError
+from tunelab.models.attention import enable_packed_attention
 from tunelab.models.tiny import tiny_llama, tiny_tokenizer
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -70,14 +71,26 @@ def load_model(config: ModelConfig) -> tuple[PreTrainedModel, object]:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     tokenizer = load_tokenizer(config)
-    model = tiny_llama(len(tokenizer)) if config.name == TINY else _from_pretrained(_local_source(config.name), config, dtype)
+    model = tiny_llama(len(tokenizer)) if config.name == TINY else _from_pretrained(local_source(config.name), config, dtype)
     model.to(device=device, dtype=dtype)
     model.eval()
+    enable_packed_attention(model)
     return model, tokenizer
 
 
+def load_model_skeleton(config: ModelConfig) -> PreTrainedModel:
+    """The model's modules with no weights behind them (meta device): for counting, not running."""
+    if config.name == TINY:
+        vocab_size = len(load_tokenizer(config))
+        with torch.device("meta"):
+            return tiny_llama(vocab_size)
+    model_config = AutoConfig.from_pretrained(local_source(config.name), trust_remote_code=config.trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
+
+
 def load_tokenizer(config: ModelConfig):
-    tokenizer = tiny_tokenizer() if config.name == TINY else _load_tokenizer(_local_source(config.name), config)
+    tokenizer = tiny_tokenizer() if config.name == TINY else _load_tokenizer(local_source(config.name), config)
     ensure_chat_template(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -89,7 +102,7 @@ def ensure_chat_template(tokenizer) -> None:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
 
 
-def _local_source(name: str) -> str:
+def local_source(name: str) -> str:
     """A local directory for aliases and GGUF files; anything else is passed on as given."""
     if name == SMOLLM2:
         return str(_cached_gguf(_smollm2_gguf(), key=SMOLLM2))

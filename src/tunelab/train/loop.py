@@ -22,14 +22,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tunelab.config import RunConfig, dump_config, load_config
 from tunelab.console import console
-from tunelab.data.batching import make_batch
+from tunelab.data.batching import make_batch, split_by_tokens
 from tunelab.data.dataset import build_datasets
 from tunelab.errors import TrainingDiverged, TunelabError
 from tunelab.files import write_json_atomic, write_text_atomic
 from tunelab.eval.loss import evaluate_loss
 from tunelab.methods import build_method
 from tunelab.models import load_model
+from tunelab.models.attention import uses_packed_attention
 from tunelab.objectives import causal_lm_loss
+from tunelab.train.allocator import keep_freed_memory
 from tunelab.train.artifacts import save_artifacts
 from tunelab.train.checkpoint import TrainState, clean_staging, list_checkpoints, load_checkpoint, save_checkpoint
 from tunelab.train.schedule import lr_at, warmup_steps
@@ -58,6 +60,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
     replaced = _check_output(output, config, resume, overwrite)  # fails before any work or write
 
     _seed_everything(tcfg.seed)
+    keep_freed_memory()
     model, tokenizer = load_model(config.model)
     method = build_method(config.method)
     method.attach(model)
@@ -73,8 +76,8 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
         list(params.values()), lr=tcfg.lr, betas=tcfg.adam_betas, eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay
     )
     samples_per_step = tcfg.batch_size * tcfg.grad_accum
-    steps_per_epoch = math.ceil(len(data.train) / samples_per_step)
-    total_steps = tcfg.max_steps or math.ceil((tcfg.epochs or 1.0) * steps_per_epoch)
+    epoch_steps = steps_per_epoch(len(data.train), samples_per_step)
+    total_steps = tcfg.max_steps or math.ceil((tcfg.epochs or 1.0) * epoch_steps)
     warmup = warmup_steps(tcfg.warmup, total_steps)
 
     state = TrainState(step=0, tokens_seen=0, train_seconds=0.0)
@@ -88,6 +91,8 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
     _truncate_metrics(metrics_path, after_step=state.step)
 
     pad_id = tokenizer.pad_token_id
+    padding_free = dcfg.packing and uses_packed_attention(model)
+    tokens_per_forward = resolve_tokens_per_forward(tcfg.max_tokens_per_forward, device)
     max_grad_norm = tcfg.max_grad_norm or float("inf")
     last_loss = float("nan")
     eval_metrics: dict = {}
@@ -110,10 +115,13 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
                 group["lr"] = lr
 
             # The step's samples follow from the step number alone, so a resumed run sees the same data.
-            indices = _step_sample_indices(step, len(data.train), samples_per_step, steps_per_epoch, tcfg.seed)
+            indices = step_sample_indices(step, len(data.train), samples_per_step, epoch_steps, tcfg.seed)
+            # Each micro-batch runs as one or more forward passes of at most tokens_per_forward
+            # tokens: that bounds activation memory, and the loss below does not depend on it.
             micro_batches = [
-                make_batch([data.train[i] for i in indices[k : k + tcfg.batch_size]], dcfg.max_length, dcfg.packing, pad_id)
+                make_batch(group, dcfg.max_length, dcfg.packing, pad_id, padding_free)
                 for k in range(0, len(indices), tcfg.batch_size)
+                for group in split_by_tokens([data.train[i] for i in indices[k : k + tcfg.batch_size]], tokens_per_forward)
             ]
             # Normalize by the targets of the whole accumulated batch, not per micro-batch: then
             # batch 8 x accum 1 and batch 1 x accum 8 give the same loss and gradient.
@@ -179,9 +187,28 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
     return RunResult(output_dir=output, report=report)
 
 
-def _step_sample_indices(step: int, n_samples: int, per_step: int, steps_per_epoch: int, seed: int) -> list[int]:
+def resolve_tokens_per_forward(setting: int | str, device: torch.device) -> int:
+    """`auto`: 1024 on CPU, where larger forwards only add memory (and page faults) without
+    speed; no limit on GPUs, which need large matmuls to be busy. 0 means no limit."""
+    if setting == "auto":
+        return 0 if device.type == "cuda" else 1024
+    return int(setting)
+
+
+def steps_per_epoch(n_samples: int, per_step: int) -> int:
+    return math.ceil(n_samples / per_step)
+
+
+def planned_sample_order(n_samples: int, tcfg) -> list[int]:
+    """Every training sample index a `max_steps` run will see, in the order it sees them."""
+    per_step = tcfg.batch_size * tcfg.grad_accum
+    epoch_steps = steps_per_epoch(n_samples, per_step)
+    return [i for step in range(1, tcfg.max_steps + 1) for i in step_sample_indices(step, n_samples, per_step, epoch_steps, tcfg.seed)]
+
+
+def step_sample_indices(step: int, n_samples: int, per_step: int, epoch_steps: int, seed: int) -> list[int]:
     """The training samples of 1-based `step`: a fresh seeded permutation each epoch."""
-    epoch, position = divmod(step - 1, steps_per_epoch)
+    epoch, position = divmod(step - 1, epoch_steps)
     order = np.random.default_rng([seed, epoch]).permutation(n_samples)
     return order[position * per_step : (position + 1) * per_step].tolist()
 

@@ -1,0 +1,167 @@
+"""`tunelab bench`: tunelab's trainer against HF Trainer + peft, side by side in one invocation."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from tunelab.bench.flops import matmul_peak_gflops, training_flops
+from tunelab.bench.workload import (
+    Workload,
+    default_data,
+    run_config,
+    write_long_text,
+    write_splits,
+)
+from tunelab.config import load_config
+from tunelab.console import console
+from tunelab.data.dataset import build_datasets
+from tunelab.errors import TunelabError
+from tunelab.files import write_json_atomic
+from tunelab.methods import build_method
+from tunelab.models.loader import load_model_skeleton, load_tokenizer, local_source
+from tunelab.train.loop import planned_sample_order
+
+SIDE_NAMES = ("tunelab", "hf_peft")
+
+
+def run_bench(workload: Workload, out: Path, repeats: int = 1, long_context_mb: float | None = None) -> dict:
+    _check_peers_installed()
+    if workload.data is None:
+        workload.data = default_data()
+    with tempfile.TemporaryDirectory(prefix="tunelab-bench-") as tmp:
+        tmp = Path(tmp)
+        train_path, eval_path = write_splits(workload, tmp / "data")
+        config = load_config(run_config(workload, train_path, eval_path, tmp / "tunelab-run"))
+        # Done here, once, so that neither side pays for model conversion or tokenizing in its memory.
+        local_source(config.model.name)
+        data = build_datasets(config.data, load_tokenizer(config.model), config.train.seed)
+        samples = [(len(ids), sum(mask[1:])) for ids, mask in zip(data.train["input_ids"], data.train["target_mask"])]
+        spec_path = tmp / "spec.json"
+        spec_path.write_text(json.dumps({"config": config.to_dict()}))
+
+        console.print("measuring the matmul peak ...")
+        peak = matmul_peak_gflops()
+        runs: dict[str, list[dict]] = {name: [] for name in SIDE_NAMES}
+        # Alternate (A B, B A, ...) so that drift of the machine falls on both sides alike.
+        for repeat in range(repeats):
+            for side in SIDE_NAMES if repeat % 2 == 0 else reversed(SIDE_NAMES):
+                runs[side].append(_run_side(side, spec_path, tmp / f"{side}-{repeat}.json"))
+
+    seen = [samples[i] for i in planned_sample_order(len(samples), config.train)]
+    flops = _useful_flops(config, seen)
+    sides = {name: _summary(results, flops) for name, results in runs.items()}
+    result = {
+        "workload": workload.as_dict() | {"train_tokens": sides["tunelab"]["tokens"], "device": _device_name()},
+        **sides,
+        "speedup": sides["tunelab"]["tokens_per_s"] / sides["hf_peft"]["tokens_per_s"],
+        "memory_ratio": sides["tunelab"]["peak_rss_mb"] / sides["hf_peft"]["peak_rss_mb"],
+        "eval_loss_rel_diff": abs(sides["tunelab"]["eval_loss"] - sides["hf_peft"]["eval_loss"]) / sides["hf_peft"]["eval_loss"],
+        "matmul_peak_gflops": peak,
+        "tunelab_useful_gflops": sides["tunelab"]["useful_gflops"],
+        "tunelab_mfu": sides["tunelab"]["useful_gflops"] / peak,
+    }
+    if long_context_mb:
+        result["long_context"] = longest_trainable(workload, long_context_mb)
+    write_json_atomic(out, result)
+    return result
+
+
+def longest_trainable(workload: Workload, budget_mb: float, start: int = 1024, limit: int = 65536) -> dict:
+    """The longest single sequence (doubling from `start`) each side trains a step on within budget_mb.
+
+    Each try is one training step on one plain-text sample, in its own process, stopped as soon
+    as its resident memory passes the budget.
+    """
+    figures = {}
+    with tempfile.TemporaryDirectory(prefix="tunelab-bench-long-") as tmp:
+        tmp = Path(tmp)
+        for side in SIDE_NAMES:
+            tries, length = [], start
+            while length <= limit:
+                probe = replace(workload, steps=1, batch_size=1, max_length=length)
+                train_path = write_long_text(tmp / "data", n_words=length, seed=workload.seed)
+                spec_path = tmp / f"{side}-{length}.json"
+                spec_path.write_text(json.dumps({"config": run_config(probe, train_path, None, tmp / "run")}))
+                result = _run_side(side, spec_path, tmp / f"{side}-{length}-result.json", budget_mb=budget_mb)
+                tries.append({"tokens": length, "fits": result is not None, "peak_rss_mb": result and result["peak_rss_mb"]})
+                if result is None:
+                    break
+                length *= 2
+            fitting = [t["tokens"] for t in tries if t["fits"]]
+            figures[side] = {"longest_tokens": max(fitting) if fitting else 0, "tries": tries}
+    return {"budget_mb": budget_mb, **figures}
+
+
+def _run_side(side: str, spec_path: Path, result_path: Path, budget_mb: float | None = None) -> dict | None:
+    """Run one side in a fresh process; with a memory budget, None if it went over (it is stopped)."""
+    console.rule(f"[bold]{side}")
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab.bench.sides", side, str(spec_path), str(result_path)])
+    over_budget = False
+    while proc.poll() is None:
+        if budget_mb is not None and _resident_mb(proc.pid) > budget_mb:
+            proc.kill()
+            over_budget = True
+        time.sleep(0.05)
+    if budget_mb is not None and (over_budget or proc.returncode < 0):  # killed: by us or by the OOM killer
+        console.print(f"{side}: over the {budget_mb:.0f} MiB budget")
+        return None
+    if proc.returncode != 0 or not result_path.is_file():
+        raise TunelabError(f"bench: the {side} side failed (exit {proc.returncode}); its output is above")
+    result = json.loads(result_path.read_text())
+    eval_note = f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"] is not None else ""
+    console.print(
+        f"{side}: {result['tokens_per_s']:.1f} tok/s, peak RSS {result['peak_rss_mb']:.0f} MiB{eval_note} "
+        f"({time.perf_counter() - started:.0f} s in all)"
+    )
+    return result
+
+
+def _summary(results: list[dict], flops: float) -> dict:
+    """One side over its repeats: the median speed, the largest memory."""
+    summary = dict(results[0])
+    summary["train_seconds"] = statistics.median(r["train_seconds"] for r in results)
+    summary["tokens_per_s"] = summary["tokens"] / summary["train_seconds"]
+    summary["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)
+    summary["useful_gflops"] = flops / summary["train_seconds"] / 1e9
+    if len(results) > 1:
+        summary["repeats"] = [{k: r[k] for k in ("tokens_per_s", "peak_rss_mb", "eval_loss")} for r in results]
+    return summary
+
+
+def _useful_flops(config, samples: list[tuple[int, int]]) -> float:
+    """FLOPs of the samples seen in training, counted on a weightless copy of the model."""
+    model = load_model_skeleton(config.model)
+    with torch.device("meta"):
+        build_method(config.method).attach(model)
+    return training_flops(model, samples)
+
+
+def _resident_mb(pid: int) -> float:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # gone already, or not Linux
+        return 0.0
+    return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0.0)
+
+
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def _check_peers_installed() -> None:
+    missing = [name for name in ("peft", "accelerate") if __import__("importlib").util.find_spec(name) is None]
+    if missing:
+        raise TunelabError(f"bench: the HF side needs {', '.join(missing)}: pip install {' '.join(missing)}")

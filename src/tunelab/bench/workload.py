@@ -1,0 +1,113 @@
+"""The benchmark workload: which model, which samples, which settings both sides train with.
+
+Both sides read the same two files written here (Alpaca-format JSON), tokenize them with tunelab's
+pipeline and see the training samples in the same order, so only the trainer differs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+from tunelab.models.loader import SMOLLM2
+
+# The default data, found beside the repository (see ../shared/README.md); synthetic samples otherwise.
+DEFAULT_DATA = Path("..") / "shared" / "data" / "alpaca_subsets" / "llamafactory_alpaca_en_demo.json"
+SYNTHETIC = "synthetic"
+
+
+@dataclass
+class Workload:
+    model: str = SMOLLM2
+    data: str | None = None  # an Alpaca-format file; None: DEFAULT_DATA when present, else synthetic
+    method: str = "lora"
+    steps: int = 12
+    batch_size: int = 8
+    max_length: int = 512
+    eval_samples: int = 32
+    lr: float = 1e-3
+    r: int = 16
+    alpha: float = 32.0
+    seed: int = 0
+
+    @property
+    def train_samples(self) -> int:
+        return self.steps * self.batch_size
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_data() -> str:
+    for base in (Path.cwd(), Path(__file__).resolve().parents[3]):  # the cwd, then the repository root
+        if (base / DEFAULT_DATA).is_file():
+            return str((base / DEFAULT_DATA).resolve())
+    return SYNTHETIC
+
+
+def write_splits(workload: Workload, folder: Path) -> tuple[Path, Path]:
+    """train.json (train_samples records, cycled if the file is smaller) and eval.json (further records)."""
+    if workload.data == SYNTHETIC:
+        records = synthetic_records(workload.train_samples + workload.eval_samples, workload.seed)
+    else:
+        try:
+            records = json.loads(Path(workload.data).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise TunelabError(f"bench --data: cannot read {workload.data} as a JSON array: {err}") from None
+        if not isinstance(records, list) or len(records) <= workload.eval_samples:
+            raise TunelabError(f"bench --data: {workload.data} needs more than {workload.eval_samples} records")
+    records = list(records)
+    random.Random(workload.seed).shuffle(records)
+    eval_records, pool = records[: workload.eval_samples], records[workload.eval_samples :]
+    train_records = [pool[i % len(pool)] for i in range(workload.train_samples)]
+    folder.mkdir(parents=True, exist_ok=True)
+    train_path, eval_path = folder / "train.json", folder / "eval.json"
+    train_path.write_text(json.dumps(train_records))
+    eval_path.write_text(json.dumps(eval_records))
+    return train_path, eval_path
+
+
+def synthetic_records(n: int, seed: int) -> list[dict]:
+    """Instruction-like records of varied length (roughly 30 to 500 tokens), for when no data is at hand."""
+    rng = random.Random(seed)
+    words = ["the", "a", "model", "data", "train", "loss", "token", "layer", "weight", "rank", "update", "learn", "step", "batch", "value"]
+
+    def text(n_words: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n_words))
+
+    return [{"instruction": text(rng.randint(5, 60)), "input": "", "output": text(rng.randint(10, 400))} for _ in range(n)]
+
+
+def write_long_text(folder: Path, n_words: int, seed: int) -> Path:
+    """One plain-text record of about n_words tokens or more: the long-context probe."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"long-{n_words}.jsonl"
+    record = {"text": " ".join(random.Random(seed).choice(("model", "data", "rank", "token")) for _ in range(n_words))}
+    path.write_text(json.dumps(record) + "\n")
+    return path
+
+
+def run_config(workload: Workload, train_path: Path, eval_path: Path | None, output: Path) -> dict:
+    """The tunelab run config of the workload (the HF side mirrors these settings)."""
+    return {
+        "model": workload.model,
+        "data": {"train": str(train_path), "eval": str(eval_path) if eval_path else None, "max_length": workload.max_length},
+        "method": {"name": workload.method, "r": workload.r, "alpha": workload.alpha, "dropout": 0.0},
+        "train": {
+            "max_steps": workload.steps,
+            "batch_size": workload.batch_size,
+            "lr": workload.lr,
+            # HF Trainer's defaults: linear decay, no warmup, no weight decay, clip at 1.0.
+            "scheduler": "linear",
+            "warmup": 0,
+            "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
+            "save_every": 0,
+            "eval_every": 0,
+            "seed": workload.seed,
+        },
+        "output": str(output),
+    }

@@ -1,0 +1,68 @@
+"""Padding-free attention for packed batches.
+
+A packed batch is one row holding several samples back to back, with their boundaries in
+`cu_seq_lens_q` (cumulative lengths, as flash-attention names them). Each sample attends causally
+within itself through torch's SDPA (its CPU flash kernel: no mask, no padding, no repeated KV
+heads). Calls without boundaries (generation, padded batches) are plain SDPA, so a model with this
+attention set behaves exactly as with `sdpa` everywhere else.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+PACKED = "tunelab_packed"
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    boundaries = kwargs.get("cu_seq_lens_q")
+    if boundaries is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    # query: (1, heads, tokens, head_dim); key and value may have fewer (grouped) heads.
+    grouped = query.shape[1] != key.shape[1]
+    bounds = boundaries.tolist()
+    outputs = [
+        F.scaled_dot_product_attention(
+            query[:, :, start:end],
+            key[:, :, start:end],
+            value[:, :, start:end],
+            dropout_p=dropout if module.training else 0.0,
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=grouped,
+        )
+        for start, end in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PACKED, packed_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED, sdpa_mask)
+
+
+def enable_packed_attention(model) -> bool:
+    """Switch `model` to padding-free packed attention where that is exact; True if it now uses it.
+
+    Left alone: models that cannot take a custom attention function, and those whose attention
+    is not plain causal softmax (sliding windows, logit softcapping).
+    """
+    config = model.config
+    if not getattr(model, "_supports_attention_backend", False):
+        return False
+    if getattr(config, "sliding_window", None) or getattr(config, "attn_logit_softcapping", None):
+        return False
+    if not getattr(config, "is_decoder", True) or getattr(config, "is_encoder_decoder", False):
+        return False
+    try:
+        model.set_attn_implementation(PACKED)
+    except (ValueError, ImportError):
+        return False
+    return uses_packed_attention(model)
+
+
+def uses_packed_attention(model) -> bool:
+    return getattr(model.config, "_attn_implementation", None) == PACKED
