@@ -114,7 +114,9 @@ def test_merged_export(lora_run, tuned_logits, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     assert "<|im_start|>" in tokenizer.apply_chat_template(PROBE, tokenize=False)
-    assert torch.allclose(logits_of(merged, tokenizer), tuned_logits, rtol=0, atol=1e-4)
+    # Equal up to fp32 rounding of W + BA against W x + B(A x) through 30 layers (logits reach ~40;
+    # the adapter itself moves them by more than 1e-3, see the peft round trip).
+    assert (logits_of(merged, tokenizer) - tuned_logits).abs().max() <= 1e-5 * tuned_logits.abs().max()
 
 
 def test_eval_on_a_few_records(lora_run, tmp_path):

@@ -76,8 +76,9 @@ def run_bench(workload: Workload, out: Path, repeats: int = 1, long_context_mb: 
     return result
 
 
-def longest_trainable(workload: Workload, budget_mb: float, start: int = 1024, limit: int = 65536) -> dict:
-    """The longest single sequence (doubling from `start`) each side trains a step on within budget_mb.
+def longest_trainable(workload: Workload, budget_mb: float, start: int = 1024, limit: int = 65536, refine: int = 2) -> dict:
+    """The longest single sequence each side trains a step on within budget_mb: doubling from
+    `start` to the first failure, then `refine` bisection steps (to 256 tokens).
 
     Each try is one training step on one plain-text sample, in its own process, stopped as soon
     as its resident memory passes the budget.
@@ -85,20 +86,33 @@ def longest_trainable(workload: Workload, budget_mb: float, start: int = 1024, l
     figures = {}
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-long-") as tmp:
         tmp = Path(tmp)
+
+        def fits(side: str, length: int, tries: list) -> bool:
+            probe = replace(workload, steps=1, batch_size=1, max_length=length)
+            train_path = write_long_text(tmp / "data", n_words=length, seed=workload.seed)
+            spec_path = tmp / f"{side}-{length}.json"
+            spec_path.write_text(json.dumps({"config": run_config(probe, train_path, None, tmp / "run")}))
+            result = _run_side(side, spec_path, tmp / f"{side}-{length}-result.json", budget_mb=budget_mb)
+            tries.append({"tokens": length, "fits": result is not None, "peak_rss_mb": result and result["peak_rss_mb"]})
+            return result is not None
+
         for side in SIDE_NAMES:
-            tries, length = [], start
+            tries: list[dict] = []
+            longest, failed, length = 0, None, start
             while length <= limit:
-                probe = replace(workload, steps=1, batch_size=1, max_length=length)
-                train_path = write_long_text(tmp / "data", n_words=length, seed=workload.seed)
-                spec_path = tmp / f"{side}-{length}.json"
-                spec_path.write_text(json.dumps({"config": run_config(probe, train_path, None, tmp / "run")}))
-                result = _run_side(side, spec_path, tmp / f"{side}-{length}-result.json", budget_mb=budget_mb)
-                tries.append({"tokens": length, "fits": result is not None, "peak_rss_mb": result and result["peak_rss_mb"]})
-                if result is None:
+                if not fits(side, length, tries):
+                    failed = length
                     break
-                length *= 2
-            fitting = [t["tokens"] for t in tries if t["fits"]]
-            figures[side] = {"longest_tokens": max(fitting) if fitting else 0, "tries": tries}
+                longest, length = length, length * 2
+            for _ in range(refine if failed else 0):
+                middle = (longest + failed) // 2 // 256 * 256
+                if middle in (longest, failed):
+                    break
+                if fits(side, middle, tries):
+                    longest = middle
+                else:
+                    failed = middle
+            figures[side] = {"longest_tokens": longest, "tries": tries}
     return {"budget_mb": budget_mb, **figures}
 
 

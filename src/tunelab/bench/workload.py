@@ -78,7 +78,7 @@ def synthetic_records(n: int, seed: int) -> list[dict]:
     def text(n_words: int) -> str:
         return " ".join(rng.choice(words) for _ in range(n_words))
 
-    return [{"instruction": text(rng.randint(5, 60)), "input": "", "output": text(rng.randint(10, 400))} for _ in range(n)]
+    return [{"instruction": text(rng.randint(3, 20)), "input": "", "output": text(rng.randint(10, 400))} for _ in range(n)]
 
 
 def write_long_text(folder: Path, n_words: int, seed: int) -> Path:

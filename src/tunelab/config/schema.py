@@ -51,8 +51,12 @@ class TrainConfig(Strict):
     adam_eps: float = Field(default=1e-8, gt=0)
     max_grad_norm: float = Field(default=1.0, ge=0, description="0 disables clipping")
     # Forward passes of at most this many tokens (samples are grouped, never split): bounds
-    # activation memory without changing the loss. "auto": 1024 on CPU, no limit on GPU; 0: no limit.
+    # activation memory; the loss is the same (with LoRA dropout, the same in distribution: the
+    # masks are drawn per forward). "auto": 1024 on CPU, no limit on GPU; 0: no limit.
     max_tokens_per_forward: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    # Recompute each layer's activations in backward instead of keeping them: about a third more
+    # compute for a fraction of the memory; for sequences that do not fit otherwise.
+    activation_checkpointing: bool = False
     seed: int = 0
     save_every: int = Field(default=50, ge=0, description="0: only the final weights")
     eval_every: int = Field(default=50, ge=0, description="0: eval only at the end")

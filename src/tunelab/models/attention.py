@@ -1,10 +1,11 @@
 """Padding-free attention for packed batches.
 
 A packed batch is one row holding several samples back to back, with their boundaries in
-`cu_seq_lens_q` (cumulative lengths, as flash-attention names them). Each sample attends causally
-within itself through torch's SDPA (its CPU flash kernel: no mask, no padding, no repeated KV
-heads). Calls without boundaries (generation, padded batches) are plain SDPA, so a model with this
-attention set behaves exactly as with `sdpa` everywhere else.
+`cu_seq_lens_q` (cumulative lengths, as flash-attention names them) or, failing that, where its
+`position_ids` restart at 0. Each sample attends causally within itself through torch's SDPA (its
+CPU flash kernel: no mask, no padding, no repeated KV heads), and no (tokens x tokens) mask is
+ever built. Calls with a padding mask (generation, padded batches) are plain SDPA, so a model
+with this attention set behaves exactly as with `sdpa` everywhere else.
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ PACKED = "tunelab_packed"
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    boundaries = kwargs.get("cu_seq_lens_q")
-    if boundaries is None:
+    bounds = _sample_bounds(query, attention_mask, kwargs)
+    if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     # query: (1, heads, tokens, head_dim); key and value may have fewer (grouped) heads.
     grouped = query.shape[1] != key.shape[1]
-    bounds = boundaries.tolist()
     outputs = [
         F.scaled_dot_product_attention(
             query[:, :, start:end],
@@ -40,8 +40,28 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
+def _sample_bounds(query, attention_mask, kwargs) -> list[int] | None:
+    """Where the samples of a packed row start and end; None for anything that is not a packed row."""
+    if kwargs.get("cu_seq_lens_q") is not None:
+        return kwargs["cu_seq_lens_q"].tolist()
+    position_ids = kwargs.get("position_ids")
+    if attention_mask is not None or position_ids is None or query.shape[2] == 1:
+        return None
+    starts = (position_ids == 0).nonzero()
+    if len(starts) <= position_ids.shape[0]:  # at most one sample per row: plain causal attention
+        return None
+    if position_ids.shape[0] != 1:
+        raise ValueError(f"{PACKED} attention: several rows of packed samples need cu_seq_lens_q; pack them into one row")
+    return starts[:, 1].tolist() + [position_ids.shape[1]]
+
+
+def packed_mask(*args, attention_mask=None, **kwargs):
+    """No mask for unpadded input (the attention above finds the samples); sdpa's mask otherwise."""
+    return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
 AttentionInterface.register(PACKED, packed_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED, sdpa_mask)
+ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED, packed_mask)
 
 
 def enable_packed_attention(model) -> bool:

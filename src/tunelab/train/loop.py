@@ -96,6 +96,8 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
     max_grad_norm = tcfg.max_grad_norm or float("inf")
     last_loss = float("nan")
     eval_metrics: dict = {}
+    if tcfg.activation_checkpointing:
+        _enable_activation_checkpointing(model)
     model.train()
     progress = Progress(
         TextColumn("[bold]train"),
@@ -258,6 +260,17 @@ def _truncate_metrics(path: Path, after_step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
     write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _enable_activation_checkpointing(model) -> None:
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise TunelabError(f"train.activation_checkpointing: {type(model).__name__} does not support it")
+    # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings are fine.
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
 def _seed_everything(seed: int) -> None:

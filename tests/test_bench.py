@@ -1,0 +1,102 @@
+"""`tunelab bench`: both sides train the same samples, the JSON has the contract's keys, and the
+FLOP count follows its formula. Speed itself is measured by running the bench, never asserted here.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from tunelab.bench import Workload, run_bench
+from tunelab.bench.flops import training_flops
+from tunelab.bench.runner import longest_trainable
+from tunelab.bench.workload import SYNTHETIC, run_config, write_splits
+from tunelab.cli.main import app
+from tunelab.methods.lora import Lora, LoraOptions
+from tunelab.models.tiny import tiny_llama
+
+TINY = Workload(model="tiny-random-llama", data=SYNTHETIC, steps=2, batch_size=4, max_length=256, eval_samples=4, r=4, alpha=8)
+
+
+@pytest.fixture(scope="module")
+def bench_result(tmp_path_factory, module_cache):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    result = run_bench(Workload(**TINY.as_dict()), out)
+    return result, json.loads(out.read_text())
+
+
+def test_bench_json_has_the_contract_keys(bench_result):
+    result, saved = bench_result
+    assert saved == json.loads(json.dumps(result))
+    for key in ("workload", "tunelab", "hf_peft", "speedup", "memory_ratio", "matmul_peak_gflops", "tunelab_useful_gflops"):
+        assert key in saved, key
+    for side in ("tunelab", "hf_peft"):
+        for key in ("tokens_per_s", "peak_rss_mb", "eval_loss"):
+            assert saved[side][key] > 0, (side, key)
+    assert saved["speedup"] == pytest.approx(saved["tunelab"]["tokens_per_s"] / saved["hf_peft"]["tokens_per_s"])
+    assert saved["memory_ratio"] == pytest.approx(saved["tunelab"]["peak_rss_mb"] / saved["hf_peft"]["peak_rss_mb"])
+    assert saved["matmul_peak_gflops"] > 0 and saved["tunelab_useful_gflops"] > 0
+
+
+def test_both_sides_train_the_same_samples_to_the_same_model(bench_result):
+    _, saved = bench_result
+    tunelab, hf = saved["tunelab"], saved["hf_peft"]
+    assert tunelab["tokens"] == hf["tokens"] == saved["workload"]["train_tokens"]
+    assert tunelab["trainable_params"] == hf["trainable_params"]
+    # Same init, samples, order, optimizer and schedule: the two trainers differ only in speed.
+    assert tunelab["final_train_loss"] == pytest.approx(hf["final_train_loss"], rel=1e-4)
+    assert tunelab["eval_loss"] == pytest.approx(hf["eval_loss"], rel=1e-4)
+
+
+def test_workload_splits_are_disjoint_and_cycled(tmp_path):
+    workload = Workload(**(TINY.as_dict() | {"steps": 3}))
+    train_path, eval_path = write_splits(workload, tmp_path)
+    train, held_out = json.loads(train_path.read_text()), json.loads(eval_path.read_text())
+    assert len(train) == 12 and len(held_out) == 4
+    assert not {json.dumps(r) for r in train} & {json.dumps(r) for r in held_out}
+    config = run_config(workload, train_path, eval_path, tmp_path / "run")
+    assert config["train"]["max_steps"] == 3 and config["method"]["dropout"] == 0.0
+
+
+def test_flop_count_follows_the_formula():
+    model = tiny_llama(64)
+    Lora(LoraOptions(r=4, alpha=8)).attach(model)
+    c = model.config
+    head = model.get_output_embeddings()
+    frozen = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and not m.weight.requires_grad and m is not head)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    attention_width = c.num_attention_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    samples = [(10, 4), (7, 7)]
+    expected = sum(
+        n * (4 * frozen + 6 * trained) + t * 4 * head.weight.numel() + 6 * c.num_hidden_layers * attention_width * n * n
+        for n, t in samples
+    )
+    assert training_flops(model, samples) == pytest.approx(expected)
+    assert training_flops(model, [(20, 4)]) > 2 * training_flops(model, [(10, 4)]), "attention grows quadratically"
+
+
+def test_long_context_probe_stops_at_the_memory_budget():
+    fits = longest_trainable(TINY, budget_mb=1e6, start=64, limit=64)
+    assert fits["tunelab"]["longest_tokens"] == 64 and fits["hf_peft"]["longest_tokens"] == 64
+    assert all(t["fits"] and t["peak_rss_mb"] > 0 for side in ("tunelab", "hf_peft") for t in fits[side]["tries"])
+    # No process running torch fits in 50 MiB: the probe is stopped and counted as not fitting.
+    over = longest_trainable(TINY, budget_mb=50, start=64, limit=64)
+    assert over["tunelab"] == {"longest_tokens": 0, "tries": [{"tokens": 64, "fits": False, "peak_rss_mb": None}]}
+
+
+def test_bench_command_rejects_methods_without_an_hf_counterpart(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--method", "vera", "--out", str(tmp_path / "b.json")])
+    assert result.exit_code == 1
+    assert "only 'lora'" in result.output
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_matmul_peak_is_positive_and_finite():
+    from tunelab.bench.flops import matmul_peak_gflops
+
+    peak = matmul_peak_gflops(torch.device("cpu"), size=256, repeats=2)
+    assert 0 < peak < 1e6
