@@ -22,7 +22,7 @@ from helpers import load_adapter, read_metrics, tiny_run_config, write_records_d
 from tunelab.config import ModelConfig
 from tunelab.data.batching import IGNORE, make_batch, split_by_tokens
 from tunelab.data.tokenize import tokenize_example
-from tunelab.methods.lora import Lora, LoraLinear, LoraLinearFunction, LoraOptions
+from tunelab.methods.lora import Lora, LoraLinear, LoraOptions
 from tunelab.models import load_model
 from tunelab.models.attention import enable_packed_attention, uses_packed_attention
 from tunelab.models.tiny import tiny_llama, tiny_tokenizer
