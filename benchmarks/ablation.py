@@ -1,15 +1,17 @@
 """What each CPU optimization of tunelab's trainer contributes: the `tunelab bench` workload,
 trained once as shipped and once with each optimization taken out (one process per run).
 
-    python benchmarks/ablation.py [--out ablation.json] [--steps 12]
+    python benchmarks/ablation.py [--out ablation.json] [--steps 12] [--rounds 2]
 
-Prints a Markdown table (tokens/s, peak RSS, eval loss) for docs/benchmarks.md.
+Every round runs every variant once, so drift of the machine spreads over all of them; prints a
+Markdown table (median tokens/s, largest peak RSS, eval loss) for docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,6 +54,7 @@ def _without(name: str) -> None:
 # name -> config changes; the ones without changes are patched in the child by _without.
 VARIANTS = {
     "as shipped": {},
+    "bf16 matmuls for frozen weights (AMX)": {"train": {"frozen_dtype": "float32"}},
     "fused LoRA autograd": {},
     "chunked linear cross-entropy": {},
     "padding-free packed attention": {},
@@ -65,28 +68,41 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("runs/ablation.json"))
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     workload = Workload(data=default_data(), steps=args.steps)
-    rows = []
+    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         train_path, eval_path = write_splits(workload, tmp / "data")
-        for name, changes in VARIANTS.items():
-            config = run_config(workload, train_path, eval_path, tmp / "run")
-            for section, values in changes.items():
-                config[section].update(values)
-            spec, result_path = tmp / "spec.json", tmp / "result.json"
-            spec.write_text(json.dumps({"config": config}))
-            subprocess.run([sys.executable, __file__, "--child", name, str(spec), str(result_path)], check=True)
-            rows.append({"without": name, **json.loads(result_path.read_text())})
+        for _ in range(args.rounds):
+            for name, changes in VARIANTS.items():
+                config = run_config(workload, train_path, eval_path, tmp / "run")
+                for section, values in changes.items():
+                    config[section].update(values)
+                spec, result_path = tmp / "spec.json", tmp / "result.json"
+                spec.write_text(json.dumps({"config": config}))
+                subprocess.run([sys.executable, __file__, "--child", name, str(spec), str(result_path)], check=True)
+                runs[name].append(json.loads(result_path.read_text()))
+    rows = [
+        {
+            "without": name,
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in results),
+            "all_tokens_per_s": [r["tokens_per_s"] for r in results],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+            "eval_loss": results[0]["eval_loss"],
+        }
+        for name, results in runs.items()
+    ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"workload": workload.as_dict(), "threads": torch.get_num_threads(), "runs": rows}, indent=2))
     shipped = rows[0]
-    print("| taken out | tokens/s | vs shipped | peak RSS MiB | eval loss |")
-    print("|---|---:|---:|---:|---:|")
+    print("| taken out | tokens/s (median) | runs | vs shipped | peak RSS MiB | eval loss |")
+    print("|---|---:|---:|---:|---:|---:|")
     for row in rows:
         print(
             f"| {row['without'] if row is not shipped else '(nothing: as shipped)'} | {row['tokens_per_s']:.0f} | "
+            f"{', '.join(f'{t:.0f}' for t in row['all_tokens_per_s'])} | "
             f"{row['tokens_per_s'] / shipped['tokens_per_s']:.2f}x | {row['peak_rss_mb']:.0f} | {row['eval_loss']:.4f} |"
         )
 

@@ -508,3 +508,54 @@ def test_keep_freed_memory_is_idempotent():
     first, second = keep_freed_memory(), keep_freed_memory()
     assert isinstance(first, bool) and isinstance(second, bool)
     assert first is True and second is True  # Linux with glibc: mallopt accepts both settings
+
+
+# --- bf16 copies of frozen weights (train.frozen_dtype) ----------------------------------------
+
+
+def test_frozen_dtype_resolution(monkeypatch):
+    from tunelab.train import precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert precision.resolve_frozen_dtype("float32", torch.float32, cpu) == torch.float32
+    assert precision.resolve_frozen_dtype("bfloat16", torch.float32, cpu) == torch.bfloat16
+    monkeypatch.setattr(precision, "bf16_matmul_speedup", lambda: 5.0)  # an AMX CPU
+    assert precision.resolve_frozen_dtype("auto", torch.float32, cpu) == torch.bfloat16
+    assert precision.resolve_frozen_dtype("auto", torch.bfloat16, cuda) == torch.bfloat16
+    assert precision.resolve_frozen_dtype("auto", torch.float32, cuda) == torch.float32
+    monkeypatch.setattr(precision, "bf16_matmul_speedup", lambda: 0.25)  # no AMX: bf16 is slower
+    assert precision.resolve_frozen_dtype("auto", torch.float32, cpu) == torch.float32
+
+
+def test_bf16_training_copy_leaves_weights_and_evaluation_exact():
+    torch.manual_seed(0)
+    model = tiny_llama(64)
+    method = Lora(LoraOptions(r=4, alpha=8))
+    method.attach(model)
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            nn.init.normal_(module.lora_B.weight, std=0.02)
+    ids = torch.randint(0, 64, (2, 12))
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    keys = sorted(model.state_dict())
+    assert method.store_frozen_weights(model, torch.bfloat16)
+    assert sorted(model.state_dict()) == keys, "the training copy is not part of the saved state"
+    assert all(m.base_layer.weight.dtype == torch.float32 for m in model.modules() if isinstance(m, LoraLinear))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before), "evaluation uses the fp32 weights"
+        model.train()
+        trained_view = model(input_ids=ids).logits
+    assert not torch.equal(trained_view, before), "training multiplies by the bf16 copy"
+    assert norm_rel_error(trained_view, before) < 2e-2
+
+
+def test_bf16_frozen_weights_train_like_fp32(tmp_path, records):
+    train_file, _ = records
+    fp32_metrics, fp32_adapter = run_once(tmp_path / "fp32", train_file, {"frozen_dtype": "float32"})
+    bf16_metrics, bf16_adapter = run_once(tmp_path / "bf16", train_file, {"frozen_dtype": "bfloat16"})
+    for a, b in zip(bf16_metrics, fp32_metrics):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-2)
+    assert sorted(bf16_adapter) == sorted(fp32_adapter)
+    assert all(t.dtype == torch.float32 for t in bf16_adapter.values()), "adapters stay fp32"

@@ -8,12 +8,14 @@ import torch
 from torch import nn
 
 
-def matmul_peak_gflops(device: torch.device | None = None, size: int = 2048, repeats: int = 10) -> float:
-    """Best fp32 matmul rate of this machine, with torch's own thread settings: the ceiling to compare with."""
+def matmul_peak_gflops(
+    device: torch.device | None = None, size: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32
+) -> float:
+    """Best matmul rate of this machine in `dtype`, with torch's own thread settings: the ceiling to compare with."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         size, repeats = 8192, 50
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(3):
         a @ b  # warm-up: thread pool, kernel choice

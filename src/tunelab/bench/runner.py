@@ -51,6 +51,7 @@ def run_bench(workload: Workload, out: Path, repeats: int = 1, long_context_mb: 
 
         console.print("measuring the matmul peak ...")
         peak = matmul_peak_gflops()
+        bf16_peak = matmul_peak_gflops(dtype=torch.bfloat16)
         runs: dict[str, list[dict]] = {name: [] for name in SIDE_NAMES}
         # Alternate (A B, B A, ...) so that drift of the machine falls on both sides alike.
         for repeat in range(repeats):
@@ -66,7 +67,8 @@ def run_bench(workload: Workload, out: Path, repeats: int = 1, long_context_mb: 
         "speedup": sides["tunelab"]["tokens_per_s"] / sides["hf_peft"]["tokens_per_s"],
         "memory_ratio": sides["tunelab"]["peak_rss_mb"] / sides["hf_peft"]["peak_rss_mb"],
         "eval_loss_rel_diff": abs(sides["tunelab"]["eval_loss"] - sides["hf_peft"]["eval_loss"]) / sides["hf_peft"]["eval_loss"],
-        "matmul_peak_gflops": peak,
+        "matmul_peak_gflops": peak,  # fp32, the dtype both sides' activations and adapters use
+        "matmul_peak_bf16_gflops": bf16_peak,  # tunelab's frozen-weight matmuls may run in bf16 (train.frozen_dtype)
         "tunelab_useful_gflops": sides["tunelab"]["useful_gflops"],
         "tunelab_mfu": sides["tunelab"]["useful_gflops"] / peak,
     }

@@ -61,6 +61,12 @@ class Method(ABC):
                     )
                 param.copy_(state[name])
 
+    def store_frozen_weights(self, model: nn.Module, dtype: torch.dtype) -> bool:
+        """Give training a copy of the frozen weights in `dtype`, a faster matmul dtype than the
+        activations' (evaluation keeps the originals); True if done. Only methods whose kernels
+        mix dtypes can."""
+        return False
+
     def merge(self, model: nn.Module) -> None:
         """Fold the method into the base weights, leaving a plain model. Not every method can."""
         raise TunelabError(f"method '{self.name}' cannot be merged into the base weights")

@@ -40,6 +40,7 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = alpha / r
+        self.compute_weight: torch.Tensor | None = None  # not a parameter: never saved
         # peft's default init: A Kaiming-uniform, B zero, so the wrapped layer starts equal to W.
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
@@ -50,8 +51,11 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
+        # In training, a copy of the frozen weight in a faster matmul dtype, if one was made
+        # (Lora.store_frozen_weights); evaluation always uses the weight itself.
+        weight = self.compute_weight if self.training and self.compute_weight is not None else base.weight
         return LoraLinearFunction.apply(
-            x, self.lora_dropout(x), base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling
+            x, self.lora_dropout(x), weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling
         )
 
     def delta_weight(self) -> torch.Tensor:
@@ -69,6 +73,8 @@ class LoraLinearFunction(torch.autograd.Function):
     temporary exists: the scale falls on the rank-r product and the update accumulates into the
     base output in place (one BLAS call). Backward accumulates the two input gradients the same
     way. This is most of a LoRA step on CPU, where every extra pass over an activation costs.
+    W may be a lower-precision copy of the frozen weight (see `Lora.store_frozen_weights`): its
+    two matmuls then run in W's dtype, everything else in x's.
     """
 
     @staticmethod
@@ -76,7 +82,7 @@ class LoraLinearFunction(torch.autograd.Function):
         shape = x.shape
         x2, x_lora2 = x.reshape(-1, shape[-1]), x_lora.reshape(-1, shape[-1]).to(lora_a.dtype)
         a = (x_lora2 @ lora_a.t()).mul_(scaling)  # (tokens, r)
-        y = torch.nn.functional.linear(x2, weight, bias)
+        y = torch.nn.functional.linear(x2.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype)).to(x.dtype)
         if y.dtype == lora_b.dtype:
             y.addmm_(a, lora_b.t())
         else:  # a half-precision base with its fp32 adapter
@@ -96,7 +102,7 @@ class LoraLinearFunction(torch.autograd.Function):
         grad_x = grad_x_lora = grad_weight = grad_bias = None
         needs = ctx.needs_input_grad
         if needs[0] or needs[1]:
-            grad_x = g @ weight
+            grad_x = (g.to(weight.dtype) @ weight).to(g.dtype)
             grad_a_out_x, lora_a_x = grad_a_out.to(grad_x.dtype), lora_a.to(grad_x.dtype)
             if ctx.shared_input:  # no dropout: both paths flow into x, summed by the same BLAS call
                 grad_x.addmm_(grad_a_out_x, lora_a_x)
@@ -121,6 +127,12 @@ class Lora(Method):
         for module_name in find_target_linears(model, opts.target):
             base = model.get_submodule(module_name)
             replace_module(model, module_name, LoraLinear(base, opts.r, opts.alpha, opts.dropout))
+
+    def store_frozen_weights(self, model: nn.Module, dtype: torch.dtype) -> bool:
+        for module in model.modules():
+            if isinstance(module, LoraLinear):
+                module.compute_weight = module.base_layer.weight.detach().to(dtype)
+        return True
 
     def merge(self, model: nn.Module) -> None:
         for module_name, module in list(model.named_modules()):

@@ -33,6 +33,7 @@ from tunelab.models.attention import uses_packed_attention
 from tunelab.objectives import causal_lm_loss
 from tunelab.train.allocator import keep_freed_memory
 from tunelab.train.artifacts import save_artifacts
+from tunelab.train.precision import resolve_frozen_dtype
 from tunelab.train.checkpoint import TrainState, clean_staging, list_checkpoints, load_checkpoint, save_checkpoint
 from tunelab.train.schedule import lr_at, warmup_steps
 
@@ -68,6 +69,10 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
     if not params:
         raise TunelabError(f"method '{method.name}' left no trainable parameter on this model")
     device = next(iter(params.values())).device
+    model_dtype = model.dtype
+    frozen_dtype = resolve_frozen_dtype(tcfg.frozen_dtype, model_dtype, device)
+    if frozen_dtype != model_dtype and method.store_frozen_weights(model, frozen_dtype):
+        console.print(f"frozen weights compute in {str(frozen_dtype).removeprefix('torch.')} (train.frozen_dtype)")
     data = build_datasets(dcfg, tokenizer, tcfg.seed)
     _report_data(data.stats)
     _init_output(output, config, replaced)
