@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import statistics
@@ -178,6 +179,6 @@ def _device_name() -> str:
 
 
 def _check_peers_installed() -> None:
-    missing = [name for name in ("peft", "accelerate") if __import__("importlib").util.find_spec(name) is None]
+    missing = [name for name in ("peft", "accelerate") if importlib.util.find_spec(name) is None]
     if missing:
         raise TunelabError(f"bench: the HF side needs {', '.join(missing)}: pip install {' '.join(missing)}")

@@ -57,9 +57,10 @@ class TrainConfig(Strict):
     # Recompute each layer's activations in backward instead of keeping them: about a third more
     # compute for a fraction of the memory; for sequences that do not fit otherwise.
     activation_checkpointing: bool = False
-    # Storage (and matmul) dtype of frozen weights under an adapter, activations staying in
-    # model.dtype. "auto": bfloat16 on CPUs where a bf16 matmul measures faster than fp32 (AMX),
-    # else model.dtype. Only methods with mixed-dtype kernels (lora) take it.
+    # Dtype of a training copy of the frozen weights under an adapter (their matmuls run in it;
+    # activations, adapters and evaluation keep model.dtype). "auto": bfloat16 on CPUs where a
+    # bf16 matmul measures at least 2x faster than fp32 (AMX), else model.dtype. Only methods with
+    # mixed-dtype kernels (lora) take it.
     frozen_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     seed: int = 0
     save_every: int = Field(default=50, ge=0, description="0: only the final weights")

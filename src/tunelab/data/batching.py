@@ -26,6 +26,7 @@ class Batch:
     n_targets: int  # tokens the loss falls on
 
     def to(self, device: torch.device) -> Batch:
+        # cu_seq_lens stays on the CPU: the attention reads it as Python ints, without a device sync.
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) and k != "cu_seq_lens" else v for k, v in self.__dict__.items()}
         return Batch(**moved)
 
