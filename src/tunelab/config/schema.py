@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tunelab.errors import TunelabError
 from tunelab.methods import method_options_model
 
 
@@ -95,8 +96,24 @@ class RunConfig(Strict):
             value = {"name": value}
         if not isinstance(value, dict):
             raise ValueError("method must be a mapping with a 'name' key")
+        if value.get("from_peft"):
+            value = _options_with_peft_adapter(value)
         # Each registered method validates its own options (unknown keys fail, naming the key).
         return method_options_model(value.get("name", "lora")).model_validate(value)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def _options_with_peft_adapter(given: dict[str, Any]) -> dict[str, Any]:
+    """`from_peft: DIR`: the options come from the adapter's config; keys given as well must agree."""
+    from tunelab.methods.peft_io import method_options_from_peft
+
+    try:
+        options = method_options_from_peft(given["from_peft"])
+    except TunelabError as err:
+        raise ValueError(str(err)) from None
+    conflicts = [key for key, v in given.items() if key != "from_peft" and key in options and options[key] != v]
+    if conflicts:
+        raise ValueError(f"{', '.join(f'{k}={given[k]!r}' for k in conflicts)} differ from the peft adapter ({', '.join(f'{k}={options[k]!r}' for k in conflicts)})")
+    return {**given, **options}

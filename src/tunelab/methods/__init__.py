@@ -1,7 +1,7 @@
 """The method registry: every adaptation method, by the name used in `method.name`.
 
 Adding a method: write one file in this folder with a `Method` subclass decorated by `@register`,
-and import it at the bottom of this file.
+and add the file to the import at the bottom of this file.
 """
 
 from __future__ import annotations
@@ -30,6 +30,6 @@ def build_method(options: MethodOptions) -> Method:
     return get_method_class(options.name)(options)
 
 
-from tunelab.methods import full, lora  # noqa: E402,F401  (registers the built-in methods)
+from tunelab.methods import adalora, full, ia3, lora, lycoris, oft, prompt, vera  # noqa: E402,F401  (registers them)
 
 __all__ = ["Method", "MethodOptions", "REGISTRY", "register", "build_method", "get_method_class"]

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
@@ -22,6 +23,15 @@ class MethodOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     name: str
+    # A peft adapter directory to start from: its adapter_config.json sets the options (see
+    # config/loader.py) and training begins from its weights.
+    from_peft: str | None = None
+
+
+class LinearTargetOptions(MethodOptions):
+    """Options of methods that wrap linear layers: which ones (see `find_target_linears`)."""
+
+    target: Literal["all-linear"] | list[str] = "all-linear"
 
 
 class Method(ABC):
@@ -30,6 +40,8 @@ class Method(ABC):
     # Where the final weights of a run go: "adapter" (only the trainable tensors) or "model" (a full
     # Hugging Face checkpoint).
     artifact: ClassVar[str] = "adapter"
+    # The method's `peft_type` in peft's adapter_config.json; None when peft has no such method.
+    peft_type: ClassVar[str | None] = None
 
     def __init__(self, options: MethodOptions):
         self.options = options
@@ -67,13 +79,167 @@ class Method(ABC):
         mix dtypes can."""
         return False
 
+    # Training hooks. The loop calls them in this order each step: param_groups once at the start,
+    # then per step: forward/backward of the micro-batches, regularization (its backward), the
+    # optimizer step, after_step (gradients still present), zero_grad.
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """Optimizer parameter groups; `lr_scale` multiplies the scheduled learning rate."""
+        return [{"params": list(self.trainable_parameters(model).values()), "lr_scale": 1.0}]
+
+    def regularization(self, model: nn.Module) -> torch.Tensor | None:
+        """An extra loss term added once per optimizer step (after the data loss), or None."""
+        return None
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Called after each optimizer step, before the gradients are cleared."""
+
+    def checkpoint_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What a checkpoint must hold for exact resume: the weights, plus any training state."""
+        return self.state_dict(model)
+
+    def load_checkpoint_state(self, model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+        self.load_state_dict(model, state, source)
+
     def merge(self, model: nn.Module) -> None:
         """Fold the method into the base weights, leaving a plain model. Not every method can."""
-        raise TunelabError(f"method '{self.name}' cannot be merged into the base weights")
+        raise TunelabError(
+            f"method '{self.name}' cannot be merged into the base weights: its trained state is not a "
+            "change of weights; export it with --format peft (or keep the run directory) instead"
+        )
+
+    # peft interop: an adapter in peft's format is adapter_config.json plus tensors named
+    # `base_model.model.<our name>`: every method names its tensors as peft saves them.
+
+    def peft_config(self, model: nn.Module) -> dict[str, Any]:
+        """The method-specific keys of peft's adapter_config.json."""
+        raise TunelabError(f"method '{self.name}' has no peft equivalent, so no peft export")
 
     def peft_export(self, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
         """(adapter_config.json, adapter_model.safetensors tensors) in the peft library's format."""
-        raise TunelabError(f"method '{self.name}' has no peft export")
+        config = {"peft_type": self.peft_type, "task_type": "CAUSAL_LM", **self.peft_config(model), "inference_mode": True}
+        tensors = {PEFT_PREFIX + name: t.contiguous() for name, t in self.state_dict(model).items()}
+        return config, tensors
+
+    def peft_import(self, model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Load a peft adapter's tensors into the attached method."""
+        self.load_state_dict(model, {name.removeprefix(PEFT_PREFIX): t for name, t in tensors.items()}, source)
+
+    @classmethod
+    def options_from_peft(cls, config: dict[str, Any], source: str) -> dict[str, Any]:
+        """This method's options (as a config mapping) from a peft adapter_config.json."""
+        raise TunelabError(f"{source}: tunelab's '{cls.name}' cannot read peft adapters")
+
+
+PEFT_PREFIX = "base_model.model."
+
+
+def reject_peft_settings(config: dict[str, Any], source: str, supported: dict[str, Any]) -> None:
+    """Fail on peft options that change the adapter in ways tunelab's method does not implement.
+
+    `supported` maps each such key to the value(s) tunelab does handle (a value, or a tuple of them).
+    """
+    for key, allowed in supported.items():
+        value = config.get(key)
+        options = allowed if isinstance(allowed, tuple) else (allowed,)
+        if value not in options and not (value in ({}, []) and None in options):
+            raise TunelabError(f"{source}: peft option {key}={value!r} is not supported by tunelab (supported: {options})")
+
+
+# Settings of peft's linear-layer tuners that tunelab reads as their defaults only.
+PEFT_TARGETING_DEFAULTS = {
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "exclude_modules": None,
+    "modules_to_save": None,
+    "rank_pattern": None,
+    "alpha_pattern": None,
+}
+
+
+def target_from_peft(config: dict[str, Any], source: str) -> str | list[str]:
+    """peft's `target_modules` as a tunelab `target` (both match leaf names, full names and regexes)."""
+    modules = config.get("target_modules")
+    if modules is None:
+        raise TunelabError(f"{source}: the adapter config has no target_modules")
+    if isinstance(modules, str):
+        return modules if modules == "all-linear" else [modules]  # peft: a regex matched in full
+    return sorted(modules)
+
+
+class AdapterLayer(nn.Module):
+    """A frozen linear layer (`base_layer`, as peft names it) plus a method's trainable update.
+
+    Subclasses register their tensors under peft's names and define `delta_weight` (an additive
+    update: W' = W + ΔW) or override `merged_weight` (other updates, e.g. orthogonal: W' = R W).
+    The generic forward computes y = W'x + b; subclasses replace it with a cheaper exact form.
+    """
+
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__()
+        self.base_layer = base_layer
+
+    @property
+    def weight(self) -> torch.Tensor:  # some model code inspects `proj.weight` (dtype, device)
+        return self.base_layer.weight
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merged_weight(self) -> torch.Tensor:
+        weight = self.base_layer.weight
+        return weight + self.delta_weight().to(weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.merged_weight()
+        return F.linear(x.to(weight.dtype), weight, self.base_layer.bias).to(x.dtype)
+
+    def merged(self) -> nn.Linear:
+        """The base layer with the update folded into its weight."""
+        with torch.no_grad():
+            merged = self.merged_weight()
+            self.base_layer.weight.copy_(merged)
+        return self.base_layer
+
+
+class LinearAdapterMethod(Method):
+    """A method that wraps each targeted linear layer in an `AdapterLayer` (the LoRA family,
+    VeRA, LoHa, LoKr, (IA)^3, OFT, BOFT): attach, merge and peft naming live here once."""
+
+    Options: ClassVar[type[LinearTargetOptions]]
+
+    @abstractmethod
+    def wrap(self, name: str, base: nn.Linear) -> AdapterLayer:
+        """The adapter layer that replaces linear layer `name`."""
+
+    def attach(self, model: nn.Module) -> None:
+        model.requires_grad_(False)
+        for name in find_target_linears(model, self.options.target):
+            replace_module(model, name, self.wrap(name, model.get_submodule(name)))
+
+    def adapter_layers(self, model: nn.Module) -> dict[str, AdapterLayer]:
+        return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+    def merge(self, model: nn.Module) -> None:
+        for name, layer in self.adapter_layers(model).items():
+            replace_module(model, name, layer.merged())
+
+    def peft_export(self, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+        config, tensors = super().peft_export(model)
+        targeted = list(self.adapter_layers(model))
+        # peft names the layers of the unwrapped model: an adapter layer's own children are not targets.
+        inside = tuple(f"{name}." for name in targeted)
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith(inside)]
+        config["target_modules"] = peft_target_modules(linears + targeted, targeted)
+        return config, tensors
 
 
 def output_embedding_names(model: nn.Module) -> set[str]:

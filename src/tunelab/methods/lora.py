@@ -1,53 +1,102 @@
-"""LoRA (Hu et al. 2021): a frozen linear layer W plus a trainable low-rank update (alpha/r)·B·A."""
+"""LoRA (Hu et al. 2021) and its variants: a frozen linear layer W plus a trainable low-rank update
+s·B·A, with s = alpha/r.
+
+Variants, as options of `lora`:
+- `rslora`: s = alpha/sqrt(r) (Kalajdzievski 2023), so the update's scale does not shrink with r.
+- `dora`: W' = m ⊙ (W + sBA) / ||W + sBA||, a trainable per-output magnitude m times a direction
+  (DoRA, Liu et al. 2024); the norm is treated as a constant in backward, as in the paper (§4.3).
+- `init`: `kaiming` (peft's default: A Kaiming-uniform, B = 0), `gaussian` (A ~ N(0, 1/r)),
+  `pissa` (A, B from the top-r singular triplets of W; W keeps the residual, Meng et al. 2024),
+  `olora` (A, B from the QR decomposition of W, Büyükakyüz 2024).
+- `lora_plus_ratio`: B learns at ratio × A's learning rate (LoRA+, Hayou et al. 2024).
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
+from tunelab.errors import TunelabError
 from tunelab.methods import register
 from tunelab.methods.base import (
-    Method,
-    MethodOptions,
-    find_target_linears,
-    peft_target_modules,
-    replace_module,
+    PEFT_TARGETING_DEFAULTS,
+    AdapterLayer,
+    LinearAdapterMethod,
+    LinearTargetOptions,
+    reject_peft_settings,
+    target_from_peft,
 )
 
 
-class LoraOptions(MethodOptions):
+class LoraOptions(LinearTargetOptions):
     name: Literal["lora"] = "lora"
     r: int = Field(default=16, ge=1)
     alpha: float = Field(default=32.0, gt=0)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    target: Literal["all-linear"] | list[str] = "all-linear"
+    rslora: bool = False
+    dora: bool = False
+    init: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming"
+    lora_plus_ratio: float | None = Field(default=None, gt=0)
 
 
-class LoraLinear(nn.Module):
-    """y = W x + (alpha/r) · B A dropout(x), with W frozen. Module names match peft's
-    (`base_layer`, `lora_A`, `lora_B`) so state dicts convert by a prefix."""
+class LoraLinear(AdapterLayer):
+    """y = W x + s · B A dropout(x), with W frozen. Tensor names match peft's (`lora_A`, `lora_B`).
 
-    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float):
-        super().__init__()
-        self.base_layer = base_layer
+    With `init` pissa/olora, W holds the residual W₀ − s·B₀A₀ and the initial B₀, A₀ are kept
+    (`lora_B_init`, `lora_A_init`): the update relative to the original model is s(BA − B₀A₀).
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int, scaling: float, dropout: float, init: str):
+        super().__init__(base_layer)
         # The adapter trains in fp32 even on a half-precision base: tiny updates vanish in bf16.
         device = base_layer.weight.device
         self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scaling = alpha / r
+        self.scaling = scaling
         self.compute_weight: torch.Tensor | None = None  # not a parameter: never saved
-        # peft's default init: A Kaiming-uniform, B zero, so the wrapped layer starts equal to W.
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        self._initialize(init)
 
-    @property
-    def weight(self) -> torch.Tensor:  # some model code inspects `proj.weight` (dtype, device)
-        return self.base_layer.weight
+    def _initialize(self, init: str) -> None:
+        r = self.lora_A.out_features
+        with torch.no_grad():
+            if init in ("kaiming", "gaussian"):
+                if init == "kaiming":
+                    nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+                else:
+                    nn.init.normal_(self.lora_A.weight, std=1 / r)
+                nn.init.zeros_(self.lora_B.weight)  # the wrapped layer starts equal to W
+                return
+            weight = self.base_layer.weight.float()
+            if init == "pissa":  # W = U S Vᵀ: B = U_r √S_r, A = √S_r V_rᵀ, both divided by √s
+                u, singular, vh = torch.linalg.svd(weight, full_matrices=False)
+                root = torch.sqrt(singular[:r] / self.scaling)
+                a, b = root[:, None] * vh[:r], u[:, :r] * root
+            else:  # olora, W = Q R: B = Q_r, A = R_r
+                q, rr = torch.linalg.qr(weight)
+                a, b = rr[:r], q[:, :r]
+            self.lora_A.weight.copy_(a)
+            self.lora_B.weight.copy_(b)
+        self.register_buffer("lora_A_init", a.clone())
+        self.register_buffer("lora_B_init", b.clone())
+        self._move_init_out_of_base(+1)
+
+    def _move_init_out_of_base(self, sign: int) -> None:
+        """W -= sign · s·B₀A₀: +1 makes W the residual, −1 restores the original weight."""
+        with torch.no_grad():
+            weight = self.base_layer.weight
+            weight -= (sign * self.scaling * (self.lora_B_init @ self.lora_A_init)).to(weight.dtype)
+
+    def set_initial_factors(self, a_init: torch.Tensor, b_init: torch.Tensor) -> None:
+        """Take saved initial factors (a run reloaded elsewhere may compute others): re-residualize W."""
+        self._move_init_out_of_base(-1)
+        self.lora_A_init.copy_(a_init)
+        self.lora_B_init.copy_(b_init)
+        self._move_init_out_of_base(+1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -61,11 +110,35 @@ class LoraLinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
-    def merged(self) -> nn.Linear:
-        base = self.base_layer
+
+class DoraLinear(LoraLinear):
+    """DoRA: y = (m/n) ⊙ (W x + s·B A x) + b with n = ||W + sBA|| per output row (detached).
+    With dropout, as in peft: y = W x + b + (m/n − 1) ⊙ W x' + (m/n) ⊙ s·B A x'."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, scaling: float, dropout: float, init: str):
+        super().__init__(base_layer, r, scaling, dropout, init)
         with torch.no_grad():
-            base.weight += self.delta_weight().to(base.weight.dtype)
-        return base
+            norm = self._directional_weight().norm(dim=1)
+        self.lora_magnitude_vector = nn.Parameter(norm)
+
+    def _directional_weight(self) -> torch.Tensor:
+        return self.base_layer.weight.float() + self.delta_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        x_lora = self.lora_dropout(x).to(torch.float32)
+        norm = self._directional_weight().detach().norm(dim=1)
+        scale = self.lora_magnitude_vector / norm
+        base_out = nn.functional.linear(x, base.weight)
+        base_out_lora = base_out if x_lora is x else nn.functional.linear(x_lora.to(x.dtype), base.weight)
+        lora_out = self.lora_B(self.lora_A(x_lora)) * self.scaling
+        y = base_out + ((scale - 1) * base_out_lora.float() + scale * lora_out).to(x.dtype)
+        return y if base.bias is None else y + base.bias
+
+    def merged_weight(self) -> torch.Tensor:
+        direction = self._directional_weight()
+        scale = self.lora_magnitude_vector / direction.norm(dim=1)
+        return (scale[:, None] * direction).to(self.base_layer.weight.dtype)
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -117,49 +190,93 @@ class LoraLinearFunction(torch.autograd.Function):
 
 
 @register
-class Lora(Method):
+class Lora(LinearAdapterMethod):
     name = "lora"
     Options = LoraOptions
+    peft_type = "LORA"
 
-    def attach(self, model: nn.Module) -> None:
+    @property
+    def scaling(self) -> float:
         opts = self.options
-        model.requires_grad_(False)
-        for module_name in find_target_linears(model, opts.target):
-            base = model.get_submodule(module_name)
-            replace_module(model, module_name, LoraLinear(base, opts.r, opts.alpha, opts.dropout))
+        return opts.alpha / (math.sqrt(opts.r) if opts.rslora else opts.r)
+
+    def wrap(self, name: str, base: nn.Linear) -> LoraLinear:
+        opts = self.options
+        layer = DoraLinear if opts.dora else LoraLinear
+        return layer(base, opts.r, self.scaling, opts.dropout, opts.init)
 
     def store_frozen_weights(self, model: nn.Module, dtype: torch.dtype) -> bool:
-        for module in model.modules():
-            if isinstance(module, LoraLinear):
-                module.compute_weight = module.base_layer.weight.detach().to(dtype)
-        return True
+        layers = [m for m in self.adapter_layers(model).values() if type(m) is LoraLinear]
+        for layer in layers:
+            layer.compute_weight = layer.base_layer.weight.detach().to(dtype)
+        return bool(layers)
 
-    def merge(self, model: nn.Module) -> None:
-        for module_name, module in list(model.named_modules()):
-            if isinstance(module, LoraLinear):
-                replace_module(model, module_name, module.merged())
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        ratio = self.options.lora_plus_ratio
+        if ratio is None:
+            return super().param_groups(model)
+        params = self.trainable_parameters(model)
+        b = [p for name, p in params.items() if ".lora_B." in name]
+        return [{"params": [p for name, p in params.items() if ".lora_B." not in name], "lr_scale": 1.0}, {"params": b, "lr_scale": ratio}]
 
-    def peft_export(self, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The trainable tensors, plus pissa/olora's initial factors (needed to undo the residual)."""
+        state = super().state_dict(model)
+        state.update({name: t for name, t in model.named_buffers() if name.endswith(("lora_A_init", "lora_B_init"))})
+        return state
+
+    def load_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+        initial = {name: state[name] for name in state if name.endswith(("lora_A_init", "lora_B_init"))}
+        super().load_state_dict(model, {k: v for k, v in state.items() if k not in initial}, source)
+        for name, layer in self.adapter_layers(model).items():
+            if f"{name}.lora_A_init" in initial:
+                layer.set_initial_factors(initial[f"{name}.lora_A_init"], initial[f"{name}.lora_B_init"])
+
+    def peft_config(self, model: nn.Module) -> dict[str, Any]:
         opts = self.options
-        targeted = [n for n, m in model.named_modules() if isinstance(m, LoraLinear)]
-        # peft names the layers of the unwrapped model: a wrapped layer's own children are not targets.
-        internal = {f"{t}.{child}" for t in targeted for child in ("base_layer", "lora_A", "lora_B")}
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in internal]
-        config = {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "r": opts.r,
-            "lora_alpha": opts.alpha,
+        # pissa/olora export as plain LoRA on the original weights: s(BA − B₀A₀) = s[B, −B₀][A; A₀],
+        # rank 2r with alpha scaled so that s stays the same (peft's own conversion).
+        doubled = opts.init in ("pissa", "olora")
+        alpha = opts.alpha * ((math.sqrt(2) if opts.rslora else 2) if doubled else 1)
+        return {
+            "r": opts.r * (2 if doubled else 1),
+            "lora_alpha": alpha,
             "lora_dropout": opts.dropout,
-            "target_modules": peft_target_modules(linears + targeted, targeted),
             "bias": "none",
             "fan_in_fan_out": False,
-            "use_rslora": False,
-            "use_dora": False,
+            "use_rslora": opts.rslora,
+            "use_dora": opts.dora,
             "init_lora_weights": True,
             "modules_to_save": None,
-            "inference_mode": True,
         }
-        tensors = {f"base_model.model.{n}": t.contiguous() for n, t in self.state_dict(model).items()}
-        return config, tensors
 
+    def peft_export(self, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+        config, tensors = super().peft_export(model)
+        if self.options.init not in ("pissa", "olora"):
+            return config, tensors
+        if self.options.dora:
+            raise TunelabError("a pissa/olora-initialized DoRA adapter cannot be expressed on the original weights for peft")
+        converted = {}
+        for name, tensor in tensors.items():
+            if name.endswith(("lora_A_init", "lora_B_init")):
+                continue
+            init = tensors[name.removesuffix(".weight") + "_init"]
+            converted[name] = torch.cat([tensor, init], 0) if ".lora_A." in name else torch.cat([tensor, -init], 1)
+        return config, converted
+
+    @classmethod
+    def options_from_peft(cls, config: dict[str, Any], source: str) -> dict[str, Any]:
+        reject_peft_settings(
+            config,
+            source,
+            {**PEFT_TARGETING_DEFAULTS, "bias": "none", "fan_in_fan_out": (False, None), "init_lora_weights": (True, False, "gaussian", None), "use_qalora": (False, None)},
+        )
+        return {
+            "name": cls.name,
+            "r": config["r"],
+            "alpha": config.get("lora_alpha", 8),
+            "dropout": config.get("lora_dropout", 0.0),
+            "rslora": bool(config.get("use_rslora")),
+            "dora": bool(config.get("use_dora")),
+            "target": target_from_peft(config, source),
+        }

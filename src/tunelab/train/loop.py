@@ -28,6 +28,7 @@ from tunelab.errors import TrainingDiverged, TunelabError
 from tunelab.files import write_json_atomic, write_text_atomic
 from tunelab.eval.loss import evaluate_loss
 from tunelab.methods import build_method
+from tunelab.methods.peft_io import read_peft_adapter
 from tunelab.models import load_model
 from tunelab.models.attention import uses_packed_attention
 from tunelab.objectives import causal_lm_loss
@@ -77,8 +78,10 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
     _report_data(data.stats)
     _init_output(output, config, replaced)
 
+    if config.method.from_peft:
+        method.peft_import(model, *read_peft_adapter(config.method.from_peft))
     optimizer = torch.optim.AdamW(
-        list(params.values()), lr=tcfg.lr, betas=tcfg.adam_betas, eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay
+        method.param_groups(model), lr=tcfg.lr, betas=tcfg.adam_betas, eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay
     )
     samples_per_step = tcfg.batch_size * tcfg.grad_accum
     epoch_steps = steps_per_epoch(len(data.train), samples_per_step)
@@ -90,7 +93,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
     if checkpoint is not None:
         # The method's init above drew from the RNG; the checkpoint restores the RNG to its saved point.
         state, trainable = load_checkpoint(checkpoint, optimizer)
-        method.load_state_dict(model, trainable, source=str(checkpoint))
+        method.load_checkpoint_state(model, trainable, source=str(checkpoint))
         console.print(f"Resuming from {checkpoint} (step {state.step} of {total_steps})")
     metrics_path = output / "metrics.jsonl"
     _truncate_metrics(metrics_path, after_step=state.step)
@@ -119,7 +122,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
             step_started = time.perf_counter()
             lr = lr_at(step, total_steps, tcfg.lr, tcfg.scheduler, warmup)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
 
             # The step's samples follow from the step number alone, so a resumed run sees the same data.
             indices = step_sample_indices(step, len(data.train), samples_per_step, epoch_steps, tcfg.seed)
@@ -138,6 +141,10 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
                 loss = causal_lm_loss(model, batch.to(device)) / step_targets
                 loss.backward()
                 step_loss += loss.item()
+            regularization = method.regularization(model)
+            if regularization is not None:
+                regularization.backward()
+                step_loss += regularization.item()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm))
             if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                 good = list_checkpoints(checkpoints_dir)
@@ -146,6 +153,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
                     + (f"The last good checkpoint is {good[-1]}." if good else "No checkpoint was written yet.")
                 )
             optimizer.step()
+            method.after_step(model, step, total_steps)
             optimizer.zero_grad(set_to_none=True)
 
             step_seconds = time.perf_counter() - step_started
@@ -169,7 +177,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
             if tcfg.save_every and step % tcfg.save_every == 0 and step < total_steps:
-                save_checkpoint(checkpoints_dir, state, method.state_dict(model), optimizer, tcfg.keep_checkpoints)
+                save_checkpoint(checkpoints_dir, state, method.checkpoint_state(model), optimizer, tcfg.keep_checkpoints)
             progress.update(task, completed=step, loss=f"{step_loss:.4f}", speed=f"{record['tokens_per_s']:.0f}")
 
     model.eval()

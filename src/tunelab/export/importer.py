@@ -1,0 +1,52 @@
+"""`tunelab import`: a peft adapter directory as a tunelab run directory (eval, generate, export and
+further training then take it like any run)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from tunelab.config import parse_config
+from tunelab.config.loader import dump_config
+from tunelab.errors import TunelabError
+from tunelab.methods import build_method
+from tunelab.methods.peft_io import read_peft_adapter, read_peft_config
+from tunelab.models import load_model
+from tunelab.train.artifacts import save_artifacts
+
+
+def import_peft(peft_dir: str | Path, output: str | Path, model: str | None = None, overwrite: bool = False) -> Path:
+    """Write a run directory at `output` holding the peft adapter at `peft_dir`, on base `model`
+    (default: the adapter's base_model_name_or_path)."""
+    peft_dir, output = Path(peft_dir), Path(output)
+    base = model or read_peft_config(peft_dir).get("base_model_name_or_path")
+    if not base:
+        raise TunelabError(f"{peft_dir}: the adapter names no base model; pass --model")
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise TunelabError(f"--output {output} exists and is not empty (pass --overwrite to replace it)")
+    # An imported run was not trained by tunelab: its data section only records where it came from.
+    config = parse_config(
+        {
+            "model": base,
+            "data": {"train": f"(imported from peft adapter {peft_dir})"},
+            "method": {"from_peft": str(peft_dir)},
+            "output": str(output),
+        },
+        where=str(peft_dir / "adapter_config.json"),
+    )
+    loaded, tokenizer = load_model(config.model)
+    method = build_method(config.method)
+    method.attach(loaded)
+    method.peft_import(loaded, *read_peft_adapter(peft_dir))
+    # The run holds the weights itself: it must not depend on the peft directory staying around.
+    config.method.from_peft = None
+    if output.exists():
+        shutil.rmtree(output)
+    output.mkdir(parents=True)
+    try:
+        save_artifacts(method, loaded, tokenizer, config, output)
+        dump_config(config, output / "config.yaml")  # last: a run dir without it is not a run
+    except BaseException:
+        shutil.rmtree(output, ignore_errors=True)
+        raise
+    return output
