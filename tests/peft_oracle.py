@@ -83,6 +83,12 @@ def copy_into_peft(method, model, peft_model) -> None:
     """tunelab's tensors, through tunelab's peft export, into the peft model (all keys must land)."""
     _, tensors = method.peft_export(model)
     result = set_peft_model_state_dict(peft_model, tensors)
+    if peft_model.active_peft_config.is_prompt_learning:
+        # peft loads the virtual-token table into its prompt encoder itself (and still lists its key
+        # as unexpected): check that it landed.
+        table = peft_model.get_prompt_embedding_to_save("default")
+        assert torch.equal(table, tensors["prompt_embeddings"]), "peft did not take tunelab's virtual tokens"
+        return
     unexpected = [k for k in result.unexpected_keys if "base_layer" not in k]
     assert not unexpected, f"peft did not take tunelab's tensors: {unexpected[:5]}"
 

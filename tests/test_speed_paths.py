@@ -58,7 +58,7 @@ def make_lora_layer(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         base = nn.Linear(in_features, out_features, bias=bias).to(dtype)
-        layer = LoraLinear(base, r=4, alpha=8.0, dropout=dropout)
+        layer = LoraLinear(base, r=4, scaling=8.0 / 4, dropout=dropout, init="kaiming")
         nn.init.normal_(layer.lora_B.weight, std=0.5)  # B starts at zero: make the adapter path count
     base.requires_grad_(train_base)
     layer.train()

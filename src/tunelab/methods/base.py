@@ -42,6 +42,9 @@ class Method(ABC):
     artifact: ClassVar[str] = "adapter"
     # The method's `peft_type` in peft's adapter_config.json; None when peft has no such method.
     peft_type: ClassVar[str | None] = None
+    # Whether it is exact on rows that pack several samples behind a block-causal mask (used when
+    # the model cannot take padding-free attention).
+    supports_mask_packing: ClassVar[bool] = True
 
     def __init__(self, options: MethodOptions):
         self.options = options

@@ -21,22 +21,34 @@ PACKED = "tunelab_packed"
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     bounds = _sample_bounds(query, attention_mask, kwargs)
+    if bounds is None and attention_mask is None and query.shape[2] > 1 and key.shape[2] > query.shape[2]:
+        bounds = [0, query.shape[2]]  # one sample after cached entries (prefix tuning's virtual keys)
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    # query: (1, heads, tokens, head_dim); key and value may have fewer (grouped) heads.
+    # query: (1, heads, tokens, head_dim); key and value may have fewer (grouped) heads, and may
+    # start with `prefix` entries every sample sees (prefix tuning's virtual keys, in the cache).
     grouped = query.shape[1] != key.shape[1]
-    outputs = [
-        F.scaled_dot_product_attention(
-            query[:, :, start:end],
-            key[:, :, start:end],
-            value[:, :, start:end],
-            dropout_p=dropout if module.training else 0.0,
-            is_causal=True,
-            scale=scaling,
-            enable_gqa=grouped,
+    prefix = key.shape[2] - query.shape[2]
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        keys, values, mask = key[:, :, prefix + start : prefix + end], value[:, :, prefix + start : prefix + end], None
+        if prefix:
+            keys = torch.cat([key[:, :, :prefix], keys], dim=2)
+            values = torch.cat([value[:, :, :prefix], values], dim=2)
+            causal = torch.ones(end - start, end - start, dtype=torch.bool, device=query.device).tril()
+            mask = torch.cat([causal.new_ones(end - start, prefix), causal], dim=1)
+        outputs.append(
+            F.scaled_dot_product_attention(
+                query[:, :, start:end],
+                keys,
+                values,
+                attn_mask=mask,
+                dropout_p=dropout if module.training else 0.0,
+                is_causal=mask is None,
+                scale=scaling,
+                enable_gqa=grouped,
+            )
         )
-        for start, end in zip(bounds[:-1], bounds[1:])
-    ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 

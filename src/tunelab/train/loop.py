@@ -100,6 +100,11 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
 
     pad_id = tokenizer.pad_token_id
     padding_free = dcfg.packing and uses_packed_attention(model)
+    if dcfg.packing and not padding_free and not method.supports_mask_packing:
+        raise TunelabError(
+            f"method '{method.name}' cannot train on rows packed behind a mask ({type(model).__name__} has no "
+            "padding-free attention); set data.packing: false"
+        )
     tokens_per_forward = resolve_tokens_per_forward(tcfg.max_tokens_per_forward, device)
     max_grad_norm = tcfg.max_grad_norm or float("inf")
     last_loss = float("nan")
