@@ -126,6 +126,51 @@ def export_command(
     _run(action)
 
 
+@app.command("import")
+def import_command(
+    peft_dir: Path = typer.Argument(..., help="a peft adapter directory (adapter_config.json + adapter_model.safetensors)"),
+    output: Path = typer.Option(..., "--output", help="the run directory to write"),
+    model: Optional[str] = typer.Option(None, help="base model (default: the adapter's base_model_name_or_path)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace what --output holds"),
+):
+    """Turn a peft adapter into a tunelab run directory (for eval, generate, export, further training)."""
+
+    def action():
+        from tunelab.export import import_peft
+
+        console.print(f"imported -> {import_peft(peft_dir, output, model=model, overwrite=overwrite)}")
+
+    _run(action)
+
+
+@app.command("methods")
+def methods_command(
+    model: str = typer.Option("smollm2-135m-instruct", help="model alias, directory, hub id or .gguf (only its config is read)"),
+    target: Optional[str] = typer.Option(None, help="linear layers for methods that wrap them: all-linear or comma-separated names"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+):
+    """Every method, with its trainable parameters (count and % of the model) at default options."""
+
+    def action():
+        from rich.table import Table
+
+        from tunelab.methods.catalog import method_rows
+
+        targets = None if target is None else (target if target == "all-linear" else [t.strip() for t in target.split(",")])
+        rows = method_rows(model, targets)
+        if as_json:
+            print(json.dumps([{"method": r.name, "trainable_params": r.trainable, "percent": r.percent, "total_params": r.total} for r in rows], indent=2))
+            return
+        table = Table(title=f"methods on {model}" + (f" (target: {target})" if target else ""))
+        for column, justify in (("method", "left"), ("trainable params", "right"), ("% of model", "right"), ("what it is", "left")):
+            table.add_column(column, justify=justify)
+        for r in rows:
+            table.add_row(r.name, f"{r.trainable:,}", f"{r.percent:.4f}", r.summary)
+        console.print(table)
+
+    _run(action)
+
+
 @app.command("quickstart")
 def quickstart_command(
     out: Path = typer.Option(Path("runs/quickstart"), help="output directory"),

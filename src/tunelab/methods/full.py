@@ -16,6 +16,8 @@ class FullOptions(MethodOptions):
 
 @register
 class Full(Method):
+    """Full fine-tuning: every weight trains."""
+
     name = "full"
     Options = FullOptions
     artifact = "model"

@@ -191,6 +191,8 @@ class LoraLinearFunction(torch.autograd.Function):
 
 @register
 class Lora(LinearAdapterMethod):
+    """LoRA: a trainable low-rank update s·BA beside each frozen linear layer (rsLoRA, DoRA, PiSSA, OLoRA, LoRA+ as options)."""
+
     name = "lora"
     Options = LoraOptions
     peft_type = "LORA"

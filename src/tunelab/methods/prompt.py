@@ -188,6 +188,8 @@ def _mask_with_leading_tokens(mask: torch.Tensor, n: int) -> torch.Tensor:
 
 @register
 class PromptTuning(VirtualTokenMethod):
+    """Prompt tuning: n trainable input embeddings before every sample."""
+
     name = "prompt_tuning"
     Options = PromptTuningOptions
     peft_type = "PROMPT_TUNING"
@@ -245,6 +247,8 @@ class PromptTuning(VirtualTokenMethod):
 
 @register
 class PrefixTuning(VirtualTokenMethod):
+    """Prefix tuning (P-tuning v2): n trainable keys and values in every attention layer."""
+
     name = "prefix_tuning"
     Options = PrefixTuningOptions
     peft_type = "PREFIX_TUNING"
