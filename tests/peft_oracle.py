@@ -39,6 +39,18 @@ def probe_ids(text: str = PROBE_TEXT) -> torch.Tensor:
     return tiny_tokenizer()(text, return_tensors="pt").input_ids
 
 
+def smollm2_skeleton():
+    """SmolLM2-135M's architecture on the meta device (no weights): for parameter counts."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+    )
+    with torch.device("meta"):
+        return LlamaForCausalLM(config)
+
+
 def method_of(options: dict):
     """The method object for a `method:` config mapping (validated as in a run config)."""
     config = parse_config({"model": "tiny-random-llama", "data": {"train": "x"}, "method": options})

@@ -17,6 +17,7 @@ from peft_oracle import (
     attach,
     fresh_base,
     probe_ids,
+    smollm2_skeleton,
     trainable_count,
     train_tiny_run,
 )
@@ -116,6 +117,12 @@ def lora_formula(config, r: int, dora: bool = False) -> int:
 
 
 @pytest.mark.parametrize("dora", [False, True])
-def test_trainable_count_matches_formula(dora):
-    model = fresh_base()
-    assert trainable_count(lora_options(r=4, dora=dora), model) == lora_formula(model.config, 4, dora)
+@pytest.mark.parametrize("shape", ["tiny", "smollm2-135m"])
+def test_trainable_count_matches_formula(dora, shape):
+    model = fresh_base() if shape == "tiny" else smollm2_skeleton()
+    assert trainable_count(lora_options(r=16, dora=dora), model) == lora_formula(model.config, 16, dora)
+
+
+def test_smollm2_lora_r16_count_is_the_known_figure():
+    """4,884,480: the figure peft prints for r=16 on every linear layer of SmolLM2-135M."""
+    assert trainable_count(lora_options(r=16), smollm2_skeleton()) == 4_884_480

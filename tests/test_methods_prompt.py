@@ -8,7 +8,7 @@ import torch
 from peft import get_peft_model
 
 from helpers import read_metrics
-from peft_oracle import assert_close, attach, copy_into_peft, fresh_base, probe_ids, randomize, trainable_count, train_tiny_run
+from peft_oracle import assert_close, attach, copy_into_peft, fresh_base, probe_ids, randomize, smollm2_skeleton, trainable_count, train_tiny_run
 from tunelab.data.batching import make_batch
 from tunelab.errors import TunelabError
 from tunelab.export import export_run, import_peft
@@ -140,10 +140,12 @@ def test_text_init_copies_the_text_embeddings():
     assert torch.equal(model.prompt_tuning.prompt_embeddings, expected)
 
 
-def test_trainable_counts_match_the_papers():
-    c = fresh_base().config
+@pytest.mark.parametrize("shape", ["tiny", "smollm2-135m"])
+def test_trainable_counts_match_the_papers(shape):
+    model_of = fresh_base if shape == "tiny" else smollm2_skeleton
+    c = model_of().config
     kv = c.num_key_value_heads * c.hidden_size // c.num_attention_heads
-    assert trainable_count(CASES["prompt"][0]) == N * c.hidden_size  # n · d (Lester et al.)
-    assert trainable_count(CASES["prefix"][0]) == N * c.num_hidden_layers * 2 * kv  # n · L · 2 · d_kv
+    assert trainable_count(CASES["prompt"][0], model_of()) == N * c.hidden_size  # n · d (Lester et al.)
+    assert trainable_count(CASES["prefix"][0], model_of()) == N * c.num_hidden_layers * 2 * kv  # n · L · 2 · d_kv
     width = c.num_hidden_layers * 2 * kv
-    assert trainable_count(CASES["prefix+mlp"][0]) == N * kv + (kv * 16 + 16) + (16 * width + width)
+    assert trainable_count(CASES["prefix+mlp"][0], model_of()) == N * kv + (kv * 16 + 16) + (16 * width + width)
