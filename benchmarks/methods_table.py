@@ -36,7 +36,7 @@ ROWS = [
     ("lokr", {"name": "lokr", "target": "all-linear"}, 2e-3),
     ("ia3", {"name": "ia3"}, 1e-2),
     ("prompt_tuning (text init)", {"name": "prompt_tuning", "num_virtual_tokens": 20, "init": "text", "init_text": "Extract the record as JSON with its fields."}, 3e-2),
-    ("prefix_tuning", {"name": "prefix_tuning", "num_virtual_tokens": 20, "projection": True, "projection_hidden": 512}, 1e-2),
+    ("prefix_tuning", {"name": "prefix_tuning", "num_virtual_tokens": 20, "projection": True, "projection_hidden": 512}, 1e-3),
     ("oft", {"name": "oft", "target": "all-linear"}, 2e-3),
     ("boft", {"name": "boft", "target": "all-linear"}, 2e-3),
 ]

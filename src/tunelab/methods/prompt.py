@@ -16,6 +16,7 @@ virtual entries, and every later step gets the same shift.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -73,13 +74,14 @@ class VirtualTokenMethod(Method):
     def _before_backbone(self, backbone, args, kwargs):
         if args:
             raise TunelabError(f"method '{self.name}': call the model with keyword arguments")
-        cache = kwargs.get("past_key_values")
+        cache_key = _cache_argument(backbone, kwargs)
+        cache = kwargs.get(cache_key)
         first_pass = cache is None or cache.get_seq_length() == 0
         self._inserted_at = None
         if first_pass and self.inserts_tokens:
             return args, self._insert_prompt(backbone, kwargs)
         if first_pass:
-            kwargs["past_key_values"] = self._prefix_cache(backbone, kwargs, cache)
+            kwargs[cache_key] = self._prefix_cache(backbone, kwargs, cache)
         return args, _shift_for_virtual_entries(kwargs, self.n)
 
     def _after_backbone(self, backbone, args, output):
@@ -157,6 +159,15 @@ class VirtualTokenMethod(Method):
         config = {"peft_type": self.peft_type, "task_type": "CAUSAL_LM", **self.peft_config(model), "inference_mode": True}
         # peft stores the final virtual-token table under one name, without the model prefix.
         return config, {"prompt_embeddings": self.peft_table().detach().contiguous()}
+
+
+def _cache_argument(backbone: nn.Module, kwargs: dict) -> str:
+    """The backbone's KV-cache argument: transformers 5 renamed `past_key_values` to `cache` (and,
+    given both, ignores the old name)."""
+    for key in ("cache", "past_key_values"):
+        if key in kwargs:
+            return key
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
 
 
 def _shift_for_virtual_entries(kwargs: dict, n: int) -> dict:
