@@ -44,20 +44,17 @@ from tunelab.methods.base import (
     PEFT_TARGETING_DEFAULTS,
     AdapterLayer,
     LinearAdapterMethod,
-    LinearTargetOptions,
+    PeftDefaultTargetOptions,
     reject_peft_settings,
     target_from_peft,
 )
 
-# peft's target_modules for Llama-family models when none are given (its AdaLoRA mapping).
-PEFT_LLAMA_TARGET = ("q_proj", "v_proj")
 # Checkpoint keys of the importance averages, followed by the parameter's name.
 SENSITIVITY, UNCERTAINTY = "adalora_sensitivity.", "adalora_uncertainty."
 
 
-class AdaLoraOptions(LinearTargetOptions):
+class AdaLoraOptions(PeftDefaultTargetOptions):
     name: Literal["adalora"] = "adalora"
-    target: Literal["all-linear"] | list[str] = Field(default_factory=lambda: list(PEFT_LLAMA_TARGET))
     init_r: int = Field(default=12, ge=1)
     # The average rank per layer at the end (the final budget is target_r × adapted layers).
     target_r: int = Field(default=8, ge=0)

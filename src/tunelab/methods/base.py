@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from tunelab.errors import TunelabError
@@ -32,6 +32,16 @@ class LinearTargetOptions(MethodOptions):
     """Options of methods that wrap linear layers: which ones (see `find_target_linears`)."""
 
     target: Literal["all-linear"] | list[str] = "all-linear"
+
+
+# peft's target_modules for Llama-family models when none are given (the mapping most of its tuners share).
+PEFT_LLAMA_TARGET = ("q_proj", "v_proj")
+
+
+class PeftDefaultTargetOptions(LinearTargetOptions):
+    """Linear-layer options whose default target is peft's: queries and values."""
+
+    target: Literal["all-linear"] | list[str] = Field(default_factory=lambda: list(PEFT_LLAMA_TARGET))
 
 
 class Method(ABC):
@@ -262,15 +272,16 @@ def find_target_linears(model: nn.Module, target: str | list[str]) -> list[str]:
         excluded = output_embedding_names(model)
         return [name for name in linears if name not in excluded]
     patterns = [target] if isinstance(target, str) else list(target)
-
-    def selected(name: str) -> bool:
-        return any(name == p or name.endswith("." + p) or re.fullmatch(p, name) for p in patterns)
-
-    chosen = [name for name in linears if selected(name)]
+    chosen = [name for name in linears if name_matches(name, patterns)]
     if not chosen:
         leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
         raise TunelabError(f"method.target: no linear layer matches {patterns}; this model has {leaves}")
     return chosen
+
+
+def name_matches(name: str, patterns: list[str]) -> bool:
+    """A pattern equals the module name, is its last dotted component(s), or fully matches it as a regex."""
+    return any(name == p or name.endswith("." + p) or re.fullmatch(p, name) for p in patterns)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -12,7 +12,6 @@ or W' = W diag(l).
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 import torch
@@ -27,6 +26,7 @@ from tunelab.methods.base import (
     LinearAdapterMethod,
     LinearTargetOptions,
     find_target_linears,
+    name_matches,
     peft_target_modules,
     reject_peft_settings,
     target_from_peft,
@@ -42,11 +42,6 @@ class Ia3Options(LinearTargetOptions):
     target: Literal["all-linear"] | list[str] = Field(default_factory=lambda: list(PEFT_LLAMA_TARGET))
     # Which targets scale their input instead of their output; patterns as in `target`.
     feedforward: list[str] = Field(default_factory=lambda: list(PEFT_LLAMA_FEEDFORWARD))
-
-
-def matches(name: str, patterns: list[str]) -> bool:
-    """`target`'s rule: a pattern equals the name, is its last dotted component(s), or fully matches it as a regex."""
-    return any(name == p or name.endswith("." + p) or re.fullmatch(p, name) for p in patterns)
 
 
 class Ia3Linear(AdapterLayer):
@@ -92,14 +87,14 @@ class Ia3(LinearAdapterMethod):
         # turn an input scaling into an output scaling (the default may match nothing).
         if "feedforward" in self.options.model_fields_set:
             targeted = find_target_linears(model, self.options.target)
-            unmatched = [p for p in feedforward if not any(matches(name, [p]) for name in targeted)]
+            unmatched = [p for p in feedforward if not any(name_matches(name, [p]) for name in targeted)]
             if unmatched:
                 leaves = sorted({name.rsplit(".", 1)[-1] for name in targeted})
                 raise TunelabError(f"method.feedforward: {unmatched} match none of the targeted layers ({leaves})")
         super().attach(model)
 
     def wrap(self, name: str, base: nn.Linear) -> Ia3Linear:
-        return Ia3Linear(base, feedforward=matches(name, self.options.feedforward))
+        return Ia3Linear(base, feedforward=name_matches(name, self.options.feedforward))
 
     def peft_config(self, model: nn.Module) -> dict[str, Any]:
         return {"fan_in_fan_out": False, "init_ia3_weights": True, "modules_to_save": None}

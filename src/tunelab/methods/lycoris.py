@@ -29,19 +29,16 @@ from tunelab.methods.base import (
     PEFT_TARGETING_DEFAULTS,
     AdapterLayer,
     LinearAdapterMethod,
-    LinearTargetOptions,
+    PeftDefaultTargetOptions,
     reject_peft_settings,
     target_from_peft,
 )
 
-# peft's target_modules for Llama-family models when none are given (its LoHa and LoKr mappings).
-PEFT_LLAMA_TARGET = ("q_proj", "v_proj")
 
 
-class LycorisOptions(LinearTargetOptions):
+class LycorisOptions(PeftDefaultTargetOptions):
     """Options LoHa and LoKr share, with peft's defaults."""
 
-    target: Literal["all-linear"] | list[str] = Field(default_factory=lambda: list(PEFT_LLAMA_TARGET))
     r: int = Field(default=8, ge=1)
     alpha: float = Field(default=8.0, gt=0)
     rank_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)

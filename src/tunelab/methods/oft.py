@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,27 +42,42 @@ from tunelab.methods.base import (
     PEFT_TARGETING_DEFAULTS,
     AdapterLayer,
     LinearAdapterMethod,
-    LinearTargetOptions,
+    PeftDefaultTargetOptions,
     reject_peft_settings,
     target_from_peft,
 )
 
-# peft's target_modules for Llama-family models when none are given (its OFT and BOFT mappings).
-PEFT_LLAMA_TARGET = ("q_proj", "v_proj")
 # peft changed the Cayley–Neumann series in 0.18.0; tunelab implements the current one.
 NEUMANN_SERIES_SINCE = (0, 18)
 
 
-def size_or_count(data: Any, size_key: str, count_key: str) -> Any:
-    """peft takes the block size or the block count (the other 0): a count given alone replaces the default size."""
-    if isinstance(data, dict) and data.get(count_key) and size_key not in data:
-        return {**data, size_key: 0}
-    return data
+class BlockOptions(PeftDefaultTargetOptions):
+    """peft's two ways to size the blocks: `block_size`, or a block count (the field named by
+    `count_key`), the other 0. A count given alone replaces the default size."""
+
+    count_key: ClassVar[str]
+    block_size: int
+
+    @model_validator(mode="before")
+    @classmethod
+    def _count_replaces_size(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get(cls.count_key) and "block_size" not in data:
+            return {**data, "block_size": 0}
+        return data
+
+    @model_validator(mode="after")
+    def _size_or_count_not_both(self) -> BlockOptions:
+        count = getattr(self, self.count_key)
+        if bool(self.block_size) == bool(count):
+            raise ValueError(
+                f"give either block_size or {self.count_key}, the other 0 (got block_size={self.block_size}, {self.count_key}={count})"
+            )
+        return self
 
 
-class OftOptions(LinearTargetOptions):
+class OftOptions(BlockOptions):
+    count_key = "r"
     name: Literal["oft"] = "oft"
-    target: Literal["all-linear"] | list[str] = Field(default_factory=lambda: list(PEFT_LLAMA_TARGET))
     block_size: int = Field(default=32, ge=0)
     # The number of blocks instead (block_size = d_in / r); peft's `r`.
     r: int = Field(default=0, ge=0)
@@ -73,37 +88,15 @@ class OftOptions(LinearTargetOptions):
     cayley_neumann: bool = True
     neumann_terms: int = Field(default=5, ge=3)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _count_replaces_size(cls, data: Any) -> Any:
-        return size_or_count(data, "block_size", "r")
 
-    @model_validator(mode="after")
-    def _size_or_count_not_both(self) -> OftOptions:
-        if bool(self.block_size) == bool(self.r):
-            raise ValueError(f"give either block_size or r, the other 0 (got block_size={self.block_size}, r={self.r})")
-        return self
-
-
-class BoftOptions(LinearTargetOptions):
+class BoftOptions(BlockOptions):
+    count_key = "block_num"
     name: Literal["boft"] = "boft"
-    target: Literal["all-linear"] | list[str] = Field(default_factory=lambda: list(PEFT_LLAMA_TARGET))
     block_size: int = Field(default=4, ge=0)
     # The number of blocks per factor instead (block_size = d_in / block_num).
     block_num: int = Field(default=0, ge=0)
     n_butterfly_factor: int = Field(default=1, ge=1)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _count_replaces_size(cls, data: Any) -> Any:
-        return size_or_count(data, "block_size", "block_num")
-
-    @model_validator(mode="after")
-    def _size_or_count_not_both(self) -> BoftOptions:
-        if bool(self.block_size) == bool(self.block_num):
-            raise ValueError(f"give either block_size or block_num, the other 0 (got block_size={self.block_size}, block_num={self.block_num})")
-        return self
 
 
 def layer_block_size(name: str, features: int, size: int, count: int, count_key: str) -> int:

@@ -31,23 +31,20 @@ from tunelab.methods.base import (
     PEFT_TARGETING_DEFAULTS,
     AdapterLayer,
     LinearAdapterMethod,
-    LinearTargetOptions,
+    PeftDefaultTargetOptions,
     find_target_linears,
     reject_peft_settings,
     target_from_peft,
 )
 
-# peft's target_modules for Llama-family models when none are given (its VeRA mapping).
-PEFT_LLAMA_TARGET = ("q_proj", "v_proj")
 # The shared projections: their names in tunelab's state, and peft's adapter saves them at model
 # level, as `base_model.vera_A` (not under `base_model.model.`, where the layers' tensors are).
 PROJECTIONS = ("vera_A", "vera_B")
 PEFT_PROJECTION_PREFIX = "base_model."
 
 
-class VeraOptions(LinearTargetOptions):
+class VeraOptions(PeftDefaultTargetOptions):
     name: Literal["vera"] = "vera"
-    target: Literal["all-linear"] | list[str] = Field(default_factory=lambda: list(PEFT_LLAMA_TARGET))
     r: int = Field(default=256, ge=1)
     d_initial: float = 0.1
     projection_prng_key: int = 0
