@@ -8,10 +8,13 @@ import math
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import tunelab
 from helpers import assert_tensors_equal, load_adapter, read_report, tiny_run_config, write_records_data
+from tunelab.errors import TunelabError
 from tunelab.eval.generation import generate
+from tunelab.export import export_run
 from tunelab.methods import REGISTRY
 from tunelab.train.artifacts import load_run
 
@@ -62,3 +65,23 @@ def test_batched_generation_equals_one_prompt_at_a_time(name, records, tmp_path)
         batched = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=6)
         alone = [generate(loaded.model, loaded.tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
     assert batched == alone
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_merged_export_equals_the_adapter_model_or_is_refused(name, records, tmp_path):
+    """`tunelab export --format merged` of a trained run: a plain HF checkpoint with the run's logits
+    (1e-4), or, for methods that are not a change of weights, a clear refusal that writes nothing."""
+    train_file, _ = records
+    run = tunelab.train(tiny_run_config(tmp_path / "run", train_file, method=options(name), train={"max_steps": 2, "lr": 1e-2})).output_dir
+    out = tmp_path / "merged"
+    if not REGISTRY[name].mergeable:
+        with pytest.raises(TunelabError, match="cannot be merged"):
+            export_run(run, "merged", out)
+        assert not out.exists() and not list(tmp_path.glob(".merged-*"))
+        return
+    export_run(run, "merged", out)
+    ids = torch.tensor([[1, 17, 42, 99, 7, 23, 64, 5]])
+    with torch.no_grad():
+        adapted = load_run(run).model.eval()(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
+    assert (merged - adapted).abs().max().item() <= 1e-4

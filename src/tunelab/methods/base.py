@@ -55,6 +55,8 @@ class Method(ABC):
     # Whether it is exact on rows that pack several samples behind a block-causal mask (used when
     # the model cannot take padding-free attention).
     supports_mask_packing: ClassVar[bool] = True
+    # Whether `merge` can fold the trained state into the base weights (a change of weights).
+    mergeable: ClassVar[bool] = False
 
     def __init__(self, options: MethodOptions):
         self.options = options
@@ -228,6 +230,7 @@ class LinearAdapterMethod(Method):
     VeRA, LoHa, LoKr, (IA)^3, OFT, BOFT): attach, merge and peft naming live here once."""
 
     Options: ClassVar[type[LinearTargetOptions]]
+    mergeable = True
 
     @abstractmethod
     def wrap(self, name: str, base: nn.Linear) -> AdapterLayer:

@@ -21,6 +21,7 @@ class Full(Method):
     name = "full"
     Options = FullOptions
     artifact = "model"
+    mergeable = True
 
     def attach(self, model: nn.Module) -> None:
         model.requires_grad_(True)
