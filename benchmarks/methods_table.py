@@ -20,8 +20,9 @@ from pathlib import Path
 
 from tunelab.data import records_task
 
-# (row name, method options, learning rate). Linear-layer methods adapt every linear layer except
-# (IA)^3, whose paper fixes its targets (keys, values, FFN down projection).
+# (row name, method options, learning rate[, extra train options]). Linear-layer methods of the peft
+# family adapt every linear layer except (IA)^3, whose paper fixes its targets (keys, values, FFN
+# down projection); the others keep their papers' default targets.
 ROWS = [
     ("full", {"name": "full"}, 5e-5),
     ("lora", {"name": "lora", "r": 16, "alpha": 32}, 2e-3),
@@ -39,6 +40,25 @@ ROWS = [
     ("prefix_tuning", {"name": "prefix_tuning", "num_virtual_tokens": 20, "projection": True, "projection_hidden": 512}, 1e-3),
     ("oft", {"name": "oft", "target": "all-linear"}, 2e-3),
     ("boft", {"name": "boft", "target": "all-linear"}, 2e-3),
+    # Method zoo II: methods from the literature that peft does not ship.
+    ("series_adapter", {"name": "series_adapter"}, 1e-3),
+    ("parallel_adapter", {"name": "parallel_adapter"}, 1e-3),
+    ("nola", {"name": "nola"}, 5e-3),
+    ("reft", {"name": "reft"}, 2e-3),
+    ("lofit", {"name": "lofit"}, 5e-3),
+    ("ether", {"name": "ether", "target": "all-linear"}, 3e-3),
+    ("ether+", {"name": "ether", "plus": True, "target": "all-linear"}, 3e-3),
+    ("diablo", {"name": "diablo"}, 5e-4),
+    ("hft", {"name": "hft"}, 5e-5),
+    ("freeze (last 2 layers)", {"name": "freeze"}, 1e-4),
+    ("subtuning", {"name": "subtuning"}, 1e-4),
+    ("lisa", {"name": "lisa", "interval": 5}, 5e-5),
+    ("owlore", {"name": "owlore", "interval": 5}, 5e-5),
+    ("s2ft", {"name": "s2ft"}, 5e-4),
+    ("sparse_ft", {"name": "sparse_ft"}, 2e-4),
+    # Training options, with any method.
+    ("full + galore", {"name": "full"}, 1e-4, {"optimizer": "galore", "galore_rank": 64, "galore_update_every": 10}),
+    ("lora + neftune", {"name": "lora", "r": 16, "alpha": 32}, 2e-3, {"neftune_alpha": 5.0}),
 ]
 
 
@@ -47,14 +67,15 @@ def run_one(name: str, out: Path, model: str, steps: int, n_eval: int) -> dict:
     import tunelab
     from tunelab.eval.evaluate import evaluate
 
-    options, lr = next((o, lr) for n, o, lr in ROWS if n == name)
+    options, lr, *extra = next(row[1:] for row in ROWS if row[0] == name)
+    train_extra = extra[0] if extra else {}
     data = out / "data"
     run_dir = out / name.replace(" ", "_").replace("(", "").replace(")", "")
     config = {
         "model": model,
         "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl"), "max_length": 256},
         "method": options,
-        "train": {"max_steps": steps, "batch_size": 8, "lr": lr, "warmup": 0.1, "save_every": 0, "eval_every": 0, "seed": 0},
+        "train": {"max_steps": steps, "batch_size": 8, "lr": lr, "warmup": 0.1, "save_every": 0, "eval_every": 0, "seed": 0, **train_extra},
         "output": str(run_dir),
     }
     result = tunelab.train(tunelab.load_config(config), overwrite=True)
@@ -64,6 +85,7 @@ def run_one(name: str, out: Path, model: str, steps: int, n_eval: int) -> dict:
         "method": name,
         "options": options,
         "lr": lr,
+        "train_options": train_extra,
         "trainable_params": report["trainable_params"],
         "percent": 100 * report["trainable_params"] / _base_params(model),
         "json_record_match": scores["json_record_match"],
@@ -100,7 +122,7 @@ def main() -> None:
     (args.out / "data").mkdir(parents=True, exist_ok=True)
     for split, rows in (("train", train_rows), ("eval", eval_rows)):
         (args.out / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    names = [n for n, _, _ in ROWS if args.only is None or n in args.only.split(",")]
+    names = [row[0] for row in ROWS if args.only is None or row[0] in args.only.split(",")]
     results = []
     for name in names:
         started = time.perf_counter()

@@ -14,7 +14,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import tunelab
 from tunelab.data.records_task import make_splits
+from tunelab.train import loop
 
 TINY_MODEL = "tiny-random-llama"
 
@@ -114,3 +116,23 @@ def assert_tensors_equal(actual: dict[str, torch.Tensor], expected: dict[str, to
     assert sorted(actual) == sorted(expected)
     different = [name for name in expected if not torch.equal(actual[name], expected[name])]
     assert not different, f"tensors differ: {different[:5]}"
+
+
+def train_keeping_model(monkeypatch, config: dict):
+    """Train in-process and also return the trained in-memory (method, model, tokenizer), and
+    `initial`: each optimized tensor's value when the optimizer was built, by id()."""
+    kept = {}
+    real_save_artifacts, real_build_optimizer = loop.save_artifacts, loop.build_optimizer
+
+    def save_and_keep(method, model, tokenizer, run_config, output):
+        kept.update(method=method, model=model, tokenizer=tokenizer)
+        return real_save_artifacts(method, model, tokenizer, run_config, output)
+
+    def build_and_keep(tcfg, model, groups):
+        kept["initial"] = {id(p): p.detach().clone() for group in groups for p in group["params"]}
+        return real_build_optimizer(tcfg, model, groups)
+
+    monkeypatch.setattr(loop, "save_artifacts", save_and_keep)
+    monkeypatch.setattr(loop, "build_optimizer", build_and_keep)
+    result = tunelab.train(config)
+    return result, kept

@@ -28,6 +28,7 @@ from helpers import (
     read_metrics,
     read_report,
     tiny_run_config,
+    train_keeping_model,
     write_records_data,
     write_yaml,
 )
@@ -53,20 +54,6 @@ def tunelab_cache(tmp_path, monkeypatch) -> Path:
 def records(tmp_path_factory) -> tuple[Path, Path]:
     """48 training and 4 eval rows of the synthetic record-extraction task (read-only inputs)."""
     return write_records_data(tmp_path_factory.mktemp("records"), n_train=48, n_eval=4, seed=0)
-
-
-def train_keeping_model(monkeypatch, config: dict):
-    """Train in-process and also return the trained in-memory (method, model, tokenizer)."""
-    kept = {}
-    real_save_artifacts = loop.save_artifacts
-
-    def save_and_keep(method, model, tokenizer, run_config, output):
-        kept.update(method=method, model=model, tokenizer=tokenizer)
-        return real_save_artifacts(method, model, tokenizer, run_config, output)
-
-    monkeypatch.setattr(loop, "save_artifacts", save_and_keep)
-    result = tunelab.train(config)
-    return result, kept
 
 
 @torch.no_grad()

@@ -39,6 +39,11 @@ class DataConfig(Strict):
         return self
 
 
+# GaLore's pre-training settings (Zhao et al. 2024): rank 128 (their 60M model; larger models took
+# 256-512), the projection refreshed every 200 steps, scale 0.25, on the attention and MLP linears.
+GALORE_DEFAULTS = {"galore_rank": 128, "galore_update_every": 200, "galore_scale": 0.25, "galore_target": "attention-mlp"}
+
+
 class TrainConfig(Strict):
     max_steps: int | None = Field(default=None, ge=1)
     epochs: float | None = Field(default=None, gt=0)
@@ -51,6 +56,16 @@ class TrainConfig(Strict):
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = Field(default=1e-8, gt=0)
     max_grad_norm: float = Field(default=1.0, ge=0, description="0 disables clipping")
+    # "galore": AdamW with the targeted matrices' moments in a rank-r projection of their gradient
+    # (train/galore.py); the galore_* keys take the defaults in GALORE_DEFAULTS only with it.
+    optimizer: Literal["adamw", "galore"] = "adamw"
+    galore_rank: int | None = Field(default=None, ge=1)
+    galore_update_every: int | None = Field(default=None, ge=1, description="steps between projection refreshes")
+    galore_scale: float | None = Field(default=None, gt=0)
+    galore_target: Literal["attention-mlp"] | Annotated[list[str], Field(min_length=1)] | None = None
+    # NEFTune: uniform noise of scale alpha / sqrt(L * d) on the input embeddings during training
+    # (train/neftune.py); none or 0: off.
+    neftune_alpha: float | None = Field(default=None, ge=0)
     # Forward passes of at most this many tokens (samples are grouped, never split): bounds
     # activation memory; the loss is the same (with LoRA dropout, the same in distribution: the
     # masks are drawn per forward). "auto": 1024 on CPU, no limit on GPU; 0: no limit.
@@ -68,6 +83,20 @@ class TrainConfig(Strict):
     eval_every: int = Field(default=50, ge=0, description="0: eval only at the end")
     keep_checkpoints: int = Field(default=2, ge=1)
     log_every: int = Field(default=1, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _galore_options(cls, values: Any) -> Any:
+        """Under `optimizer: galore` the galore_* keys not given take their defaults; with another
+        optimizer, giving one is a mistake (it would do nothing)."""
+        if not isinstance(values, dict):
+            return values
+        if values.get("optimizer") == "galore":
+            return {**values, **{k: v for k, v in GALORE_DEFAULTS.items() if values.get(k) is None}}
+        given = [k for k in GALORE_DEFAULTS if values.get(k) is not None]
+        if given:
+            raise ValueError(f"train.{given[0]} is a GaLore option: it needs train.optimizer: galore")
+        return values
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainConfig:

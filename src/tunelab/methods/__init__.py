@@ -30,6 +30,8 @@ def build_method(options: MethodOptions) -> Method:
     return get_method_class(options.name)(options)
 
 
-from tunelab.methods import adalora, full, ia3, lora, lycoris, oft, prompt, vera  # noqa: E402,F401  (registers them)
+from tunelab.methods import (  # noqa: E402,F401  (registers them)
+    adalora, bottleneck, diablo, ether, full, ia3, layer_sampling, lofit, lora, lycoris, nola, oft, partial, prompt, reft, s2ft, sparse_ft, subtuning, vera,
+)
 
 __all__ = ["Method", "MethodOptions", "REGISTRY", "register", "build_method", "get_method_class"]

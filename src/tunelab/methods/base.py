@@ -57,6 +57,8 @@ class Method(ABC):
     supports_mask_packing: ClassVar[bool] = True
     # Whether `merge` can fold the trained state into the base weights (a change of weights).
     mergeable: ClassVar[bool] = False
+    # How many training steps' micro-batches `prepare` gets; 0: the method has no `prepare`.
+    prepare_steps: int = 0
 
     def __init__(self, options: MethodOptions):
         self.options = options
@@ -97,6 +99,12 @@ class Method(ABC):
     # Training hooks. The loop calls them in this order each step: param_groups once at the start,
     # then per step: forward/backward of the micro-batches, regularization (its backward), the
     # optimizer step, after_step (gradients still present), zero_grad.
+
+    def prepare(self, model: nn.Module, batches: list, loss_fn) -> None:
+        """Choose what trains from training data, once, on a fresh run (after attach, before the
+        optimizer exists): `batches` are the micro-batches of the first `prepare_steps` steps and
+        `loss_fn(model, batch)` their loss sum (divide by `batch.n_targets`). The choice must be
+        part of `state_dict`, so that load_run and resume rebuild it without calling prepare."""
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """Optimizer parameter groups; `lr_scale` multiplies the scheduled learning rate."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 import torch.nn.functional as F
 
@@ -11,6 +14,12 @@ from tunelab.data.batching import IGNORE, Batch
 # a 49k vocabulary), small enough (30 MB) to stay under glibc's 32 MiB mmap threshold, so each
 # chunk reuses heap memory instead of faulting in fresh pages (see train/allocator.py).
 CHUNK_ELEMENTS = 7_500_000
+
+# The target mask (labels != IGNORE, shaped like input_ids) of the forward pass causal_lm_loss is
+# running, for method hooks inside the model that must tell prompt positions from targets (ReFT
+# intervenes on prompt tokens only); None in every other forward (generation, plain calls).
+# Training and eval loss both go through causal_lm_loss, so no signature changes anywhere.
+FORWARD_TARGETS: ContextVar[torch.Tensor | None] = ContextVar("forward_targets", default=None)
 
 
 def causal_lm_loss(model, batch: Batch) -> torch.Tensor:
@@ -24,11 +33,22 @@ def causal_lm_loss(model, batch: Batch) -> torch.Tensor:
     inputs = batch.model_inputs()
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     head = model.get_output_embeddings()
-    if backbone is None or backbone is model or head is None or head.bias is not None or _has_logit_postprocessing(model.config):
-        logits = model(**inputs, use_cache=False).logits[targets]
-        return F.cross_entropy(logits.float(), labels, reduction="sum")
-    hidden = backbone(**inputs, use_cache=False).last_hidden_state[targets]
+    with _visible_targets(targets):
+        if backbone is None or backbone is model or head is None or head.bias is not None or _has_logit_postprocessing(model.config):
+            logits = model(**inputs, use_cache=False).logits[targets]
+            return F.cross_entropy(logits.float(), labels, reduction="sum")
+        hidden = backbone(**inputs, use_cache=False).last_hidden_state[targets]
     return LinearCrossEntropy.apply(hidden, head.weight, labels)
+
+
+@contextmanager
+def _visible_targets(targets: torch.Tensor):
+    """FORWARD_TARGETS is `targets` inside the block."""
+    token = FORWARD_TARGETS.set(targets)
+    try:
+        yield
+    finally:
+        FORWARD_TARGETS.reset(token)
 
 
 class LinearCrossEntropy(torch.autograd.Function):

@@ -36,6 +36,8 @@ from tunelab.train.allocator import keep_freed_memory
 from tunelab.train.artifacts import save_artifacts
 from tunelab.train.precision import resolve_frozen_dtype
 from tunelab.train.checkpoint import TrainState, clean_staging, list_checkpoints, load_checkpoint, save_checkpoint
+from tunelab.train.galore import GaLoreAdamW, galore_param_groups
+from tunelab.train.neftune import add_embedding_noise
 from tunelab.train.schedule import lr_at, warmup_steps
 
 # What a run directory may hold; `overwrite` removes exactly these and nothing else.
@@ -66,6 +68,8 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
     model, tokenizer = load_model(config.model)
     method = build_method(config.method)
     method.attach(model)
+    if tcfg.neftune_alpha:
+        add_embedding_noise(model, tcfg.neftune_alpha)  # training forwards only: model.eval() turns it off
     params = method.trainable_parameters(model)
     if not params:
         raise TunelabError(f"method '{method.name}' left no trainable parameter on this model")
@@ -80,23 +84,10 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
 
     if config.method.from_peft:
         method.peft_import(model, *read_peft_adapter(config.method.from_peft))
-    optimizer = torch.optim.AdamW(
-        method.param_groups(model), lr=tcfg.lr, betas=tcfg.adam_betas, eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay
-    )
     samples_per_step = tcfg.batch_size * tcfg.grad_accum
     epoch_steps = steps_per_epoch(len(data.train), samples_per_step)
     total_steps = tcfg.max_steps or math.ceil((tcfg.epochs or 1.0) * epoch_steps)
     warmup = warmup_steps(tcfg.warmup, total_steps)
-
-    state = TrainState(step=0, tokens_seen=0, train_seconds=0.0)
-    checkpoint = list_checkpoints(checkpoints_dir)[-1] if resume and list_checkpoints(checkpoints_dir) else None
-    if checkpoint is not None:
-        # The method's init above drew from the RNG; the checkpoint restores the RNG to its saved point.
-        state, trainable = load_checkpoint(checkpoint, optimizer)
-        method.load_checkpoint_state(model, trainable, source=str(checkpoint))
-        console.print(f"Resuming from {checkpoint} (step {state.step} of {total_steps})")
-    metrics_path = output / "metrics.jsonl"
-    _truncate_metrics(metrics_path, after_step=state.step)
 
     pad_id = tokenizer.pad_token_id
     padding_free = dcfg.packing and uses_packed_attention(model)
@@ -106,6 +97,43 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
             "padding-free attention); set data.packing: false"
         )
     tokens_per_forward = resolve_tokens_per_forward(tcfg.max_tokens_per_forward, device)
+
+    def micro_batches_of(step: int) -> list:
+        # The step's samples follow from the step number alone, so a resumed run sees the same data.
+        indices = step_sample_indices(step, len(data.train), samples_per_step, epoch_steps, tcfg.seed)
+        # Each micro-batch runs as one or more forward passes of at most tokens_per_forward
+        # tokens: that bounds activation memory, and the loss does not depend on it.
+        return [
+            make_batch(group, dcfg.max_length, dcfg.packing, pad_id, padding_free)
+            for k in range(0, len(indices), tcfg.batch_size)
+            for group in split_by_tokens([data.train[i] for i in indices[k : k + tcfg.batch_size]], tokens_per_forward)
+        ]
+
+    state = TrainState(step=0, tokens_seen=0, train_seconds=0.0)
+    checkpoint = list_checkpoints(checkpoints_dir)[-1] if resume and list_checkpoints(checkpoints_dir) else None
+    if checkpoint is None and method.prepare_steps:
+        # A choice made from training data (LoFiT's heads, SubTuning's layers), on a fresh run only:
+        # the method's state holds it for resume and load_run. Its forwards leave the RNG as it was.
+        with torch.random.fork_rng():
+            batches = [batch.to(device) for step in range(1, method.prepare_steps + 1) for batch in micro_batches_of(step)]
+            method.prepare(model, batches, causal_lm_loss)
+        params = method.trainable_parameters(model)
+    optimizer = build_optimizer(tcfg, model, method.param_groups(model))
+    if checkpoint is not None:
+        # The method's init above drew from the RNG; the checkpoint restores the RNG to its saved point.
+        state, trainable = load_checkpoint(checkpoint, optimizer)
+        method.load_checkpoint_state(model, trainable, source=str(checkpoint))
+        if method.prepare_steps:
+            # The state holds prepare's choice, which may train other tensors than attach's placeholder
+            # (SubTuning's layers, all of one shape): move the restored optimizer state onto them.
+            params = method.trainable_parameters(model)
+            restored = optimizer.state_dict()
+            optimizer = build_optimizer(tcfg, model, method.param_groups(model))
+            optimizer.load_state_dict(restored)
+        console.print(f"Resuming from {checkpoint} (step {state.step} of {total_steps})")
+    metrics_path = output / "metrics.jsonl"
+    _truncate_metrics(metrics_path, after_step=state.step)
+
     max_grad_norm = tcfg.max_grad_norm or float("inf")
     last_loss = float("nan")
     eval_metrics: dict = {}
@@ -129,15 +157,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
 
-            # The step's samples follow from the step number alone, so a resumed run sees the same data.
-            indices = step_sample_indices(step, len(data.train), samples_per_step, epoch_steps, tcfg.seed)
-            # Each micro-batch runs as one or more forward passes of at most tokens_per_forward
-            # tokens: that bounds activation memory, and the loss below does not depend on it.
-            micro_batches = [
-                make_batch(group, dcfg.max_length, dcfg.packing, pad_id, padding_free)
-                for k in range(0, len(indices), tcfg.batch_size)
-                for group in split_by_tokens([data.train[i] for i in indices[k : k + tcfg.batch_size]], tokens_per_forward)
-            ]
+            micro_batches = micro_batches_of(step)
             # Normalize by the targets of the whole accumulated batch, not per micro-batch: then
             # batch 8 x accum 1 and batch 1 x accum 8 give the same loss and gradient.
             step_targets = sum(b.n_targets for b in micro_batches)
@@ -205,6 +225,17 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
     }
     write_json_atomic(output / "report.json", report)
     return RunResult(output_dir=output, report=report)
+
+
+def build_optimizer(tcfg, model, groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamW, or GaLore's AdamW (train/galore.py) with the targeted matrices' gradients projected."""
+    adam = {"lr": tcfg.lr, "betas": tcfg.adam_betas, "eps": tcfg.adam_eps, "weight_decay": tcfg.weight_decay}
+    if tcfg.optimizer == "galore":
+        groups = galore_param_groups(
+            model, groups, tcfg.galore_target, tcfg.galore_rank, tcfg.galore_update_every, tcfg.galore_scale
+        )
+        return GaLoreAdamW(groups, **adam)
+    return torch.optim.AdamW(groups, **adam)
 
 
 def resolve_tokens_per_forward(setting: int | str, device: torch.device) -> int:

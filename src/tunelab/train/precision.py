@@ -24,8 +24,12 @@ def resolve_frozen_dtype(setting: str, model_dtype: torch.dtype, device: torch.d
 def bf16_matmul_speedup() -> float:
     """fp32 time / bf16 time of a transformer-sized matmul on this CPU (about 0.1 s to measure)."""
     seconds = {}
+    # Its own generator: measuring on the first call only must not move the global RNG, or runs in
+    # one process would start from different random states.
+    generator = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(512, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+        a = torch.randn(512, 576, dtype=dtype, generator=generator)
+        b = torch.randn(576, 1536, dtype=dtype, generator=generator)
         a @ b  # warm-up: kernel choice, thread pool
         best = float("inf")
         for _ in range(5):
