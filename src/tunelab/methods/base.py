@@ -295,6 +295,25 @@ def name_matches(name: str, patterns: list[str]) -> bool:
     return any(name == p or name.endswith("." + p) or re.fullmatch(p, name) for p in patterns)
 
 
+def decoder_layers(model: nn.Module, method: str) -> list[str]:
+    """Names of the model's decoder layers: the module list with `config.num_hidden_layers` entries."""
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return [f"{name}.{k}" for k in range(count)]
+    raise TunelabError(f"method '{method}': cannot find the decoder layers of {type(model).__name__}")
+
+
+def selected_decoder_layers(model: nn.Module, method: str, indices: list[int] | None) -> list[nn.Module]:
+    """The decoder layers at `indices` (a method's `layers` option; None: all of them)."""
+    names = decoder_layers(model, method)
+    chosen = range(len(names)) if indices is None else indices
+    outside = [index for index in chosen if index >= len(names)]
+    if outside:
+        raise TunelabError(f"method.layers: {outside} out of range; this model has {len(names)} decoder layers (0 to {len(names) - 1})")
+    return [model.get_submodule(names[index]) for index in chosen]
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

@@ -36,7 +36,7 @@ from torch import nn
 
 from tunelab.errors import TunelabError
 from tunelab.methods import register
-from tunelab.methods.base import Method, MethodOptions
+from tunelab.methods.base import Method, MethodOptions, selected_decoder_layers
 
 # A placement name → the decoder layer's sublayer it adapts.
 SUBLAYERS = {"attention": "self_attn", "mlp": "mlp"}
@@ -112,15 +112,6 @@ class BottleneckAdapter(nn.Module):
         return (adapted, *output[1:]) if attention else adapted
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The backbone's list of decoder layers (`model.model.layers` in Llama-family models)."""
-    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    layers = getattr(backbone, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise TunelabError(f"bottleneck adapters: cannot find the decoder layers of {type(model).__name__}")
-    return layers
-
-
 class BottleneckMethod(Method):
     """Adapters on the chosen sublayers of the chosen decoder layers, applied by forward hooks."""
 
@@ -129,17 +120,12 @@ class BottleneckMethod(Method):
     def attach(self, model: nn.Module) -> None:
         opts = self.options
         model.requires_grad_(False)
-        layers = decoder_layers(model)
-        chosen = range(len(layers)) if opts.layers is None else opts.layers
-        outside = [index for index in chosen if index >= len(layers)]
-        if outside:
-            raise TunelabError(
-                f"method.layers: {outside} out of range; this model has {len(layers)} decoder layers (0 to {len(layers) - 1})"
-            )
         width = model.config.hidden_size
-        for index in chosen:
+        layers = selected_decoder_layers(model, self.name, opts.layers)
+        indices = range(len(layers)) if opts.layers is None else opts.layers
+        for index, layer in zip(indices, layers):
             for placement in opts.placement:
-                sublayer = getattr(layers[index], SUBLAYERS[placement], None)
+                sublayer = getattr(layer, SUBLAYERS[placement], None)
                 if sublayer is None:
                     raise TunelabError(
                         f"method.placement: decoder layer {index} has no `{SUBLAYERS[placement]}` sublayer for '{placement}'"

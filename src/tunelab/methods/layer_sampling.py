@@ -66,8 +66,8 @@ from torch import nn
 from tunelab.console import console
 from tunelab.errors import TunelabError
 from tunelab.methods import register
-from tunelab.methods.base import MethodOptions
-from tunelab.methods.partial import OwnWeightsMethod, decoder_layers, parameter_owners
+from tunelab.methods.base import MethodOptions, decoder_layers
+from tunelab.methods.partial import OwnWeightsMethod, parameter_owners
 
 # The checkpoint entry holding the steps done, from which a resumed run re-draws its active layers.
 COMPLETED_STEPS = "layer_sampling.completed_steps"

@@ -35,8 +35,7 @@ from torch import nn
 
 from tunelab.errors import TunelabError
 from tunelab.methods import register
-from tunelab.methods.base import Method, MethodOptions
-from tunelab.methods.partial import decoder_layers
+from tunelab.methods.base import Method, MethodOptions, decoder_layers
 
 
 class LofitOptions(MethodOptions):

@@ -35,7 +35,7 @@ from torch import nn
 
 from tunelab.errors import TunelabError
 from tunelab.methods import register
-from tunelab.methods.base import Method, MethodOptions, name_matches
+from tunelab.methods.base import Method, MethodOptions, decoder_layers, name_matches
 
 
 class FreezeOptions(MethodOptions):
@@ -158,15 +158,6 @@ def split_count(sizes: list[int], fraction: float, rng: random.Random) -> list[i
     for k in rng.sample(rounding_up, math.floor(sum(shares) + 0.5) - sum(counts)):
         counts[k] += 1
     return counts
-
-
-def decoder_layers(model: nn.Module, method: str) -> list[str]:
-    """Names of the model's decoder layers: the module list with `config.num_hidden_layers` entries."""
-    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == count:
-            return [f"{name}.{k}" for k in range(count)]
-    raise TunelabError(f"method '{method}': cannot find the decoder layers of {type(model).__name__}")
 
 
 def parameter_owners(module: nn.Module, prefix: str = "") -> list[str]:

@@ -39,7 +39,7 @@ from torch.nn.utils.parametrizations import orthogonal
 
 from tunelab.errors import TunelabError
 from tunelab.methods import register
-from tunelab.methods.base import Method, MethodOptions
+from tunelab.methods.base import Method, MethodOptions, selected_decoder_layers
 from tunelab.methods.prompt import _cache_argument
 from tunelab.objectives.causal_lm import FORWARD_TARGETS
 
@@ -117,13 +117,9 @@ class Reft(Method):
         opts = self.options
         model.requires_grad_(False)
         backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
-        layers = getattr(backbone, "layers", None)
-        if backbone is model or not isinstance(layers, nn.ModuleList):
-            raise TunelabError(f"method '{self.name}': cannot find the decoder layers of {type(model).__name__}")
-        chosen = range(len(layers)) if opts.layers is None else opts.layers
-        outside = [index for index in chosen if index >= len(layers)]
-        if outside:
-            raise TunelabError(f"method.layers: {outside} out of range; this model has {len(layers)} decoder layers (0 to {len(layers) - 1})")
+        if backbone is None or backbone is model:
+            raise TunelabError(f"method '{self.name}': cannot find the backbone of {type(model).__name__}")
+        layers = selected_decoder_layers(model, self.name, opts.layers)
         width = model.config.hidden_size
         if opts.r > width:
             raise TunelabError(f"method.r: {opts.r} orthonormal rows do not fit the hidden size {width}")
@@ -131,10 +127,10 @@ class Reft(Method):
         sides = [side for side, k in (("first", first), ("last", last)) if k]
         self.groups = ["shared"] if opts.share_weights and len(sides) == 2 else sides
         device = model.get_input_embeddings().weight.device
-        for index in chosen:
+        for layer in layers:
             # A submodule of the decoder layer: its tensors are named `<layer>.reft.<group>.*`.
-            layers[index].reft = nn.ModuleDict({g: LoreftIntervention(width, opts.r, opts.dropout, device) for g in self.groups})
-            layers[index].register_forward_hook(self._intervene)
+            layer.reft = nn.ModuleDict({g: LoreftIntervention(width, opts.r, opts.dropout, device) for g in self.groups})
+            layer.register_forward_hook(self._intervene)
         # Set by each backbone forward and kept until the next one: layers under activation
         # checkpointing rerun their forward (and this hook) during the backward pass.
         self._positions: dict[str, torch.Tensor] = {}

@@ -29,8 +29,8 @@ from torch import nn
 
 from tunelab.errors import TunelabError
 from tunelab.methods import register
-from tunelab.methods.base import MethodOptions
-from tunelab.methods.partial import OwnWeightsMethod, decoder_layers
+from tunelab.methods.base import MethodOptions, decoder_layers
+from tunelab.methods.partial import OwnWeightsMethod
 
 LAYERS_KEY = "subtuning.layers"
 
