@@ -21,8 +21,9 @@ import torch
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 import tunelab
-from helpers import tiny_run_config, write_records_data
+from helpers import tiny_run_config, train_keeping_model, write_records_data
 from tunelab.config import parse_config
+from tunelab.data.batching import make_batch
 from tunelab.export import export_run, import_peft
 from tunelab.methods import build_method
 from tunelab.models.tiny import tiny_llama, tiny_tokenizer
@@ -152,11 +153,35 @@ def assert_merge_exact(options: dict, atol: float = 1e-4, scale: float = 0.1) ->
     assert (merged - unmerged).abs().max().item() <= atol
 
 
-def train_tiny_run(directory: Path, options: dict, steps: int = 2, lr: float = 1e-2) -> Path:
-    """A short tunelab run with the method at a high learning rate (its tensors move far from init)."""
+def tiny_method_config(directory: Path, options: dict, steps: int = 2, lr: float = 1e-2) -> dict:
+    """A short tunelab run of the method at a high learning rate (its tensors move far from init)."""
     train_file = write_records_data(directory / "data", n_train=8)[0]
-    config = tiny_run_config(directory / "run", train_file, method=options, train={"max_steps": steps, "lr": lr})
-    return tunelab.train(config).output_dir
+    return tiny_run_config(directory / "run", train_file, method=options, train={"max_steps": steps, "lr": lr})
+
+
+def train_tiny_run(directory: Path, options: dict, steps: int = 2, lr: float = 1e-2) -> Path:
+    return tunelab.train(tiny_method_config(directory, options, steps, lr)).output_dir
+
+
+def train_tiny_run_checked(monkeypatch, directory: Path, options: dict, steps: int = 3, lr: float = 1e-2) -> tuple[Path, dict]:
+    """A short run, checked: every trainable tensor moved, every base weight outside them is bitwise
+    the untrained model's (a wrapped layer keeps its weight as `base_layer`), and the saved run
+    reloads to the model it trained. Returns the run directory and `train_keeping_model`'s `kept`."""
+    result, kept = train_keeping_model(monkeypatch, tiny_method_config(directory, options, steps, lr))
+    model, method = kept["model"], kept["method"]
+    trainable = method.trainable_parameters(model)
+    still = [n for n, p in trainable.items() if torch.equal(p, kept["initial"][id(p)])]
+    assert not still, f"trainable tensors did not move: {still[:5]}"
+    untrained = dict(fresh_base().named_parameters())
+    trained_ids = {id(p) for p in trainable.values()}
+    frozen = {n.replace(".base_layer", ""): p for n, p in model.named_parameters() if id(p) not in trained_ids}
+    changed = [n for n, p in frozen.items() if n in untrained and not torch.equal(p, untrained[n])]
+    assert not changed, f"frozen weights changed: {changed[:5]}"
+    # Buffers that select what trains (columns, indices, layers) must come back too.
+    with torch.no_grad():
+        reloaded = load_run(result.output_dir).model.eval()(input_ids=probe_ids()).logits
+        assert_close(reloaded, model.eval()(input_ids=probe_ids()).logits, 1e-6, "reloaded run")
+    return result.output_dir, kept
 
 
 def assert_round_trips(options: dict, peft_config, directory: Path, scale: float = 0.1) -> None:
@@ -181,3 +206,28 @@ def _assert_export_and_import(run: Path, peft_config, directory: Path, scale: fl
     imported = import_peft(directory / "peft-saved", directory / "imported", model="tiny-random-llama")
     ours = load_run(imported).model.eval()
     assert_close(ours(input_ids=probe_ids()).logits, saved.eval()(input_ids=probe_ids()).logits, 1e-5, "imported peft adapter")
+
+
+# ---- Methods with a `prepare` step (a selection made on the first batches before training)
+
+
+def prepare_batches(n: int = 3) -> list:
+    """`n` fixed batches of two random token rows each, the second half of every row a target."""
+    generator = torch.Generator().manual_seed(7)
+    batches = []
+    for _ in range(n):
+        samples = []
+        for length in (12, 9):
+            ids = torch.randint(3, 200, (length,), generator=generator).tolist()
+            samples.append({"input_ids": ids, "target_mask": [k >= length // 2 for k in range(length)]})
+        batches.append(make_batch(samples, 64, False, 0))
+    return batches
+
+
+def forbid_prepare(monkeypatch, method_class) -> None:
+    """Make `method_class.prepare` fail the test if anything calls it (a resume or a reload must not)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("prepare must not run here")
+
+    monkeypatch.setattr(method_class, "prepare", refuse)

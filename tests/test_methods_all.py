@@ -11,12 +11,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import tunelab
-from helpers import assert_tensors_equal, load_adapter, read_report, tiny_run_config, train_keeping_model, write_records_data
+from helpers import assert_tensors_equal, load_adapter, read_report, tiny_run_config, write_records_data
+from peft_oracle import train_tiny_run_checked
 from tunelab.errors import TunelabError
 from tunelab.eval.generation import generate
 from tunelab.export import export_run
 from tunelab.methods import REGISTRY
-from tunelab.models.tiny import tiny_llama, tiny_tokenizer
 from tunelab.train.artifacts import load_run
 
 # Small options where a method's defaults are sized for real models; every other option is the default.
@@ -89,18 +89,15 @@ def test_merged_export_equals_the_adapter_model_or_is_refused(name, records, tmp
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_training_moves_the_trainable_tensors_and_no_other_weight(name, records, tmp_path, monkeypatch):
-    """After a few steps every trainable tensor has moved, and every base weight outside them is
-    bitwise the untrained model's (a wrapped layer keeps its weight as `base_layer`)."""
+def test_training_moves_the_trainable_tensors_and_no_other_weight_and_reloads(name, tmp_path, monkeypatch):
+    train_tiny_run_checked(monkeypatch, tmp_path, options(name))
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if REGISTRY[n].peft_type is None])
+def test_peft_export_of_a_method_peft_lacks_is_refused_writing_nothing(name, records, tmp_path):
     train_file, _ = records
-    config = tiny_run_config(tmp_path / "run", train_file, method=options(name), train={"max_steps": 3, "lr": 1e-2})
-    _, kept = train_keeping_model(monkeypatch, config)
-    model, method = kept["model"], kept["method"]
-    trainable = method.trainable_parameters(model)
-    still = [n for n, p in trainable.items() if torch.equal(p, kept["initial"][id(p)])]
-    assert not still, f"trainable tensors did not move: {still[:5]}"
-    untrained = dict(tiny_llama(len(tiny_tokenizer())).named_parameters())
-    trained_ids = {id(p) for p in trainable.values()}
-    frozen = {n.replace(".base_layer", ""): p for n, p in model.named_parameters() if id(p) not in trained_ids}
-    changed = [n for n, p in frozen.items() if n in untrained and not torch.equal(p, untrained[n])]
-    assert not changed, f"frozen weights changed: {changed[:5]}"
+    run = tunelab.train(tiny_run_config(tmp_path / "run", train_file, method=options(name), train={"max_steps": 1})).output_dir
+    out = tmp_path / "exported"
+    with pytest.raises(TunelabError, match="no peft equivalent"):
+        export_run(run, "peft", out)
+    assert not out.exists() and not list(tmp_path.glob(".exported-*"))

@@ -23,8 +23,7 @@ from peft_oracle import (
     trainable_count,
 )
 from tunelab.errors import TunelabError
-from tunelab.methods.diablo import Diablo, DiabloLinear
-from tunelab.train.artifacts import load_run
+from tunelab.methods.diablo import DiabloLinear
 
 PAPER_TARGET = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -96,38 +95,6 @@ def test_merge_exact(options):
     assert_merge_exact(options)
 
 
-def trained_in_process(tmp_path, options: dict, steps: int = 2):
-    """A tiny run of `options`, with the model object it trained and its trainable tensors at attach."""
-    captured = {}
-    attach_method = Diablo.attach
-
-    def capturing_attach(self, model):
-        attach_method(self, model)
-        captured.update(model=model, method=self, init={n: p.detach().clone() for n, p in self.trainable_parameters(model).items()})
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Diablo, "attach", capturing_attach)
-        run = train_tiny_run(tmp_path, options, steps=steps)
-    return run, captured
-
-
-def test_training_moves_only_the_diagonal_blocks_and_reloads_exactly(tmp_path):
-    run, trained = trained_in_process(tmp_path, {"name": "diablo"})
-    model, method = trained["model"], trained["method"]
-    trainable = method.trainable_parameters(model)
-    assert sorted(trainable) == sorted(trained["init"])
-    for name, param in trainable.items():
-        assert not torch.equal(param, trained["init"][name]), f"{name} did not move"
-    frozen = {name.replace(".base_layer", ""): p for name, p in model.named_parameters() if name not in trainable}
-    assert frozen.keys() == dict(fresh_base().named_parameters()).keys()
-    for name, param in fresh_base().named_parameters():
-        assert torch.equal(frozen[name], param), f"frozen {name} changed"
-
-    with torch.no_grad():
-        expected = model.eval()(input_ids=probe_ids()).logits
-        assert_close(load_run(run).model.eval()(input_ids=probe_ids()).logits, expected, 1e-6, "reloaded run")
-
-
 def test_loss_goes_down(tmp_path):
     # From ~5.53 to ~5.14 in 12 steps at this lr.
     run = train_tiny_run(tmp_path, {"name": "diablo"}, steps=12, lr=0.1)
@@ -187,9 +154,3 @@ def test_bad_option_values_fail_at_the_key(bad):
 def test_blocks_that_do_not_divide_a_layer_fail_naming_it(blocks, message):
     with pytest.raises(TunelabError, match=message):
         attach({"name": "diablo", "blocks": blocks})
-
-
-def test_no_peft_export():
-    model, method = attach({"name": "diablo"})
-    with pytest.raises(TunelabError, match="no peft equivalent"):
-        method.peft_export(model)

@@ -21,11 +21,11 @@ from peft_oracle import (
     randomize,
     smollm2_skeleton,
     train_tiny_run,
+    train_tiny_run_checked,
     trainable_count,
 )
 from tunelab.errors import TunelabError
-from tunelab.methods.ether import Ether, EtherLinear
-from tunelab.train.artifacts import load_run
+from tunelab.methods.ether import EtherLinear
 
 # ETHER+ on the tiny model: 32 blocks would leave the 32 outputs of v_proj one feature per block.
 PLUS = {"name": "ether", "plus": True, "blocks": 4}
@@ -130,37 +130,9 @@ def test_merge_exact(options):
     assert_merge_exact(options)
 
 
-def trained_in_process(tmp_path, options: dict, steps: int = 2):
-    """A tiny run of `options`, with the model object it trained and its trainable tensors at attach."""
-    captured = {}
-    attach_method = Ether.attach
-
-    def capturing_attach(self, model):
-        attach_method(self, model)
-        captured.update(model=model, method=self, init={n: p.detach().clone() for n, p in self.trainable_parameters(model).items()})
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Ether, "attach", capturing_attach)
-        run = train_tiny_run(tmp_path, options, steps=steps)
-    return run, captured
-
-
-@pytest.mark.parametrize("options", [{"name": "ether"}, PLUS], ids=["ether", "ether+"])
-def test_training_moves_only_the_transforms_and_reloads_exactly(options, tmp_path):
-    run, trained = trained_in_process(tmp_path, options)
-    model, method = trained["model"], trained["method"]
-    trainable = method.trainable_parameters(model)
-    assert sorted(trainable) == sorted(trained["init"])
-    for name, param in trainable.items():
-        assert not torch.equal(param, trained["init"][name]), f"{name} did not move"
-    frozen = {name.replace(".base_layer", ""): p for name, p in model.named_parameters() if name not in trainable}
-    assert frozen.keys() == dict(fresh_base().named_parameters()).keys()
-    for name, param in fresh_base().named_parameters():
-        assert torch.equal(frozen[name], param), f"frozen {name} changed"
-
-    with torch.no_grad():
-        expected = model.eval()(input_ids=probe_ids()).logits
-        assert_close(load_run(run).model.eval()(input_ids=probe_ids()).logits, expected, 1e-6, "reloaded run")
+def test_ether_plus_trains_only_its_transforms_and_reloads_exactly(tmp_path, monkeypatch):
+    # Plain ETHER's defaults are checked with every registered method (test_methods_all).
+    train_tiny_run_checked(monkeypatch, tmp_path, PLUS)
 
 
 @pytest.mark.parametrize("options", [{"name": "ether"}, PLUS], ids=["ether", "ether+"])
@@ -231,9 +203,3 @@ def test_bad_option_values_fail_at_the_key(bad):
 def test_blocks_that_do_not_fit_a_layer_fail_naming_it(options, message):
     with pytest.raises(TunelabError, match=message):
         attach({"name": "ether", **options})
-
-
-def test_no_peft_export():
-    model, method = attach({"name": "ether"})
-    with pytest.raises(TunelabError, match="no peft equivalent"):
-        method.peft_export(model)

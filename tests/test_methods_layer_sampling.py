@@ -12,13 +12,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import tunelab
-from helpers import assert_tensors_equal, load_adapter, read_metrics, tiny_run_config, write_records_data
+from helpers import assert_tensors_equal, load_adapter, read_metrics, tiny_run_config, train_keeping_model, write_records_data
 from peft_oracle import (
     assert_close,
     assert_merge_exact,
     attach,
     fresh_base,
     probe_ids,
+    tiny_method_config,
     randomize,
     smollm2_skeleton,
     train_tiny_run,
@@ -27,7 +28,6 @@ from peft_oracle import (
 from tunelab.errors import TunelabError
 from tunelab.methods.layer_sampling import Lisa
 from tunelab.models.tiny import tiny_tokenizer
-from tunelab.train import loop as training_loop
 from tunelab.train.artifacts import load_run
 
 OUTSIDE = {"model.embed_tokens.weight", "model.norm.weight"}  # the tiny model ties lm_head to the embeddings
@@ -97,8 +97,7 @@ def train_recording_steps(tmp_path, monkeypatch, options: dict, steps: int):
     """A tiny run; per step (seen in after_step: gradients still present, update done), the tensors
     with a gradient and the tensors that changed in the step; and the trained model."""
     record: list[dict] = []
-    kept = {}
-    after_step, save = Lisa.after_step, training_loop.save_artifacts
+    after_step = Lisa.after_step
     previous = {n: p.detach().clone() for n, p in fresh_base().named_parameters()}
 
     def recording_after_step(self, model, step, total_steps):
@@ -113,14 +112,9 @@ def train_recording_steps(tmp_path, monkeypatch, options: dict, steps: int):
         previous.update(now)
         after_step(self, model, step, total_steps)
 
-    def keep_and_save(method, model, *args):
-        kept["model"] = model
-        return save(method, model, *args)
-
     monkeypatch.setattr(Lisa, "after_step", recording_after_step)
-    monkeypatch.setattr(training_loop, "save_artifacts", keep_and_save)
-    run = train_tiny_run(tmp_path, options, steps=steps)
-    return run, record, kept["model"]
+    result, kept = train_keeping_model(monkeypatch, tiny_method_config(tmp_path, options, steps))
+    return result.output_dir, record, kept["model"]
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -329,12 +323,6 @@ def test_loss_goes_down(name, tmp_path):
     run = train_tiny_run(tmp_path, {"name": name, **ONE_LAYER, "interval": 4}, steps=12, lr=1e-2)
     losses = [m["loss"] for m in read_metrics(run) if "loss" in m]
     assert len(losses) == 12 and max(losses[-3:]) < losses[0] - 1.5, losses
-
-
-def test_no_peft_export():
-    model, method = attach({"name": "lisa"})
-    with pytest.raises(TunelabError, match="no peft equivalent"):
-        method.peft_export(model)
 
 
 # ---- Options

@@ -10,8 +10,7 @@ from safetensors.torch import load_file
 
 import tunelab
 from helpers import assert_tensors_equal, load_adapter, read_metrics, tiny_run_config, write_records_data
-from peft_oracle import assert_close, attach, fresh_base, probe_ids, randomize, smollm2_skeleton, train_tiny_run, trainable_count
-from tunelab.data.batching import make_batch
+from peft_oracle import assert_close, attach, forbid_prepare, fresh_base, prepare_batches, probe_ids, randomize, smollm2_skeleton, train_tiny_run, trainable_count
 from tunelab.errors import TunelabError
 from tunelab.methods.lofit import Lofit
 from tunelab.objectives import causal_lm_loss
@@ -94,18 +93,6 @@ def through_offsets(model, o_proj, z, bias):
 # ---- Head selection (step 1)
 
 
-def prepare_batches(n: int = 3) -> list:
-    generator = torch.Generator().manual_seed(7)
-    batches = []
-    for _ in range(n):
-        samples = []
-        for length in (12, 9):
-            ids = torch.randint(3, 200, (length,), generator=generator).tolist()
-            samples.append({"input_ids": ids, "target_mask": [k >= length // 2 for k in range(length)]})
-        batches.append(make_batch(samples, 64, False, 0))
-    return batches
-
-
 def independent_selection(batches, k: int, steps: int, lr: float, l1: float) -> tuple[list[int], torch.Tensor]:
     """Step 1 replayed: z ← (1 + A) ⊙ z on every head, Adam on L/n + λ‖A‖₁, top-k by ‖A_l^i‖₂."""
     model = fresh_base().requires_grad_(False)
@@ -156,20 +143,13 @@ def test_selection_is_deterministic_and_leaves_the_rng_alone():
 OPTIONS = {"name": "lofit", "heads": 3, "select_steps": 6, "select_lr": 0.05}
 
 
-def forbid_prepare(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("prepare must not run here")
-
-    monkeypatch.setattr(Lofit, "prepare", refuse)
-
-
 def test_run_saves_the_selection_and_load_run_restores_it(tmp_path, monkeypatch):
     run = train_tiny_run(tmp_path / "a", OPTIONS, steps=3, lr=1e-2)
     again = train_tiny_run(tmp_path / "b", OPTIONS, steps=3, lr=1e-2)
     saved = load_file(run / "adapter" / ADAPTER_FILE)
     assert saved["lofit.head_index"].tolist() == load_file(again / "adapter" / ADAPTER_FILE)["lofit.head_index"].tolist()
     assert saved["lofit.head_index"].tolist() != [0, 1, 2], "the placeholder selection survived training"
-    forbid_prepare(monkeypatch)
+    forbid_prepare(monkeypatch, Lofit)
     loaded = load_run(run).model.eval()
     assert loaded.lofit.head_index.tolist() == saved["lofit.head_index"].tolist()
     expected = independent_offsets_model(saved["lofit.lofit_bias"], saved["lofit.head_index"].tolist()).eval()
@@ -193,7 +173,7 @@ def test_resume_equals_an_uninterrupted_run_without_selecting_again(tmp_path, mo
     config = tiny_run_config(tmp_path / "run", train_file, method=OPTIONS, train={"max_steps": 4, "save_every": 2, "keep_checkpoints": 5, "lr": 1e-2})
     tunelab.train(config)
     finished = load_adapter(config["output"])
-    forbid_prepare(monkeypatch)
+    forbid_prepare(monkeypatch, Lofit)
     assert tunelab.train(config, resume=True).report["resumed_from_step"] == 2
     assert_tensors_equal(load_adapter(config["output"]), finished)
 

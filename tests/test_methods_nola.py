@@ -20,9 +20,9 @@ from peft_oracle import (
     randomize,
     smollm2_skeleton,
     train_tiny_run,
+    train_tiny_run_checked,
     trainable_count,
 )
-from test_methods_bottleneck import assert_only_trainable_moved, train_watched
 from tunelab.errors import TunelabError
 from tunelab.methods.nola import NolaBases, NolaLinear, NolaOptions
 from tunelab.train.artifacts import load_run
@@ -107,18 +107,11 @@ def test_half_precision_base_keeps_fp32_coefficients():
 # ---- Training, saving, merging
 
 
-def test_training_moves_only_the_coefficients(tmp_path, monkeypatch):
-    initial, model, _ = train_watched(tmp_path, monkeypatch, {"name": "nola"})
-    assert_only_trainable_moved(initial, model)
-
-
 def test_reloaded_run_has_the_same_bases_and_logits(tmp_path, monkeypatch):
-    _, trained, run = train_watched(tmp_path, monkeypatch, {"name": "nola", "seed": 3})
+    run, kept = train_tiny_run_checked(monkeypatch, tmp_path, {"name": "nola", "seed": 3})
     loaded = load_run(run)
-    ours, theirs = loaded.method.bases(loaded.model), next(m for m in trained.modules() if isinstance(m, NolaBases))
+    ours, theirs = loaded.method.bases(loaded.model), next(m for m in kept["model"].modules() if isinstance(m, NolaBases))
     assert torch.equal(ours.nola_basis_a, theirs.nola_basis_a) and torch.equal(ours.nola_basis_b, theirs.nola_basis_b)
-    with torch.no_grad():
-        assert torch.equal(loaded.model.eval()(input_ids=probe_ids()).logits, trained.eval()(input_ids=probe_ids()).logits)
 
 
 def test_load_checks_the_bases():
@@ -189,10 +182,3 @@ def test_defaults_are_the_papers_llama_setting():
     options = NolaOptions()
     chosen = (options.r, options.num_basis_a, options.num_basis_b, options.alpha, options.seed, options.target)
     assert chosen == (16, 512, 512, 4.0, 0, "all-linear")
-
-
-def test_no_peft_export():
-    model, method = attach({"name": "nola"})
-    assert method.peft_type is None and method.mergeable
-    with pytest.raises(TunelabError, match="no peft equivalent"):
-        method.peft_export(model)

@@ -14,8 +14,7 @@ from transformers import LlamaForCausalLM
 
 import tunelab
 from helpers import assert_tensors_equal, load_adapter, read_metrics, tiny_run_config, write_records_data
-from peft_oracle import assert_close, assert_merge_exact, attach, fresh_base, probe_ids, randomize, smollm2_skeleton, train_tiny_run, trainable_count
-from test_methods_lofit import prepare_batches
+from peft_oracle import assert_close, assert_merge_exact, attach, forbid_prepare, fresh_base, prepare_batches, probe_ids, randomize, smollm2_skeleton, train_tiny_run, trainable_count
 from tunelab.errors import TunelabError
 from tunelab.methods.subtuning import SubTuning
 from tunelab.objectives import causal_lm_loss
@@ -116,13 +115,6 @@ def test_forward_and_gradients_are_the_models_own_on_the_chosen_layers():
 # ---- Runs: the choice is saved, and load_run / resume rebuild it without choosing again
 
 
-def forbid_prepare(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("prepare must not run here")
-
-    monkeypatch.setattr(SubTuning, "prepare", refuse)
-
-
 def choose_first_layer(monkeypatch):
     """A prepare that picks layer 0, unlike attach's placeholder (the last layer)."""
     monkeypatch.setattr(SubTuning, "prepare", lambda self, model, batches, loss_fn: self._train_layers(model, [0]))
@@ -135,7 +127,7 @@ def test_run_saves_the_choice_and_load_run_restores_it(tmp_path, monkeypatch):
     run = train_tiny_run(tmp_path, OPTIONS, steps=3, lr=1e-3)
     saved = load_file(run / "adapter" / ADAPTER_FILE)
     chosen = saved["subtuning.layers"].tolist()
-    forbid_prepare(monkeypatch)
+    forbid_prepare(monkeypatch, SubTuning)
     loaded = load_run(run)
     assert loaded.method.layers == chosen
     base = dict(fresh_base().named_parameters())
@@ -165,7 +157,7 @@ def test_resume_equals_an_uninterrupted_run_without_choosing_again(tmp_path, mon
     config = tiny_run_config(tmp_path / "run", train_file, method=OPTIONS, train={"max_steps": 4, "save_every": 2, "keep_checkpoints": 5})
     tunelab.train(config)
     finished = load_adapter(config["output"])
-    forbid_prepare(monkeypatch)
+    forbid_prepare(monkeypatch, SubTuning)
     assert tunelab.train(config, resume=True).report["resumed_from_step"] == 2
     assert_tensors_equal(load_adapter(config["output"]), finished)
 
