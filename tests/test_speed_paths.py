@@ -519,11 +519,11 @@ def test_frozen_dtype_resolution(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert precision.resolve_frozen_dtype("float32", torch.float32, cpu) == torch.float32
     assert precision.resolve_frozen_dtype("bfloat16", torch.float32, cpu) == torch.bfloat16
-    monkeypatch.setattr(precision, "bf16_matmul_speedup", lambda: 5.0)  # an AMX CPU
+    monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda: True)  # AMX or AVX512-BF16
     assert precision.resolve_frozen_dtype("auto", torch.float32, cpu) == torch.bfloat16
     assert precision.resolve_frozen_dtype("auto", torch.bfloat16, cuda) == torch.bfloat16
     assert precision.resolve_frozen_dtype("auto", torch.float32, cuda) == torch.float32
-    monkeypatch.setattr(precision, "bf16_matmul_speedup", lambda: 0.25)  # no AMX: bf16 is slower
+    monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda: False)  # without them bf16 is slower
     assert precision.resolve_frozen_dtype("auto", torch.float32, cpu) == torch.float32
 
 

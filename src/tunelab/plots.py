@@ -27,3 +27,62 @@ def plot_loss(metrics_path: Path, out_path: Path, title: str = "training loss") 
     fig.savefig(out_path)
     plt.close(fig)
     return out_path
+
+
+def training_losses(metrics_path: Path) -> tuple[list[int], list[float]]:
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "loss" in r]
+    return [r["step"] for r in steps], [r["loss"] for r in steps]
+
+
+def plot_loss_curves(curves: dict[str, Path], out_path: Path, title: str = "training loss per cell") -> Path:
+    """One training-loss line per named run (`curves`: label -> metrics.jsonl)."""
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for label, metrics_path in curves.items():
+        ax.plot(*training_losses(metrics_path), label=label, lw=1.1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / target token)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path
+
+
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = True) -> list[int]:
+    """Indices of the points (cost, score) no other point beats: at most the cost and a better score."""
+    sign = 1 if higher_is_better else -1
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -sign * points[i][1]))
+    front, best = [], None
+    for i in order:
+        if best is None or sign * points[i][1] > sign * best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot_pareto(rows: list[dict], metric: str, out_path: Path, higher_is_better: bool = True, baseline: float | None = None) -> Path:
+    """Score against trainable parameters (log scale), the Pareto front joined and marked; the
+    untrained base model's score (`baseline`) as a dashed line."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    points = [(r["trainable_params"], r["score_mean"]) for r in rows]
+    front = set(pareto_front(points, higher_is_better))
+    for i, (row, (params, score)) in enumerate(zip(rows, points)):
+        ax.errorbar(params, score, yerr=row.get("score_std") or 0, fmt="o", color="C3" if i in front else "C0", ms=6, capsize=3)
+        ax.annotate(row["cell"], (params, score), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ordered = sorted(front, key=lambda i: points[i][0])
+    ax.plot([points[i][0] for i in ordered], [points[i][1] for i in ordered], "-", color="C3", lw=1, label="Pareto front")
+    if baseline is not None:
+        ax.axhline(baseline, ls="--", color="gray", lw=1, label="base model (zero-shot)")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path

@@ -59,20 +59,55 @@ def train_command(
 
 @app.command("eval")
 def eval_command(
-    target: Path = typer.Argument(..., help="a run directory (base vs fine-tuned) or a config file (base model)"),
-    overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides"),
-    base: bool = typer.Option(True, "--base/--no-base", help="also score the base model (run directories)"),
-    max_samples: Optional[int] = typer.Option(None, help="score only the first N eval samples"),
-    max_new_tokens: int = typer.Option(128, help="generation length limit"),
-    out: Optional[Path] = typer.Option(None, help="where eval.json goes (default: the run directory)"),
+    target: Path = typer.Argument(..., help="a run directory or a config file; with --task also a peft adapter directory or a model"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides (of the task, with --task)"),
+    task: Optional[str] = typer.Option(None, help="a task YAML or a built-in task: gsm8k, sst2, humaneval, quickstart"),
+    data: Optional[Path] = typer.Option(None, help="the task's data file (gsm8k and sst2 need one)"),
+    model: Optional[str] = typer.Option(None, help="with --task and a peft adapter: its base model (default: the adapter's)"),
+    base: bool = typer.Option(True, "--base/--no-base", help="also score the base model (run directories, without --task)"),
+    max_samples: Optional[int] = typer.Option(None, help="score only the first N samples"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="generation length limit (default: the task's, or 128)"),
+    out: Optional[Path] = typer.Option(None, help="where eval.json goes"),
 ):
-    """Eval loss/perplexity and generation scores (exact match, JSON fields) on the eval split."""
+    """Score a model on a task (--task), or a run's eval split: loss and generation scores."""
 
     def action():
-        from tunelab.eval import evaluate
+        if task is not None:
+            from tunelab.eval.harness import evaluate_task
+            from tunelab.eval.tasks import load_task
 
-        results = evaluate(target, overrides, base=base, max_samples=max_samples, max_new_tokens=max_new_tokens, out=out)
+            limits = {k: v for k, v in {"max_samples": max_samples, "max_new_tokens": max_new_tokens}.items() if v is not None}
+            chosen = load_task(task, data, [*(overrides or []), *(f"{k}={v}" for k, v in limits.items())])
+            results = evaluate_task(target, chosen, out=out, base_model=model)
+            results.pop("task_config")
+        else:
+            from tunelab.eval import evaluate
+
+            results = evaluate(target, overrides, base=base, max_samples=max_samples, max_new_tokens=max_new_tokens or 128, out=out)
         print(json.dumps(results, indent=2))
+
+    _run(action)
+
+
+@app.command("compare")
+def compare_command(
+    sweep_file: Path = typer.Argument(..., help="a sweep YAML: base config, task, grid of methods, seeds"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides of the sweep"),
+    backend: str = typer.Option("sequential", help="sequential | process | ray"),
+    workers: int = typer.Option(2, help="worker processes (--backend process)"),
+    ray_address: Optional[str] = typer.Option(None, help="a Ray cluster to join (--backend ray; default: start one here)"),
+):
+    """Train every cell of a sweep under one budget, score each on the task, write the leaderboard."""
+
+    def action():
+        from rich.markup import escape
+
+        from tunelab.compare import compare
+
+        rows = compare(sweep_file, overrides, backend, workers, ray_address)
+        for row in rows:
+            rank = "-" if row["rank"] is None else row["rank"]
+            console.print(f"{rank:>3}  {escape(row['cell']):<32} {row['score_mean']:.4f} ± {row['score_std']:.4f}  {row['trainable_params']:,} params")
 
     _run(action)
 

@@ -1,20 +1,23 @@
-"""Read a YAML run config, apply `key.sub=value` overrides, validate, and report errors by key and line."""
+"""Read a YAML config (a run's, or any pydantic schema's: eval tasks, sweeps), apply `key.sub=value`
+overrides, validate, and report errors by key and line."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from tunelab.config.schema import RunConfig
 from tunelab.errors import TunelabError
 
+Schema = TypeVar("Schema", bound=BaseModel)
 
-def load_config(source: str | os.PathLike | dict, overrides: Iterable[str] | dict | None = None) -> RunConfig:
-    """A validated RunConfig from a YAML file (or a dict), with overrides applied on top.
+
+def load_config(source: str | os.PathLike | dict, overrides: Iterable[str] | dict | None = None, schema: type[Schema] = RunConfig) -> Schema:
+    """A validated `schema` (a RunConfig unless told) from a YAML file (or a dict), with overrides on top.
 
     `overrides` is either `["train.lr=1e-4", ...]` (values parsed as YAML) or a nested dict.
     """
@@ -33,18 +36,18 @@ def load_config(source: str | os.PathLike | dict, overrides: Iterable[str] | dic
             line = f":{mark.line + 1}" if mark else ""
             raise TunelabError(f"{path}{line}: invalid YAML: {getattr(err, 'problem', err)}") from None
         if not isinstance(raw, dict):
-            raise TunelabError(f"{path}: a config must be a YAML mapping of keys (model, data, method, ...)")
+            raise TunelabError(f"{path}: a config must be a YAML mapping of keys ({', '.join(list(schema.model_fields)[:3])}, ...)")
         where = str(path)
     overridden: set[str] = set()
     for key, value in _override_items(overrides):
         _set_path(raw, key, value)
         overridden.add(key)
-    return parse_config(raw, where, lines, overridden)
+    return parse_config(raw, where, lines, overridden, schema)
 
 
-def parse_config(raw: dict, where: str = "config", lines: dict | None = None, overridden=()) -> RunConfig:
+def parse_config(raw: dict, where: str = "config", lines: dict | None = None, overridden=(), schema: type[Schema] = RunConfig) -> Schema:
     try:
-        return RunConfig.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as err:
         raise TunelabError(_format_errors(err, where, lines or {}, set(overridden))) from None
 

@@ -20,6 +20,12 @@ def prompt_text(prompt: list[dict] | str, tokenizer) -> str:
     return render_prompt(prompt, tokenizer) if isinstance(prompt, list) else prompt
 
 
+def cut_at_stop(text: str, stop: list[str] | None) -> str:
+    """`text` up to the earliest of the `stop` strings."""
+    ends = [text.find(s) for s in stop or [] if s in text]
+    return text[: min(ends)] if ends else text
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -31,8 +37,12 @@ def generate(
     batch_size: int = 16,
     seed: int = 0,
     progress=None,
+    stop: list[str] | None = None,
+    keep_indent: bool = False,
 ) -> list[str]:
-    """One completion per prompt. Prompts are batched by length (left-padded) to waste little compute."""
+    """One completion per prompt. Prompts are batched by length (left-padded) to waste little compute.
+    A completion ends at a stop token or at the first of the `stop` strings (cut from the output);
+    its surrounding whitespace is stripped, except, with `keep_indent`, the leading (code's indent)."""
     model.eval()
     device = next(model.parameters()).device
     texts = [prompt_text(p, tokenizer) for p in prompts]
@@ -43,6 +53,8 @@ def generate(
     sampling = {"do_sample": False}
     if temperature > 0:
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
+    if stop:
+        sampling.update(stop_strings=stop, tokenizer=tokenizer)
     with torch.random.fork_rng(devices=[]):  # sampling must not move the caller's RNG
         torch.manual_seed(seed)
         for start in range(0, len(order), batch_size):
@@ -63,7 +75,8 @@ def generate(
                 **sampling,
             )
             for row, i in enumerate(chunk):
-                outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
+                text = cut_at_stop(tokenizer.decode(generated[row, width:], skip_special_tokens=True), stop)
+                outputs[i] = text.rstrip() if keep_indent else text.strip()
             if progress is not None:
                 progress(len(chunk))
     return outputs

