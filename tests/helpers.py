@@ -66,6 +66,8 @@ def tiny_run_config(
             "save_every": 0,
             "eval_every": 0,
             "log_every": 1,
+            # Not `auto`: whether frozen weights compute in bf16 would depend on the CI machine's CPU.
+            "frozen_dtype": "float32",
         },
         "output": str(output),
     }
