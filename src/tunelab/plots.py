@@ -11,8 +11,13 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def metric_records(metrics_path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, in file order."""
+    return [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+
+
 def plot_loss(metrics_path: Path, out_path: Path, title: str = "training loss") -> Path:
-    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    records = metric_records(metrics_path)
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss", lw=1.2)
     evals = [r for r in records if "eval_loss" in r]
@@ -30,8 +35,7 @@ def plot_loss(metrics_path: Path, out_path: Path, title: str = "training loss") 
 
 
 def training_losses(metrics_path: Path) -> tuple[list[int], list[float]]:
-    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    steps = [r for r in records if "loss" in r]
+    steps = [r for r in metric_records(metrics_path) if "loss" in r]
     return [r["step"] for r in steps], [r["loss"] for r in steps]
 
 

@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 
 from tunelab.compare.sweep import Sweep, lower_is_better
+from tunelab.errors import TunelabError
 from tunelab.files import write_json_atomic, write_text_atomic
 from tunelab.plots import plot_loss_curves, plot_pareto
 
@@ -33,7 +34,7 @@ def leaderboard_rows(sweep: Sweep, records: list[dict], base_params: int) -> lis
         by_cell.setdefault(record["cell"], []).append(record)
     for cell, group in by_cell.items():
         if metric not in group[0]["metrics"]:
-            raise KeyError(f"the task reports no metric '{metric}' (it has {sorted(group[0]['metrics'])})")
+            raise TunelabError(f"{sweep.source}: `metric`: the task reports no '{metric}' (it has {sorted(group[0]['metrics'])})")
         scores = [r["metrics"][metric] for r in group]
         rows.append({
             "cell": cell,
@@ -130,4 +131,3 @@ def _markdown(summary: dict) -> str:
 
 def _number(value, spec: str) -> str:
     return "–" if value is None else spec.format(value)
-

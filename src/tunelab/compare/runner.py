@@ -47,8 +47,7 @@ def run_cell(name: str, seed: int, config: dict, task: dict, threads: int | None
         resume = bool(list_checkpoints(run_dir / "checkpoints"))
         tunelab.train(config, resume=resume, overwrite=not resume and run_dir.exists())
     report = json.loads((run_dir / "report.json").read_text())
-    task_config = TaskConfig.model_validate(task)
-    evaluation = evaluate_task(run_dir, task_config, out=run_dir / "eval" / task_config.name)
+    evaluation = evaluate_task(run_dir, TaskConfig.model_validate(task))  # into run_dir/eval/<task>/
     record = {
         "cell": name,
         "seed": seed,
@@ -91,7 +90,7 @@ def run_sweep(sweep: Sweep, backend: str = "sequential", workers: int = 2, ray_a
     records = [run_zero_shot(sweep)] if sweep.config.zero_shot else []
     task = sweep.task.model_dump()
     jobs = [(cell.name, cell.seed, cell.config, task) for cell in sweep.cells]
-    pending = [job for job in jobs if not (Path(job[2]["output"]) / CELL_RESULT).is_file()]
+    pending = [job for job, cell in zip(jobs, sweep.cells) if not (cell.run_dir / CELL_RESULT).is_file()]
     console.print(f"sweep: {len(jobs)} cells, {len(jobs) - len(pending)} already done, backend {backend}")
     if backend == "sequential":
         for number, job in enumerate(pending, 1):

@@ -35,7 +35,7 @@ from pydantic import Field, model_validator
 from tunelab.config import RunConfig, load_config, parse_config
 from tunelab.config.schema import Strict
 from tunelab.errors import TunelabError
-from tunelab.eval.tasks import TaskConfig, load_task
+from tunelab.eval.tasks import BUILTIN, TaskConfig, load_task
 
 # What a cell may not change: the equal budget (steps of equal batches).
 FIXED_TRAIN_KEYS = ("max_steps", "epochs", "batch_size", "grad_accum")
@@ -68,12 +68,15 @@ class SweepConfig(Strict):
 
 @dataclass(frozen=True)
 class Cell:
-    """One grid cell at one seed: its run config (a plain dict) and run directory."""
+    """One grid cell at one seed: its run config (a plain dict, `output` its run directory)."""
 
     name: str
     seed: int
     config: dict
-    run_dir: Path
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config["output"])
 
     @property
     def key(self) -> str:
@@ -118,15 +121,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     output = _resolve(config.output, folder)
     base_raw = _base_mapping(config.base, folder)
     base = parse_config({**base_raw, "output": str(output / "base")}, f"{path}: base")
-    if isinstance(config.task, dict):
-        task = load_config({"name": "task", **config.task}, None, TaskConfig)
-        if config.task_data:
-            task.data = str(_resolve(config.task_data, folder))
-        elif task.data:
-            task.data = str(_resolve(task.data, folder))
-    else:
-        spec = config.task if config.task in _builtin_names() else str(_resolve(config.task, folder))
-        task = load_task(spec, _resolve(config.task_data, folder) if config.task_data else None)
+    spec = config.task if isinstance(config.task, dict) or config.task in BUILTIN else _resolve(config.task, folder)
+    task = load_task(spec, _resolve(config.task_data, folder) if config.task_data else None, folder=folder)
     metric = primary_metric(task, config.metric)
     cells = []
     for index, spec in enumerate(config.grid):
@@ -137,18 +133,12 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
                 cell_raw.setdefault("train", {})["seed"] = seed
                 cell_raw["output"] = str(run_dir)
                 parse_config(cell_raw, f"{path}: grid[{index}] ({name})")  # fails early, naming the cell
-                cells.append(Cell(name, seed, cell_raw, run_dir))
+                cells.append(Cell(name, seed, cell_raw))
     names = [c.key for c in cells]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise TunelabError(f"{path}: grid cells share a name: {repeated} (give them distinct `name`s)")
     return Sweep(config, base, task, cells, output, str(path), metric)
-
-
-def _builtin_names() -> list[str]:
-    from tunelab.eval.tasks import BUILTIN
-
-    return list(BUILTIN)
 
 
 def _resolve(value: str, folder: Path) -> Path:

@@ -1,7 +1,7 @@
 """`tunelab eval TARGET --task TASK`: score a base model, a run, or an exported adapter on a task.
 
-`run_task` scores an in-memory model (the sweep uses it too); `evaluate_task` loads the target,
-runs the task, and writes `eval.json` (the metrics, counts, seconds, where the per-sample results
+`run_task` scores an in-memory model; `evaluate_task` (the CLI's, and each sweep cell's) loads
+the target, runs the task, and writes `eval.json` (the metrics, counts, seconds, where the per-sample results
 are) and `eval_samples.jsonl` (one line per sample: prompt, reference, prediction, score).
 """
 

@@ -102,4 +102,3 @@ def macro_f1(predicted: list, gold: list, labels: list) -> float:
         fn = sum(p != label and g == label for p, g in zip(predicted, gold))
         scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     return sum(scores) / len(scores)
-

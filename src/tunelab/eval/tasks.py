@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, model_validator
 
 from tunelab.config import load_config
@@ -116,29 +115,32 @@ NEEDS_DATA = ("gsm8k", "sst2")
 DATA_EXAMPLES = {"gsm8k": "../shared/data/gsm8k/test.jsonl", "sst2": "../shared/data/sst2/dev.tsv"}
 
 
-def load_task(spec: str | Path, data: str | Path | None = None, overrides: list[str] | None = None) -> TaskConfig:
-    """A built-in task by name, or a task YAML (its relative `data` path read from the YAML's folder);
-    `data` replaces the task's data file."""
-    spec_text = str(spec)
-    if spec_text in BUILTIN:
-        raw = {"name": spec_text, **BUILTIN[spec_text]}
-        if data is not None:
-            raw["data"] = str(data)
-        elif spec_text in NEEDS_DATA:
-            raise TunelabError(f"task '{spec_text}' needs its data file: pass --data (e.g. {DATA_EXAMPLES[spec_text]})")
-        elif spec_text == "humaneval":
+def load_task(spec: str | Path | dict, data: str | Path | None = None, overrides: list[str] | None = None, folder: Path | None = None) -> TaskConfig:
+    """A built-in task by name, a task YAML, or an inline task mapping. A relative `data` path is read
+    from the YAML's folder (from `folder`, else the working directory, for a mapping); `data`
+    replaces the task's data file."""
+    if isinstance(spec, dict):
+        task = load_config({"name": "task", **spec}, overrides, TaskConfig)
+    elif str(spec) in BUILTIN:
+        name = str(spec)
+        raw = {"name": name, **BUILTIN[name]}
+        if data is None and name in NEEDS_DATA:
+            raise TunelabError(f"task '{name}' needs its data file: pass --data (e.g. {DATA_EXAMPLES[name]})")
+        if name == "humaneval":
             raw["data"] = _humaneval_file()
-        return load_config(raw, overrides, TaskConfig)
-    path = Path(spec)
-    if not path.is_file():
-        raise TunelabError(f"--task {spec}: neither a task file nor a built-in task ({', '.join(BUILTIN)})")
-    task = load_config(path, overrides, TaskConfig)
+        task = load_config(raw, overrides, TaskConfig)
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise TunelabError(f"--task {spec}: neither a task file nor a built-in task ({', '.join(BUILTIN)})")
+        task = load_config(path, overrides, TaskConfig)
+        folder = path.parent
+        if task.name == "task":
+            task.name = path.stem
     if data is not None:
         task.data = str(data)
     elif task.data is not None and not Path(task.data).is_absolute():
-        task.data = str((path.parent / task.data).resolve())
-    if task.name == "task":
-        task.name = path.stem
+        task.data = str(((folder or Path.cwd()) / task.data).resolve())
     return task
 
 
@@ -255,13 +257,17 @@ def _sample(task: TaskConfig, where: str, row: dict, chat: bool) -> Sample:
             if not isinstance(row.get(key), str):
                 raise TunelabError(f"{where}: a code task row needs a string field '{key}'")
         return Sample(ident, prompt, None, row)
-    reference = render(task.answer, row, where, "answer")
-    if task.type == "json_fields":
-        try:
-            reference = json.loads(reference)
-        except json.JSONDecodeError:
-            raise TunelabError(f"{where}: the reference of a json_fields task must be a JSON object") from None
-    return Sample(ident, prompt, reference, row)
+    return Sample(ident, prompt, _reference(task, render(task.answer, row, where, "answer"), where), row)
+
+
+def _reference(task: TaskConfig, text: str, where: str):
+    """The reference as scoring wants it: a JSON object for json_fields tasks, else the text."""
+    if task.type != "json_fields":
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise TunelabError(f"{where}: the reference of a json_fields task must be a JSON object") from None
 
 
 def _choice_index(answer: str, count: int, where: str) -> int:
@@ -285,12 +291,7 @@ def _training_format_samples(task: TaskConfig, rows: list[tuple[str, dict]]) -> 
         if not cases:
             raise TunelabError(f"{where}: the row has no final answer to score (and the task has no `prompt` template)")
         prompt, reference = cases[0]
-        if task.type == "json_fields":
-            try:
-                reference = json.loads(reference)
-            except json.JSONDecodeError:
-                raise TunelabError(f"{where}: the reference of a json_fields task must be a JSON object") from None
-        samples.append(Sample(where, prompt, reference, row))
+        samples.append(Sample(where, prompt, _reference(task, reference, where), row))
     return samples
 
 
@@ -302,6 +303,3 @@ def _quickstart_samples(task: TaskConfig) -> list[Sample]:
     _, eval_rows = make_splits(0, min(task.max_samples or DEFAULTS["n_eval"], DEFAULTS["n_eval"]), seed=0)
     return _training_format_samples(task, [(f"quickstart[{i}]", row) for i, row in enumerate(eval_rows)])
 
-
-def dump_task(task: TaskConfig) -> str:
-    return yaml.safe_dump(task.model_dump(), sort_keys=False)
