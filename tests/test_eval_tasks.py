@@ -131,6 +131,9 @@ def write_tsv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
         ("The temperature fell to -5 degrees", "-5"),
         ("#### -3.50", "-3.5"),
         ("#### $ 7", "7"),
+        ("See pages 3-4", "4"),  # a hyphen between numbers is a range, not a minus sign
+        ("so 12-5=7", "7"),
+        ("(2)-3", "3"),
         ("I have no idea.", None),
         ("", None),
         ("#### unknown", None),  # after ####, nothing: the numbers before do not count
@@ -287,6 +290,7 @@ def test_missing_template_field_names_file_line_and_field(tmp_path):
         ({"type": "multiple_choice", "prompt": "{q}"}, [{"q": "x", "choices": ["a"], "answer": "0"}], "at least two choices", True),
         ({"type": "code_pass_at_k", "prompt": "{prompt}"}, [{"prompt": "def f():\n", "entry_point": "f"}], "string field 'test'", True),
         ({"type": "json_fields", "prompt": "{q}", "answer": "{a}"}, [{"q": "x", "a": "not json"}], "must be a JSON object", True),
+        ({"type": "json_fields", "prompt": "{q}", "answer": "{a}"}, [{"q": "x", "a": "[1, 2]"}], "must be a JSON object", True),
         ({"type": "classification", "labels": {"0": "a"}}, [{"text": "x", "label": "0"}], "needs a `prompt` template", False),
     ],
 )

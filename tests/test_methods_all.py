@@ -15,8 +15,10 @@ from helpers import assert_tensors_equal, load_adapter, read_report, tiny_run_co
 from peft_oracle import train_tiny_run_checked
 from tunelab.errors import TunelabError
 from tunelab.eval.generation import generate
+from tunelab.eval.likelihood import continuation_logprobs
 from tunelab.export import export_run
 from tunelab.methods import REGISTRY
+from tunelab.objectives.causal_lm import FORWARD_TARGETS
 from tunelab.train.artifacts import load_run
 
 # Small options where a method's defaults are sized for real models; every other option is the default.
@@ -56,16 +58,36 @@ def test_padded_rows_train_and_evaluate(name, records, tmp_path):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_batched_generation_equals_one_prompt_at_a_time(name, records, tmp_path):
-    """Left padding must not change what a method generates (virtual tokens and positions included)."""
+def test_batched_generation_and_scoring_equal_one_prompt_at_a_time(name, records, tmp_path):
+    """Left padding and a reused KV cache must not change what a method generates or how likely it
+    finds a continuation (virtual tokens and positions included): batched generation equals one
+    prompt at a time, and cached continuation scoring equals one unpadded forward per pair."""
     train_file, _ = records
     run = tunelab.train(tiny_run_config(tmp_path / "run", train_file, method=options(name), train={"max_steps": 2, "lr": 1e-2})).output_dir
     loaded = load_run(run)
+    model, tokenizer = loaded.model, loaded.tokenizer
     prompts = ["Name: Ana", "A much longer prompt than the first one", "Hi"]
     with torch.no_grad():
-        batched = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=6)
-        alone = [generate(loaded.model, loaded.tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+        batched = generate(model, tokenizer, prompts, max_new_tokens=6)
+        alone = [generate(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
     assert batched == alone
+
+    pairs = [(p, c) for p in prompts for c in (" yes", " no way", " a")]
+    scored = continuation_logprobs(model, tokenizer, pairs, batch_size=2)
+    for (prompt, continuation), (logprob, count) in zip(pairs, scored):
+        context = tokenizer(prompt)["input_ids"]
+        tokens = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        # As in training: the positions predicting the continuation are targets (ReFT edits the rest).
+        predicting = torch.zeros(1, len(context) + len(tokens), dtype=torch.bool)
+        predicting[0, len(context) - 1 : -1] = True
+        marked = FORWARD_TARGETS.set(predicting)
+        try:
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([context + tokens])).logits[0].double().log_softmax(-1)
+        finally:
+            FORWARD_TARGETS.reset(marked)
+        expected = sum(logp[len(context) + j - 1, token].item() for j, token in enumerate(tokens))
+        assert count == len(tokens) and logprob == pytest.approx(expected, abs=1e-4), (prompt, continuation)
 
 
 @pytest.mark.parametrize("name", METHODS)

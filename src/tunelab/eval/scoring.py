@@ -64,7 +64,8 @@ def score_prediction(prediction: str, reference: str) -> dict:
 
 # ---- Math: the final number of a worked answer
 
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+# A minus sign right after a word or a bracket is a range or a subtraction ("pages 3-4"), not a sign.
+NUMBER = re.compile(r"(?:(?<![\w)])-)?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 
 
 def final_number(text: str) -> str | None:

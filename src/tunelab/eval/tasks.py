@@ -265,9 +265,12 @@ def _reference(task: TaskConfig, text: str, where: str):
     if task.type != "json_fields":
         return text
     try:
-        return json.loads(text)
+        reference = json.loads(text)
     except json.JSONDecodeError:
-        raise TunelabError(f"{where}: the reference of a json_fields task must be a JSON object") from None
+        reference = None
+    if not isinstance(reference, dict):
+        raise TunelabError(f"{where}: the reference of a json_fields task must be a JSON object, got {text[:60]!r}")
+    return reference
 
 
 def _choice_index(answer: str, count: int, where: str) -> int:

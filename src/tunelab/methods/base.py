@@ -6,6 +6,7 @@ save/load its state, and merge into the base weights where that is mathematicall
 
 from __future__ import annotations
 
+import inspect
 import re
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Literal
@@ -333,3 +334,12 @@ def peft_target_modules(linear_names: list[str], targeted: list[str]) -> list[st
         hits = [n for n in names if n in chosen]
         result.extend([leaf] if hits and len(hits) == len(names) else hits)
     return result
+
+
+def cache_argument(module: nn.Module, kwargs: dict | None = None) -> str:
+    """The name `module.forward` takes its KV cache under: transformers 5 renamed `past_key_values`
+    to `cache` (and, given both, ignores the old name). A name already in `kwargs` wins."""
+    for key in ("cache", "past_key_values"):
+        if kwargs and key in kwargs:
+            return key
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"

@@ -16,7 +16,6 @@ virtual entries, and every later step gets the same shift.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -26,7 +25,7 @@ from transformers import DynamicCache
 
 from tunelab.errors import TunelabError
 from tunelab.methods import register
-from tunelab.methods.base import Method, MethodOptions, reject_peft_settings
+from tunelab.methods.base import Method, MethodOptions, cache_argument, reject_peft_settings
 
 
 class PromptTuningOptions(MethodOptions):
@@ -74,7 +73,7 @@ class VirtualTokenMethod(Method):
     def _before_backbone(self, backbone, args, kwargs):
         if args:
             raise TunelabError(f"method '{self.name}': call the model with keyword arguments")
-        cache_key = _cache_argument(backbone, kwargs)
+        cache_key = cache_argument(backbone, kwargs)
         cache = kwargs.get(cache_key)
         first_pass = cache is None or cache.get_seq_length() == 0
         self._inserted_at = None
@@ -159,15 +158,6 @@ class VirtualTokenMethod(Method):
         config = {"peft_type": self.peft_type, "task_type": "CAUSAL_LM", **self.peft_config(model), "inference_mode": True}
         # peft stores the final virtual-token table under one name, without the model prefix.
         return config, {"prompt_embeddings": self.peft_table().detach().contiguous()}
-
-
-def _cache_argument(backbone: nn.Module, kwargs: dict) -> str:
-    """The backbone's KV-cache argument: transformers 5 renamed `past_key_values` to `cache` (and,
-    given both, ignores the old name)."""
-    for key in ("cache", "past_key_values"):
-        if key in kwargs:
-            return key
-    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
 
 
 def _shift_for_virtual_entries(kwargs: dict, n: int) -> dict:

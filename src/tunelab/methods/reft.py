@@ -39,8 +39,7 @@ from torch.nn.utils.parametrizations import orthogonal
 
 from tunelab.errors import TunelabError
 from tunelab.methods import register
-from tunelab.methods.base import Method, MethodOptions, selected_decoder_layers
-from tunelab.methods.prompt import _cache_argument
+from tunelab.methods.base import Method, MethodOptions, cache_argument, selected_decoder_layers
 from tunelab.objectives.causal_lm import FORWARD_TARGETS
 
 POSITIONS = re.compile(r"f(?P<first>\d+)\+l(?P<last>\d+)|f(?P<only_first>\d+)|l(?P<only_last>\d+)")
@@ -148,7 +147,7 @@ class Reft(Method):
         """Backbone pre-hook: the flat (row-major) token indices each intervention group edits."""
         if args:
             raise TunelabError(f"method '{self.name}': call the model with keyword arguments")
-        cache = kwargs.get(_cache_argument(backbone, kwargs))
+        cache = kwargs.get(cache_argument(backbone, kwargs))
         if cache is not None and cache.get_seq_length() > 0:  # a decoding step after the prompt
             self._positions = {}
             return
