@@ -6,6 +6,7 @@ merge, options, and a short run."""
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -160,6 +161,27 @@ def test_resume_equals_an_uninterrupted_run_without_choosing_again(tmp_path, mon
     forbid_prepare(monkeypatch, SubTuning)
     assert tunelab.train(config, resume=True).report["resumed_from_step"] == 2
     assert_tensors_equal(load_adapter(config["output"]), finished)
+
+
+def test_report_counts_the_choice_apart_from_training_and_resume_keeps_it(tmp_path, monkeypatch):
+    """prepare_seconds covers at least the measured prepare call; train_seconds excludes it; a
+    resumed run (which does not choose again) reports the original run's figure."""
+    measured = []
+    real_prepare = SubTuning.prepare
+
+    def timed_prepare(self, model, batches, loss_fn):
+        started = time.perf_counter()
+        real_prepare(self, model, batches, loss_fn)
+        measured.append(time.perf_counter() - started)
+
+    monkeypatch.setattr(SubTuning, "prepare", timed_prepare)
+    train_file, _ = write_records_data(tmp_path / "data", n_train=8)
+    config = tiny_run_config(tmp_path / "run", train_file, method=OPTIONS, train={"max_steps": 4, "save_every": 2, "keep_checkpoints": 5})
+    report = tunelab.train(config).report
+    assert len(measured) == 1 and measured[0] <= report["prepare_seconds"] <= report["total_seconds"] - report["train_seconds"]
+    forbid_prepare(monkeypatch, SubTuning)
+    resumed = tunelab.train(config, resume=True).report
+    assert resumed["resumed_from_step"] == 2 and resumed["prepare_seconds"] == report["prepare_seconds"]
 
 
 # ---- Count, merge, training, options

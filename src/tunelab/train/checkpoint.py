@@ -32,6 +32,8 @@ class TrainState:
     step: int
     tokens_seen: int
     train_seconds: float
+    # The choice a method makes from training data before step 1 (LoFiT's heads, SubTuning's layers).
+    prepare_seconds: float = 0.0
 
 
 def save_checkpoint(

@@ -114,9 +114,11 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
     if checkpoint is None and method.prepare_steps:
         # A choice made from training data (LoFiT's heads, SubTuning's layers), on a fresh run only:
         # the method's state holds it for resume and load_run. Its forwards leave the RNG as it was.
+        prepare_started = time.perf_counter()
         with torch.random.fork_rng():
             batches = [batch.to(device) for step in range(1, method.prepare_steps + 1) for batch in micro_batches_of(step)]
             method.prepare(model, batches, causal_lm_loss)
+        state.prepare_seconds = time.perf_counter() - prepare_started
         params = method.trainable_parameters(model)
     optimizer = build_optimizer(tcfg, model, method.param_groups(model))
     if checkpoint is not None:
@@ -183,7 +185,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
 
             step_seconds = time.perf_counter() - step_started
             step_tokens = sum(b.n_tokens for b in micro_batches)
-            state = TrainState(step, state.tokens_seen + step_tokens, state.train_seconds + step_seconds)
+            state = TrainState(step, state.tokens_seen + step_tokens, state.train_seconds + step_seconds, state.prepare_seconds)
             last_loss = step_loss
             record = {
                 "step": step,
@@ -214,6 +216,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
         "tokens": state.tokens_seen,
         "train_seconds": state.train_seconds,
         "tokens_per_s": state.tokens_seen / state.train_seconds if state.train_seconds else None,
+        "prepare_seconds": state.prepare_seconds,
         "total_seconds": time.perf_counter() - started,
         "peak_memory_mb": peak_memory_mb(),
         "trainable_params": sum(p.numel() for p in params.values()),
