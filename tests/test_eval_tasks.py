@@ -23,7 +23,7 @@ from tunelab.cli.main import app
 from tunelab.errors import TunelabError
 from tunelab.eval import harness
 from tunelab.eval.harness import evaluate_task, load_target, run_task
-from tunelab.eval.scoring import final_number, macro_f1, numbers_equal
+from tunelab.eval.scoring import fenced_code, final_number, macro_f1, numbers_equal
 from tunelab.eval.tasks import BUILTIN, load_task, read_task_rows, task_samples
 from tunelab.models.tiny import tiny_llama, tiny_tokenizer
 
@@ -141,6 +141,21 @@ def write_tsv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
 )
 def test_final_number(text, expected):
     assert final_number(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Here it is:\n```python\ndef f():\n    return 1\n```\nIt returns 1.", "def f():\n    return 1"),
+        ("```py\nx = 1\n```", "x = 1"),
+        ("```\nx = 1\n```", "x = 1"),  # a bare fence
+        ("```python\nx = 1\n```\n```python\ny = 2\n```", "x = 1"),  # the first block only
+        ("```python\ndef f():\n    return 1", "def f():\n    return 1"),  # cut off before the closing fence
+        ("def f():\n    return 1", "def f():\n    return 1"),  # no fence: all of it
+    ],
+)
+def test_fenced_code(text, expected):
+    assert fenced_code(text) == expected
 
 
 def test_numbers_equal():
@@ -495,6 +510,35 @@ def test_humaneval_canonical_solutions_pass_and_stubs_fail(tiny, monkeypatch):
     assert metrics["pass@1"] == pytest.approx(0.5)
     options = stub.calls[0][1]
     assert options["stop"] == BUILTIN["humaneval"]["stop"] and options["keep_indent"] is True
+
+
+def test_humaneval_chat_runs_the_replys_code_block_after_the_problem(tmp_path, tiny, monkeypatch):
+    """humaneval-chat asks for the whole function in a code block; the block runs after the problem's
+    prompt, so its imports and helpers exist: HumanEval/38's decode_cyclic calls the prompt's
+    encode_cyclic. Prose around the block is ignored; a reply without working code fails."""
+    everything = {s.row["task_id"]: s.row for s in task_samples(load_task("humaneval"), chat=False)}
+    picked = ["HumanEval/0", "HumanEval/38", "HumanEval/2", "HumanEval/3"]
+    rows = {key: everything[key] for key in picked}
+    task = load_task("humaneval-chat", write_jsonl(tmp_path / "picked.jsonl", list(rows.values())))
+    by_prompt = {}
+
+    def reply(prompt, _):
+        row = next(r for r in rows.values() if r["prompt"] in prompt)
+        by_prompt[row["task_id"]] = prompt
+        signature = row["prompt"] if row["task_id"] == "HumanEval/0" else f"def {row['entry_point']}(s):\n"
+        if row["task_id"] in ("HumanEval/0", "HumanEval/38"):
+            return f"Here is the function:\n```python\n{signature}{row['canonical_solution']}```\nIt is correct."
+        if row["task_id"] == "HumanEval/2":
+            return "```python\ndef truncate_number(number):\n    return number\n```"
+        return "You should loop over the operations."
+
+    stub = stub_generate(monkeypatch, reply)
+    metrics, records = run_task(*tiny, task)
+    assert [r["id"] for r in records] == picked
+    assert [r["passed"] for r in records] == [[True], [True], [False], [False]]
+    assert metrics["pass@1"] == pytest.approx(0.5)
+    assert all(by_prompt[key].startswith("Complete the following Python function") and rows[key]["prompt"] in by_prompt[key] for key in picked)
+    assert stub.calls[0][1]["stop"] == ["\n```\n"]
 
 
 def test_json_fields_on_the_quickstart_task(tiny, monkeypatch):

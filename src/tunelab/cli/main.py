@@ -61,7 +61,7 @@ def train_command(
 def eval_command(
     target: Path = typer.Argument(..., help="a run directory or a config file; with --task also a peft adapter directory or a model"),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides (of the task, with --task)"),
-    task: Optional[str] = typer.Option(None, help="a task YAML or a built-in task: gsm8k, sst2, humaneval, quickstart"),
+    task: Optional[str] = typer.Option(None, help="a task YAML or a built-in task: gsm8k, sst2, humaneval, humaneval-chat, quickstart"),
     data: Optional[Path] = typer.Option(None, help="the task's data file (gsm8k and sst2 need one)"),
     model: Optional[str] = typer.Option(None, help="with --task and a peft adapter: its base model (default: the adapter's)"),
     base: bool = typer.Option(True, "--base/--no-base", help="also score the base model (run directories, without --task)"),

@@ -1,4 +1,5 @@
-"""Scores for generated answers against known references: exact match, JSON fields, final numbers, macro-F1."""
+"""Scores for generated answers against known references: exact match, JSON fields, final numbers,
+fenced code, macro-F1."""
 
 from __future__ import annotations
 
@@ -26,6 +27,13 @@ def parse_json_object(text: str) -> dict | None:
         if isinstance(value, dict):
             return value
     return None
+
+
+def fenced_code(text: str) -> str:
+    """The first fenced code block's content (```python, ```py or a bare fence; an unclosed one runs
+    to the end), or the whole text when it has no fence."""
+    match = re.search(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:\n[ \t]*```|\Z)", text, re.DOTALL)
+    return match.group(1) if match else text
 
 
 def values_equal(predicted, reference) -> bool:

@@ -56,6 +56,10 @@ class TaskConfig(Strict):
     batch_size: int = Field(default=16, ge=1)
     # Generation stops at any of these strings (they are cut from the output).
     stop: list[str] = []
+    # code_pass_at_k: the generation continues the prompt's code (a base model's protocol), or is a
+    # reply whose first fenced code block holds the whole function (an instruct model's); that block
+    # runs after the row's `prompt` field, so the prompt's imports and helper functions are defined.
+    code_answer: Literal["continuation", "code_block"] = "continuation"
     # code_pass_at_k: n samples per problem, the k of pass@k, sampling, and the sandbox limits.
     samples: int = Field(default=1, ge=1)
     k: list[int] = [1]
@@ -108,6 +112,14 @@ BUILTIN: dict[str, dict] = {
         "max_new_tokens": 384,
         "stop": ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"],
     },
+    # HumanEval for instruct models: the problem as a chat turn, the answer a ```python block.
+    "humaneval-chat": {
+        "type": "code_pass_at_k",
+        "prompt": "Complete the following Python function. Reply with the complete function, its signature included, in one ```python code block.\n\n```python\n{prompt}```",
+        "code_answer": "code_block",
+        "max_new_tokens": 512,
+        "stop": ["\n```\n"],
+    },
     # The quickstart's record extraction: the same held-out records its run is scored on.
     "quickstart": {"type": "json_fields", "max_new_tokens": 128},
 }
@@ -126,7 +138,7 @@ def load_task(spec: str | Path | dict, data: str | Path | None = None, overrides
         raw = {"name": name, **BUILTIN[name]}
         if data is None and name in NEEDS_DATA:
             raise TunelabError(f"task '{name}' needs its data file: pass --data (e.g. {DATA_EXAMPLES[name]})")
-        if name == "humaneval":
+        if name.startswith("humaneval"):
             raw["data"] = _humaneval_file()
         task = load_config(raw, overrides, TaskConfig)
     else:
