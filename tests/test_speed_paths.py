@@ -29,7 +29,7 @@ from tunelab.models.tiny import tiny_llama, tiny_tokenizer
 from tunelab.objectives import causal_lm_loss
 from tunelab.objectives.causal_lm import LinearCrossEntropy
 from tunelab.train import loop
-from tunelab.train.allocator import keep_freed_memory
+from tunelab.train.allocator import keep_freed_memory, peak_memory_mb, reset_peak_memory
 from tunelab.train.loop import resolve_tokens_per_forward
 
 TINY = "tiny-random-llama"
@@ -508,6 +508,20 @@ def test_keep_freed_memory_is_idempotent():
     first, second = keep_freed_memory(), keep_freed_memory()
     assert isinstance(first, bool) and isinstance(second, bool)
     assert first is True and second is True  # Linux with glibc: mallopt accepts both settings
+
+
+def test_a_runs_peak_memory_leaves_out_what_an_earlier_run_freed():
+    """Under keep_freed_memory, 800 MB freed by an earlier run (8 MB blocks, below the mmap
+    threshold) stays in the process; reset_peak_memory hands it back, so a later run in the same
+    process (a sequential sweep's next cell) does not count it in its peak."""
+    keep_freed_memory()
+    reset_peak_memory()
+    before = peak_memory_mb()
+    blocks = [torch.ones(2_000_000) for _ in range(100)]
+    assert peak_memory_mb() > before + 700
+    del blocks
+    reset_peak_memory()
+    assert peak_memory_mb() < before + 200
 
 
 # --- bf16 copies of frozen weights (train.frozen_dtype) ----------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import resource
 import sys
 from pathlib import Path
@@ -22,22 +23,35 @@ MMAP_THRESHOLD = 32 << 20  # glibc's largest: blocks above it are still mapped (
 NEVER_TRIM = 2**31 - 1
 
 
+def _glibc_function(name: str):
+    """glibc's `name` (mallopt, malloc_trim), or None under another C library (musl and others)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Apply the settings above where the C library is glibc; True if applied."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and others: no mallopt
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
 
 
 def reset_peak_memory() -> None:
     """Start a run's peak-memory count afresh, so that runs in one process (a sweep) each report
-    their own peak: CUDA's allocator statistics, and on Linux the process's peak RSS (VmHWM)."""
+    their own peak: CUDA's allocator statistics, and on Linux the process's peak RSS (VmHWM).
+    What an earlier run freed is handed back to the kernel first: kept in the process (the settings
+    above never trim), it would count in this run's peak."""
+    gc.collect()
+    malloc_trim = _glibc_function("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
     if torch.cuda.is_available():
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     try:
         Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size
