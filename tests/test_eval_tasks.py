@@ -303,7 +303,7 @@ def test_missing_template_field_names_file_line_and_field(tmp_path):
     [
         ({"type": "multiple_choice", "prompt": "{q}"}, [{"q": "x", "choices": ["a", "b"], "answer": "C"}], "neither an index nor a letter", True),
         ({"type": "multiple_choice", "prompt": "{q}"}, [{"q": "x", "choices": ["a"], "answer": "0"}], "at least two choices", True),
-        ({"type": "code_pass_at_k", "prompt": "{prompt}"}, [{"prompt": "def f():\n", "entry_point": "f"}], "string field 'test'", True),
+        ({"type": "code_pass_at_k", "prompt": "{prompt}"}, [{"prompt": "def f():\n", "entry_point": "f"}], "`program` uses the field 'test'", True),
         ({"type": "json_fields", "prompt": "{q}", "answer": "{a}"}, [{"q": "x", "a": "not json"}], "must be a JSON object", True),
         ({"type": "json_fields", "prompt": "{q}", "answer": "{a}"}, [{"q": "x", "a": "[1, 2]"}], "must be a JSON object", True),
         ({"type": "classification", "labels": {"0": "a"}}, [{"text": "x", "label": "0"}], "needs a `prompt` template", False),
@@ -539,6 +539,40 @@ def test_humaneval_chat_runs_the_replys_code_block_after_the_problem(tmp_path, t
     assert metrics["pass@1"] == pytest.approx(0.5)
     assert all(by_prompt[key].startswith("Complete the following Python function") and rows[key]["prompt"] in by_prompt[key] for key in picked)
     assert stub.calls[0][1]["stop"] == ["\n```\n"]
+
+
+MBPP_ROWS = [  # MBPP's layout: a description, the reference code, asserts in a list, setup code
+    {"task_id": 11, "text": "Write a function to add two numbers.", "code": "def add(a, b):\n    return a + b",
+     "test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"], "test_setup_code": ""},
+    {"task_id": 12, "text": "Write a function to square a number.", "code": "def square(x):\n    return x * x",
+     "test_list": ["assert square(3) == 9", "assert square(-2) == square(2) == 4"], "test_setup_code": "import math"},
+]
+
+
+def test_mbpp_style_rows_run_through_a_program_template(tmp_path, tiny, monkeypatch):
+    """A task YAML scores MBPP-layout rows: a list of asserts renders one per line, both in the prompt
+    and in the program; the reply's code block is the code. Task 12's reply is wrong for x < 0."""
+    write_jsonl(tmp_path / "mbpp.jsonl", MBPP_ROWS)
+    task = load_task(write_yaml(tmp_path / "mbpp.yaml", {
+        "type": "code_pass_at_k", "data": "mbpp.jsonl", "chat": False,
+        "prompt": "{text}\nYour code should pass these tests:\n{test_list}\n",
+        "program": "{test_setup_code}\n{completion_code}\n\n{test_list}\n",
+    }))
+    replies = {11: "```python\ndef add(a, b):\n    return a + b\n```", 12: "Sure:\n```python\ndef square(x):\n    return x * abs(x)\n```"}
+    stub = stub_generate(monkeypatch, lambda prompt, _: replies[11 if "add two" in prompt else 12])
+    metrics, records = run_task(*tiny, task)
+    assert [r["id"] for r in records] == ["11", "12"]
+    assert [r["passed"] for r in records] == [[True], [False]] and metrics["pass@1"] == 0.5
+    assert records[1]["errors"] == ["AssertionError"]
+    assert stub.calls[0][0][0] == "Write a function to add two numbers.\nYour code should pass these tests:\nassert add(1, 2) == 3\nassert add(-1, 1) == 0\n"
+
+
+def test_a_code_row_without_a_field_its_program_uses_names_file_line_and_field(tmp_path, tiny):
+    data = write_jsonl(tmp_path / "mbpp.jsonl", [MBPP_ROWS[0], {k: v for k, v in MBPP_ROWS[1].items() if k != "test_list"}])
+    task = load_task(write_yaml(tmp_path / "mbpp.yaml", {"type": "code_pass_at_k", "data": str(data), "prompt": "{text}", "program": "{completion_code}\n{test_list}"}))
+    with pytest.raises(TunelabError) as err:
+        run_task(*tiny, task)
+    assert f"{data}:2" in str(err.value) and "'test_list'" in str(err.value) and "`program`" in str(err.value)
 
 
 def test_json_fields_on_the_quickstart_task(tiny, monkeypatch):

