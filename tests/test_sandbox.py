@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.eval.sandbox import SandboxLimits, SandboxResult, run_python
+from tunelab.eval.sandbox import OUTPUT_LIMIT, SandboxLimits, SandboxResult, run_python
 
 FAST = SandboxLimits(timeout_s=10.0)
 SECRET = "tunelab-sandbox-secret-7f3a9c"
@@ -284,6 +284,28 @@ def test_a_detached_background_process_dies_with_the_program():
     assert not result.timed_out and result.passed
     assert result.seconds < limits.timeout_s
     assert live_processes_mentioning(workdir_of(result)) == []
+
+
+def test_a_program_that_leaves_the_session_is_killed_at_the_timeout():
+    """The program itself calls setsid (out of the process group the parent kills) and sleeps
+    forever: the timeout still ends it, run_python returns, and none of it is left running."""
+    program = "import os, time\nprint(os.getcwd(), flush=True)\nos.setsid()\nwhile True:\n    time.sleep(0.05)\n"
+    limits = SandboxLimits(timeout_s=1.0)
+    result = run_python(program, limits)
+    require_layers(result, namespaces=True)
+    assert result.timed_out and not result.passed
+    assert result.seconds < limits.timeout_s + 5
+    assert live_processes_mentioning(workdir_of(result)) == []
+
+
+def test_endless_output_is_cut_by_the_file_size_limit():
+    """Printing without end fails at the file-size limit (16 MB of output), long before the
+    timeout, and the result keeps only the last OUTPUT_LIMIT characters."""
+    result = run_python("import os\nprint(os.getcwd(), flush=True)\nwhile True:\n    print('x' * 100_000)\n", SandboxLimits(timeout_s=30.0))
+    require_layers(result)
+    assert not result.passed and not result.timed_out
+    assert len(result.stdout) <= OUTPUT_LIMIT and set(result.stdout.strip()) == {"x"}
+    assert "File too large" in result.stderr
 
 
 def test_memory_beyond_the_limit_fails():

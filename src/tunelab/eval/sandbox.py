@@ -4,8 +4,8 @@ Each program gets its own temporary folder (removed afterwards) and runs under `
 which applies what the OS offers: new user/network/PID namespaces, resource limits (CPU time,
 memory, file size, open files, processes) and Landlock (reads only under the Python installation
 and system libraries, writes only in its folder, no TCP). Here, the parent puts the child in its
-own session and kills the whole process group at the wall-clock timeout and after every run, so
-nothing it started outlives it. `SandboxResult.layers` records which layers the kernel allowed.
+own session; at the wall-clock timeout it asks the child to end the program's namespace (SIGTERM),
+and after every run it kills the child's process group, so nothing the program started outlives it. `SandboxResult.layers` records which layers the kernel allowed.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 
 CHILD = Path(__file__).with_name("sandbox_child.py")
 OUTPUT_LIMIT = 4096  # characters of stdout/stderr kept per run
+KILL_GRACE_S = 5.0  # after the timeout's SIGTERM, how long the child may take to end the namespace
 SYSTEM_LIBRARIES = ["/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/local/lib", "/etc/ld.so.cache"]
 
 
@@ -69,39 +70,60 @@ def run_python(program: str, limits: SandboxLimits = SandboxLimits()) -> Sandbox
         }
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
         started = time.perf_counter()
-        process = subprocess.Popen(
-            [sys.executable, "-I", str(CHILD), json.dumps(settings), str(path)],
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        timed_out = False
-        try:
-            stdout, stderr = process.communicate(timeout=limits.timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(process.pid)
-            stdout, stderr = process.communicate()
-        finally:
-            _kill_group(process.pid)  # anything it left behind
-        seconds = time.perf_counter() - started
-    err = stderr.decode("utf-8", "replace")
+        # Output goes to unnamed files, capped by the file-size limit: a program printing without
+        # end fills no memory here.
+        with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+            process = subprocess.Popen(
+                [sys.executable, "-I", str(CHILD), json.dumps(settings), str(path)],
+                cwd=workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                start_new_session=True,
+            )
+            timed_out = False
+            try:
+                process.wait(timeout=limits.timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                process.terminate()  # the child ends the program's namespace, then exits
+                try:
+                    process.wait(timeout=KILL_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    pass
+            finally:
+                _kill_group(process.pid)  # anything left in its process group, and the child itself
+                process.kill()
+                process.wait()
+            seconds = time.perf_counter() - started
+            layers_line = _head(stderr, 1024).partition(b"\n")[0].decode("utf-8", "replace")
+            out, err = _tail(stdout), _tail(stderr)
     layers = {}
-    if err.startswith("SANDBOX-LAYERS "):
-        first, _, err = err.partition("\n")
-        layers = json.loads(first.removeprefix("SANDBOX-LAYERS "))
+    if layers_line.startswith("SANDBOX-LAYERS "):
+        layers = json.loads(layers_line.removeprefix("SANDBOX-LAYERS "))
+        err = err.removeprefix(layers_line + "\n")
     return SandboxResult(
         passed=not timed_out and process.returncode == 0,
         returncode=None if timed_out else process.returncode,
         timed_out=timed_out,
-        stdout=stdout.decode("utf-8", "replace")[-OUTPUT_LIMIT:],
-        stderr=err[-OUTPUT_LIMIT:],
+        stdout=out,
+        stderr=err,
         seconds=seconds,
         layers=layers,
     )
+
+
+def _head(file, size: int) -> bytes:
+    file.seek(0)
+    return file.read(size)
+
+
+def _tail(file) -> str:
+    """The last OUTPUT_LIMIT characters of an output file (read as at most 4 bytes each)."""
+    end = file.seek(0, os.SEEK_END)
+    file.seek(max(0, end - 4 * OUTPUT_LIMIT))
+    return file.read().decode("utf-8", "replace")[-OUTPUT_LIMIT:]
 
 
 def _kill_group(pgid: int) -> None:

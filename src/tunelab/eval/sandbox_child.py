@@ -5,7 +5,9 @@
 In order, before the untrusted program runs:
 1. a new user, network and PID namespace (where the kernel lets unprivileged users make them):
    no network interface but a down loopback, and the program runs as PID 1 of its own PID
-   namespace, so when it ends (or is killed) the kernel kills every process it started;
+   namespace, so when it ends (or is killed) the kernel kills every process it started. This
+   script, outside, waits for it; on SIGTERM (the parent's timeout) it kills the namespace and
+   exits once every process in it is gone, and if it is killed outright the program dies with it;
 2. resource limits: CPU seconds, address space, file size, open files, processes;
 3. Landlock (Linux ≥ 5.13): files readable only under the Python installation and the system
    library folders, writable only under the program's own folder; TCP bind/connect denied (ABI ≥ 4);
@@ -20,10 +22,11 @@ import ctypes
 import json
 import os
 import resource
+import signal
 import sys
 
 CLONE_NEWUSER, CLONE_NEWNET, CLONE_NEWPID = 0x10000000, 0x40000000, 0x20000000
-PR_SET_NO_NEW_PRIVS = 38
+PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG = 38, 1
 NOBODY = 65534
 # Landlock system calls (the same numbers on every architecture of the generic syscall table).
 SYS_CREATE_RULESET, SYS_ADD_RULE, SYS_RESTRICT_SELF = 444, 445, 446
@@ -70,10 +73,22 @@ def enter_namespaces(libc) -> bool:
             f.write(text)
     child = os.fork()
     if child:  # outside: wait for the namespace's init and exit with its status
+        signal.signal(signal.SIGTERM, lambda *_: end_namespace(child))
         _, status = os.waitpid(child, 0)
         code = os.waitstatus_to_exitcode(status)
         os._exit(code if code >= 0 else 128 - code)
+    # Killed with us even where our end skips end_namespace (a SIGKILL): the program may leave our
+    # process group and session (setsid), so the parent's group kill alone would miss it.
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     return True
+
+
+def end_namespace(init: int) -> None:
+    """Kill the namespace's init and wait for it: the kernel has then killed and reaped every
+    process of the namespace, so nothing the program started is left when we exit."""
+    os.kill(init, signal.SIGKILL)
+    os.waitpid(init, 0)
+    os._exit(128 + signal.SIGKILL)
 
 
 def own_process_count() -> int:
