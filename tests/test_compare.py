@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 import tunelab
@@ -81,10 +82,13 @@ def test_unknown_sweep_key_names_its_line(tmp_path):
         load_sweep(path)
 
 
-def test_cells_with_one_name_are_refused(tmp_path):
-    path = write_sweep(tmp_path, [{"method": {"name": "lora", "r": 2}}, {"method": {"name": "lora", "r": 4}}])
-    with pytest.raises(TunelabError, match="share a name"):
-        load_sweep(path)
+@pytest.mark.parametrize("grid", [
+    [{"method": {"name": "lora", "r": 2}}, {"method": {"name": "lora", "r": 4}}],  # one default name
+    [{"name": "lora r2", "method": {"name": "lora", "r": 2}}, {"name": "lora_r2", "method": {"name": "lora", "r": 4}}],  # one folder
+])
+def test_cells_sharing_a_run_folder_are_refused(tmp_path, grid):
+    with pytest.raises(TunelabError, match="share a run folder"):
+        load_sweep(write_sweep(tmp_path, grid))
 
 
 def test_pareto_front():
@@ -154,6 +158,41 @@ def test_running_again_trains_nothing_and_gives_the_same_leaderboard(finished, m
     ]
 
 
+@pytest.mark.parametrize(("change", "changed_key"), [
+    (lambda sweep: sweep["grid"][1]["train"].update(lr=5e-2), "config.train.lr"),
+    (lambda sweep: sweep["task"].update(prompt="Text: {sentence}\nLabel:"), "task.prompt"),
+])
+def test_a_finished_cell_is_not_reused_for_another_config_or_task(finished, monkeypatch, change, changed_key):
+    """Editing a sweep after its cells finished does not pass their old results off as new ones:
+    the rerun stops, naming the changed key, before training or scoring anything."""
+    path, _ = finished
+    raw = yaml.safe_load(path.read_text())
+    change(raw)
+    edited = write_yaml(path.with_name("edited.yaml"), raw)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("ran a cell instead of refusing the changed one")
+
+    monkeypatch.setattr(tunelab, "train", refuse)
+    monkeypatch.setattr(harness, "evaluate_task", refuse)
+    with pytest.raises(TunelabError, match=rf"another config or task \(at [^)]*{changed_key}"):
+        compare(edited)
+
+
+def test_zero_shot_loads_the_base_configs_model_with_all_its_options(tmp_path, monkeypatch):
+    path = write_sweep(tmp_path, GRID)
+    seen = []
+
+    def capture(target, task, **kwargs):
+        seen.append(target)
+        raise TunelabError("captured")
+
+    monkeypatch.setattr(harness, "evaluate_task", capture)
+    with pytest.raises(TunelabError, match="captured"):
+        compare(path)
+    assert seen == [load_sweep(path).base.model]
+
+
 def cell_outcome(run_dir: Path) -> tuple[dict, dict]:
     return json.loads((run_dir / "cell.json").read_text())["metrics"], load_file(run_dir / "adapter" / "adapter.safetensors")
 
@@ -192,7 +231,8 @@ def test_other_backends_give_the_sequential_results(backend, finished, tmp_path)
     path, rows = finished
     other = write_sweep(tmp_path, GRID, seeds=(0, 1))
     if backend == "ray":
-        ray = pytest.importorskip("ray")
+        import ray
+
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         got = compare(other, backend=backend, workers=2)

@@ -39,11 +39,11 @@ def training_losses(metrics_path: Path) -> tuple[list[int], list[float]]:
     return [r["step"] for r in steps], [r["loss"] for r in steps]
 
 
-def plot_loss_curves(curves: dict[str, Path], out_path: Path, title: str = "training loss per cell") -> Path:
-    """One training-loss line per named run (`curves`: label -> metrics.jsonl)."""
+def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], out_path: Path, title: str = "training loss per cell") -> Path:
+    """One training-loss line per named run (`curves`: label -> its (step, loss) points)."""
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for label, metrics_path in curves.items():
-        ax.plot(*training_losses(metrics_path), label=label, lw=1.1)
+    for label, points in curves.items():
+        ax.plot([step for step, _ in points], [loss for _, loss in points], label=label, lw=1.1)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / target token)")
     ax.set_yscale("log")

@@ -96,6 +96,8 @@ def compare_command(
     backend: str = typer.Option("sequential", help="sequential | process | ray"),
     workers: int = typer.Option(2, help="worker processes (--backend process)"),
     ray_address: Optional[str] = typer.Option(None, help="a Ray cluster to join (--backend ray; default: start one here)"),
+    ray_cpus_per_cell: float = typer.Option(1, help="CPUs each cell holds on Ray (its torch threads)"),
+    ray_gpus_per_cell: float = typer.Option(0, help="GPUs each cell holds on Ray (0: it trains on CPU)"),
 ):
     """Train every cell of a sweep under one budget, score each on the task, write the leaderboard."""
 
@@ -104,7 +106,7 @@ def compare_command(
 
         from tunelab.compare import compare
 
-        rows = compare(sweep_file, overrides, backend, workers, ray_address)
+        rows = compare(sweep_file, overrides, backend, workers, ray_address, ray_cpus_per_cell, ray_gpus_per_cell)
         for row in rows:
             rank = "-" if row["rank"] is None else row["rank"]
             console.print(f"{rank:>3}  {escape(row['cell']):<32} {row['score_mean']:.4f} ± {row['score_std']:.4f}  {row['trainable_params']:,} params")

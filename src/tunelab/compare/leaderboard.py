@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import statistics
-from pathlib import Path
 
 from tunelab.compare.sweep import Sweep, lower_is_better
 from tunelab.errors import TunelabError
@@ -89,7 +88,7 @@ def write_leaderboard(sweep: Sweep, records: list[dict]) -> list[dict]:
     trained = [r for r in rows if r["method"] != "none"]
     baseline = next((r["score_mean"] for r in rows if r["method"] == "none"), None)
     plot_pareto(trained, sweep.metric, out / "pareto.png", not lower_is_better(sweep.metric), baseline)
-    curves = {r["cell"]: Path(r["run_dir"]) / "metrics.jsonl" for r in records if r["method"] != "none" and r["seed"] == sweep.config.seeds[0]}
+    curves = {r["cell"]: r["train_losses"] for r in records if r["method"] != "none" and r["seed"] == sweep.config.seeds[0]}
     plot_loss_curves(curves, out / "loss_curves.png")
     return rows
 

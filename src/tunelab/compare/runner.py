@@ -4,9 +4,13 @@ A cell's run directory holds its training run and, once scored, `cell.json`. Run
 skips every cell with a `cell.json`, scores a cell that finished training but not its eval, resumes
 a cell that left checkpoints (exactly: resume is bitwise), and restarts one that left neither.
 
+A finished cell is skipped only if its record was made with the same run config and task.
+
 Backends: `sequential` (in this process, one cell after another), `process` (a local pool of
 worker processes, the CPU cores split among them) and `ray` (one Ray task per cell, on whatever
-cluster `ray.init` connects to: a laptop, or `--ray-address` for a real one).
+cluster `ray.init` connects to: a laptop, or `--ray-address` for a real one). The driver keeps what
+each Ray task returns, so the leaderboard and its plots need no storage shared with the nodes;
+run directories stay where their cells ran.
 """
 
 from __future__ import annotations
@@ -34,12 +38,13 @@ def run_cell(name: str, seed: int, config: dict, task: dict, threads: int | None
     import tunelab
     from tunelab.eval.harness import evaluate_task
     from tunelab.eval.tasks import TaskConfig
+    from tunelab.plots import training_losses
     from tunelab.train.checkpoint import list_checkpoints
 
     run_dir = Path(config["output"])
     done = run_dir / CELL_RESULT
     if done.is_file():
-        return json.loads(done.read_text())
+        return finished_record(done, config, task)
     if threads:
         torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -48,6 +53,7 @@ def run_cell(name: str, seed: int, config: dict, task: dict, threads: int | None
         tunelab.train(config, resume=resume, overwrite=not resume and run_dir.exists())
     report = json.loads((run_dir / "report.json").read_text())
     evaluation = evaluate_task(run_dir, TaskConfig.model_validate(task))  # into run_dir/eval/<task>/
+    steps, losses = training_losses(run_dir / "metrics.jsonl")
     record = {
         "cell": name,
         "seed": seed,
@@ -61,8 +67,24 @@ def run_cell(name: str, seed: int, config: dict, task: dict, threads: int | None
         "wall_seconds": time.perf_counter() - started,
         "resumed_from_step": report.get("resumed_from_step"),
         "run_dir": str(run_dir),
+        "train_losses": [list(point) for point in zip(steps, losses)],  # the loss curve, wherever the run dir lives
+        "config": config,
+        "task": task,
     }
     write_json_atomic(done, record)
+    return record
+
+
+def finished_record(done: Path, config: dict, task: dict) -> dict:
+    """A finished cell's record, once its config and task are checked to be the sweep's."""
+    from tunelab.config import flatten_keys
+
+    record = json.loads(done.read_text())
+    saved, current = flatten_keys({"config": record.get("config", {}), "task": record.get("task", {})}), flatten_keys({"config": config, "task": task})
+    changed = sorted(key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key))
+    if changed:
+        raise TunelabError(f"{done}: this finished cell was run with another config or task (at {', '.join(changed[:8])}); "
+                           f"remove {done.parent} to run it again, or give the sweep another output")
     return record
 
 
@@ -72,43 +94,52 @@ def run_zero_shot(sweep: Sweep) -> dict:
 
     folder = sweep.output / "zero_shot"
     done = folder / CELL_RESULT
+    model, task = sweep.base.model.model_dump(), sweep.task.model_dump()
     if done.is_file():
-        return json.loads(done.read_text())
-    model = sweep.base.model
-    evaluation = evaluate_task(model.name, sweep.task, out=folder, device=model.device, dtype=model.dtype)
+        return finished_record(done, model, task)
+    evaluation = evaluate_task(sweep.base.model, sweep.task, out=folder)
     record = {"cell": "zero-shot (base model)", "seed": None, "method": "none", "metrics": evaluation["metrics"], "trainable_params": 0,
               "peak_memory_mb": None, "tokens_per_s": None, "train_seconds": 0.0, "eval_seconds": evaluation["seconds"],
-              "wall_seconds": evaluation["seconds"], "resumed_from_step": None, "run_dir": str(folder)}
+              "wall_seconds": evaluation["seconds"], "resumed_from_step": None, "run_dir": str(folder), "train_losses": [],
+              "config": model, "task": task}
     write_json_atomic(done, record)
     return record
 
 
-def run_sweep(sweep: Sweep, backend: str = "sequential", workers: int = 2, ray_address: str | None = None) -> list[dict]:
+def run_sweep(sweep: Sweep, backend: str = "sequential", workers: int = 2, ray_address: str | None = None,
+              ray_cpus_per_cell: float = 1, ray_gpus_per_cell: float = 0) -> list[dict]:
     """Every cell's record, in grid order (zero-shot first when the sweep asks for it)."""
     if backend not in BACKENDS:
         raise TunelabError(f"--backend {backend}: use one of {', '.join(BACKENDS)}")
-    records = [run_zero_shot(sweep)] if sweep.config.zero_shot else []
+    zero_shot = [run_zero_shot(sweep)] if sweep.config.zero_shot else []
     task = sweep.task.model_dump()
     jobs = [(cell.name, cell.seed, cell.config, task) for cell in sweep.cells]
-    pending = [job for job, cell in zip(jobs, sweep.cells) if not (cell.run_dir / CELL_RESULT).is_file()]
-    console.print(f"sweep: {len(jobs)} cells, {len(jobs) - len(pending)} already done, backend {backend}")
+    records = {i: run_cell(*job) for i, (job, cell) in enumerate(zip(jobs, sweep.cells)) if (cell.run_dir / CELL_RESULT).is_file()}
+    pending = [i for i in range(len(jobs)) if i not in records]
+    console.print(f"sweep: {len(jobs)} cells, {len(records)} already done, backend {backend}")
     if backend == "sequential":
-        for number, job in enumerate(pending, 1):
-            console.rule(f"cell {number}/{len(pending)}: {job[0]} (seed {job[1]})")
-            run_cell(*job)
+        for number, i in enumerate(pending, 1):
+            console.rule(f"cell {number}/{len(pending)}: {jobs[i][0]} (seed {jobs[i][1]})")
+            records[i] = run_cell(*jobs[i])
     elif backend == "process":
         threads = max(1, (os.cpu_count() or 1) // workers)
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(run_cell, *job, threads): job for job in pending}
+            futures = {pool.submit(run_cell, *jobs[i], threads): i for i in pending}
             for future in as_completed(futures):
-                record = future.result()
+                records[futures[future]] = record = future.result()
                 console.print(f"cell done: {record['cell']} (seed {record['seed']})")
     else:
-        _run_on_ray(pending, ray_address)
-    return records + [run_cell(*job) for job in jobs]  # each now reads its cell.json
+        results = _run_on_ray([jobs[i] for i in pending], ray_address, ray_cpus_per_cell, ray_gpus_per_cell)
+        for i, record in zip(pending, results):
+            records[i] = record
+            done = sweep.cells[i].run_dir / CELL_RESULT
+            if not done.is_file():  # the cell ran on another node, without storage shared with this one
+                write_json_atomic(done, record)
+    return zero_shot + [records[i] for i in range(len(jobs))]
 
 
-def _run_on_ray(jobs: list[tuple], address: str | None) -> None:
+def _run_on_ray(jobs: list[tuple], address: str | None, cpus: float, gpus: float) -> list[dict]:
+    """The jobs' records, each cell one Ray task holding `cpus` CPUs (its torch threads) and `gpus` GPUs."""
     try:
         import ray
     except ImportError:
@@ -117,8 +148,8 @@ def _run_on_ray(jobs: list[tuple], address: str | None) -> None:
     if started_here:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
-        remote_cell = ray.remote(num_cpus=1)(run_cell)
-        ray.get([remote_cell.remote(*job) for job in jobs])
+        remote_cell = ray.remote(num_cpus=cpus, num_gpus=gpus)(run_cell)
+        return ray.get([remote_cell.remote(*job, max(1, int(cpus))) for job in jobs])
     finally:
         if started_here:
             ray.shutdown()

@@ -78,10 +78,6 @@ class Cell:
     def run_dir(self) -> Path:
         return Path(self.config["output"])
 
-    @property
-    def key(self) -> str:
-        return f"{self.name}/seed-{self.seed}"
-
 
 @dataclass
 class Sweep:
@@ -134,10 +130,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
                 cell_raw["output"] = str(run_dir)
                 parse_config(cell_raw, f"{path}: grid[{index}] ({name})")  # fails early, naming the cell
                 cells.append(Cell(name, seed, cell_raw))
-    names = [c.key for c in cells]
-    repeated = sorted({n for n in names if names.count(n) > 1})
+    folders = [c.run_dir for c in cells]
+    repeated = sorted({c.name for c in cells if folders.count(c.run_dir) > 1})
     if repeated:
-        raise TunelabError(f"{path}: grid cells share a name: {repeated} (give them distinct `name`s)")
+        raise TunelabError(f"{path}: grid cells share a run folder: {repeated} (give them distinct `name`s)")
     return Sweep(config, base, task, cells, output, str(path), metric)
 
 

@@ -97,7 +97,7 @@ def _override_items(overrides) -> list[tuple[str, Any]]:
     if not overrides:
         return []
     if isinstance(overrides, dict):
-        return list(_flatten(overrides))
+        return list(flatten_keys(overrides).items())
     items = []
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -111,13 +111,13 @@ def _override_items(overrides) -> list[tuple[str, Any]]:
     return items
 
 
-def _flatten(d: dict, prefix: str = ""):
-    for key, value in d.items():
+def flatten_keys(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {dotted key: leaf value} (an empty mapping is a leaf)."""
+    flat = {}
+    for key, value in tree.items():
         path = f"{prefix}.{key}" if prefix else key
-        if isinstance(value, dict) and value:
-            yield from _flatten(value, path)
-        else:
-            yield path, value
+        flat.update(flatten_keys(value, path) if isinstance(value, dict) and value else {path: value})
+    return flat
 
 
 def _set_path(raw: dict, key: str, value: Any) -> None:

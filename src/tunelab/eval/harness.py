@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from tunelab.config.schema import ModelConfig
 from tunelab.console import console
 from tunelab.errors import TunelabError
 from tunelab.eval.generation import generate
@@ -198,14 +199,16 @@ def _argmax(values: list[float]) -> int:
 # ---- Targets and files
 
 
-def load_target(target: str | Path, device: str | None = None, dtype: str | None = None, base_model: str | None = None):
+def load_target(target: str | Path | ModelConfig, device: str | None = None, dtype: str | None = None, base_model: str | None = None):
     """(model, tokenizer, kind) of what to evaluate: a run directory, a peft adapter directory
-    (on its base model, or `base_model`), or a model (hub id, local folder, tunelab alias)."""
-    from tunelab.config.schema import ModelConfig
+    (on its base model, or `base_model`), or a model (hub id, local folder, tunelab alias, or a
+    run config's `model` section, all of its options kept)."""
     from tunelab.export import import_peft
     from tunelab.models import load_model
     from tunelab.train.artifacts import load_run
 
+    if isinstance(target, ModelConfig):
+        return (*load_model(target), "model")
     path = Path(target)
     if (path / "config.yaml").is_file():
         loaded = load_run(path, device=device, dtype=dtype)
@@ -220,7 +223,7 @@ def load_target(target: str | Path, device: str | None = None, dtype: str | None
     return model, tokenizer, "model"
 
 
-def evaluate_task(target: str | Path, task: TaskConfig, out: str | Path | None = None, device: str | None = None,
+def evaluate_task(target: str | Path | ModelConfig, task: TaskConfig, out: str | Path | None = None, device: str | None = None,
                   dtype: str | None = None, base_model: str | None = None) -> dict:
     """Score `target` on `task`; write eval.json and eval_samples.jsonl into `out` (default: the
     run directory's `eval/<task>/`, else `runs/eval/<task>/`)."""
@@ -232,7 +235,7 @@ def evaluate_task(target: str | Path, task: TaskConfig, out: str | Path | None =
     results = {
         "task": task.name,
         "type": task.type,
-        "target": str(target),
+        "target": target.name if isinstance(target, ModelConfig) else str(target),
         "target_kind": kind,
         "data": task.data,
         "n": len(records),

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from tunelab.config import RunConfig, dump_config, load_config
+from tunelab.config import RunConfig, dump_config, flatten_keys, load_config
 from tunelab.console import console
 from tunelab.data.batching import make_batch, split_by_tokens
 from tunelab.data.dataset import build_datasets
@@ -291,19 +291,11 @@ def _init_output(output: Path, config: RunConfig, replaced: list[str]) -> None:
 
 
 def _check_resumable(saved_path: Path, config: RunConfig) -> None:
-    saved, current = _flatten(load_config(saved_path).to_dict()), _flatten(config.to_dict())
+    saved, current = flatten_keys(load_config(saved_path).to_dict()), flatten_keys(config.to_dict())
     ignored = {f"train.{key}" for key in RESUMABLE_CHANGES}
     changed = sorted(k for k in saved.keys() | current.keys() if k not in ignored and saved.get(k) != current.get(k))
     if changed:
         raise TunelabError(f"--resume: the config differs from the run's saved config.yaml at {', '.join(changed)}")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        flat.update(_flatten(value, path + ".") if isinstance(value, dict) else {path: value})
-    return flat
 
 
 def _truncate_metrics(path: Path, after_step: int) -> None:
