@@ -276,6 +276,23 @@ def test_generate_decodes_real_text(chaotic_tiny):
     assert not any(token in o for o in outputs for token in ("<pad>", "<s>", "</s>"))
 
 
+def test_generate_cuts_at_stop_strings_and_keeps_code_indent(chaotic_tiny):
+    """With a stop string (taken from one free completion), each completion is its free text cut
+    before the string's first occurrence; the others run on unchanged. keep_indent keeps leading
+    whitespace that the default strips."""
+    model, tokenizer = chaotic_tiny
+    free = generate(model, tokenizer, PROMPTS, max_new_tokens=16, keep_indent=True)
+    text = free[1]
+    start = next(j for j in range(2, len(text) - 1)
+                 if text[j : j + 2].isascii() and text[j : j + 2].isprintable() and text[j : j + 2].strip() == text[j : j + 2] and text.find(text[j : j + 2]) == j)
+    stop = text[start : start + 2]
+    stopped = generate(model, tokenizer, PROMPTS, max_new_tokens=16, keep_indent=True, stop=[stop])
+    assert stopped == [f[: f.find(stop)].rstrip() if stop in f else f for f in free]
+    assert stopped[1] == text[:start].rstrip() and len(stopped[1]) < len(text)
+    assert generate(model, tokenizer, PROMPTS, max_new_tokens=16) == [f.strip() for f in free]
+    assert any(f != f.lstrip() for f in free)  # some completion starts with whitespace that keep_indent kept
+
+
 # --- evaluate() ---------------------------------------------------------------------------------------
 
 

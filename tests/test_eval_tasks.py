@@ -321,6 +321,16 @@ def test_rows_a_task_type_cannot_use_are_refused(tmp_path, options, rows, messag
 
 
 @pytest.mark.skipif(not (SHARED / "sst2" / "dev.tsv").is_file(), reason="needs ../shared/data/sst2/dev.tsv")
+def test_sst2_reads_glue_order_by_header_and_other_files_by_position(tmp_path):
+    """The built-in sst2 reads GLUE's `sentence, label` file by its header, and a file whose header
+    does not name both columns (the shared `label, content`) by position."""
+    glue = write_tsv(tmp_path / "glue.tsv", ["sentence", "label"], [["a fine film", "1"], ["dull", "0"]])
+    other = write_tsv(tmp_path / "other.tsv", ["label", "content"], [["1", "a fine film"], ["0", "dull"]])
+    for path in (glue, other):
+        samples = task_samples(load_task("sst2", path), chat=False)
+        assert [(s.reference, s.row["sentence"]) for s in samples] == [("1", "a fine film"), ("0", "dull")]
+
+
 def test_sst2_reads_the_shared_dev_file(tiny):
     """Optional: the built-in SST-2 task reads the GLUE dev TSV (label<TAB>sentence)."""
     task = load_task("sst2", SHARED / "sst2" / "dev.tsv", ["max_samples=6"])

@@ -4,7 +4,8 @@ prompt and a reference, and which metric scores the model (`tunelab eval --task`
     type: classification            # math_exact | multiple_choice | classification |
                                     # code_pass_at_k | json_fields | exact_match | perplexity
     data: ../shared/data/sst2/dev.tsv   # .jsonl .json .csv .tsv (.gz too); relative to the YAML
-    columns: [label, sentence]      # a delimited file's column names, by position (header skipped)
+    columns: [label, sentence]      # a delimited file's column names, by position (header skipped),
+                                    # unless its header has them all
     prompt: "Review: {sentence}\\nSentiment:"   # a template over the row's fields
     labels: {"0": negative, "1": positive}
 
@@ -100,7 +101,8 @@ BUILTIN: dict[str, dict] = {
         "answer": "{answer}",
         "max_new_tokens": 320,
     },
-    # SST-2 (GLUE TSVs: `label<TAB>sentence`, 1 = positive), scored by the likelier label word.
+    # SST-2 (TSVs of `label<TAB>sentence`, or GLUE's `sentence<TAB>label` with that header; 1 =
+    # positive), scored by the likelier label word.
     "sst2": {
         "type": "classification",
         "columns": ["label", "sentence"],
@@ -206,7 +208,9 @@ def read_task_rows(path: str | Path, columns: list[str] | None = None) -> list[t
         header = next(reader, None)
         if header is None:
             raise TunelabError(f"{path}: the file is empty")
-        names = columns or header
+        # `columns` name the fields by position, unless the header names them all (in any order:
+        # GLUE's SST-2 is `sentence, label`, other copies `label, sentence`).
+        names = header if not columns or set(columns) <= set(header) else columns
         rows = []
         for number, values in enumerate(reader, 2):
             if not values:
