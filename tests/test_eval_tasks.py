@@ -508,6 +508,20 @@ def test_code_pass_at_k_equals_the_closed_form(tmp_path, tiny, monkeypatch):
     assert options["keep_indent"] is True and options["temperature"] == 0.8
 
 
+def test_a_kernel_without_namespaces_or_landlock_gets_a_warning(tmp_path, tiny, monkeypatch, capsys):
+    from tunelab.eval.sandbox import SandboxResult
+
+    data = write_jsonl(tmp_path / "code.jsonl", CODE_ROWS)
+    task = load_task(write_yaml(tmp_path / "code.yaml", {"type": "code_pass_at_k", "data": str(data), "prompt": "{prompt}", "chat": False}))
+    stub_generate(monkeypatch, lambda prompt, i: COMPLETIONS[prompt][0])
+    bare = {"namespaces": False, "landlock_abi": 0, "rlimits": True}
+    monkeypatch.setattr(harness, "run_python", lambda program, limits: SandboxResult(True, 0, False, "", "", 0.1, bare))
+    metrics, _ = run_task(*tiny, task)
+    assert metrics["sandbox"] == bare
+    out = " ".join(capsys.readouterr().err.split())
+    assert "refused the sandbox's namespaces and Landlock" in out
+
+
 def test_humaneval_canonical_solutions_pass_and_stubs_fail(tiny, monkeypatch):
     """The program the harness assembles (prompt + completion + tests + check(entry_point)) passes
     with HumanEval's canonical solutions; a body that returns None fails."""

@@ -109,6 +109,10 @@ def score_code_pass_at_k(model, tokenizer, task, samples: list[Sample]) -> tuple
         })
     metrics = {f"pass@{k}": float(estimate_pass_at_k(task.samples, correct, k).mean()) for k in task.k}
     metrics["sandbox"] = results[0].layers if results else {}
+    missing = [name for name, on in (("namespaces", metrics["sandbox"].get("namespaces")), ("Landlock", metrics["sandbox"].get("landlock_abi"))) if not on]
+    if results and missing:
+        console.print(f"[yellow]warning:[/] this kernel refused the sandbox's {' and '.join(missing)}: model-written code ran under resource limits "
+                      "only (it could read files and use the network); run untrusted code on a machine that allows them")
     return metrics, records
 
 
