@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 import tunelab
 from helpers import assert_tensors_equal, tiny_run_config, write_records_data, write_yaml
 from tunelab.compare import compare, load_sweep
+from tunelab.compare.runner import run_cell
 from tunelab.compare.sweep import FIXED_TRAIN_KEYS
 from tunelab.errors import TunelabError
 from tunelab.eval import harness
@@ -191,6 +192,29 @@ def test_zero_shot_loads_the_base_configs_model_with_all_its_options(tmp_path, m
     with pytest.raises(TunelabError, match="captured"):
         compare(path)
     assert seen == [load_sweep(path).base.model]
+
+
+def test_a_resumed_cells_wall_seconds_count_the_interrupted_attempts_time(tmp_path, monkeypatch):
+    """A cell resumed from a checkpoint reports the earlier attempt's training seconds up to that
+    checkpoint (1000 + 5 here) plus this attempt's time, not this attempt's alone."""
+    sweep = load_sweep(write_sweep(tmp_path, GRID[:1]))
+    cell = sweep.cells[0]
+    checkpoint = cell.run_dir / "checkpoints" / "step-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.json").write_text(json.dumps({"state": {"step": 2, "tokens_seen": 10, "train_seconds": 1000.0, "prepare_seconds": 5.0}}))
+
+    def resumed_train(config, resume, overwrite):
+        assert resume
+        (cell.run_dir / "metrics.jsonl").write_text('{"step": 3, "loss": 1.0}\n')
+        report = {"method": "lora", "trainable_params": 1, "peak_memory_mb": 1.0, "tokens_per_s": 1.0, "train_seconds": 1500.0,
+                  "prepare_seconds": 5.0, "resumed_from_step": 2}
+        (cell.run_dir / "report.json").write_text(json.dumps(report))
+
+    monkeypatch.setattr(tunelab, "train", resumed_train)
+    monkeypatch.setattr(harness, "evaluate_task", lambda run_dir, task: {"metrics": {"accuracy": 1.0}, "seconds": 0.5})
+    record = run_cell(cell.name, cell.seed, cell.config, sweep.task.model_dump())
+    assert 1005 <= record["wall_seconds"] < 1005 + 60
+    assert record["train_losses"] == [[3, 1.0]]
 
 
 def cell_outcome(run_dir: Path) -> tuple[dict, dict]:

@@ -48,9 +48,16 @@ def run_cell(name: str, seed: int, config: dict, task: dict, threads: int | None
     if threads:
         torch.set_num_threads(threads)
     started = time.perf_counter()
-    if not (run_dir / "report.json").is_file():
-        resume = bool(list_checkpoints(run_dir / "checkpoints"))
-        tunelab.train(config, resume=resume, overwrite=not resume and run_dir.exists())
+    # Seconds an interrupted earlier attempt spent on what this one keeps (its training up to the
+    # checkpoint resumed from, or all of it): counted in the cell's wall seconds.
+    earlier = 0.0
+    if (run_dir / "report.json").is_file():
+        earlier = _training_seconds(json.loads((run_dir / "report.json").read_text()))
+    else:
+        checkpoints = list_checkpoints(run_dir / "checkpoints")
+        if checkpoints:
+            earlier = _training_seconds(json.loads((checkpoints[-1] / "state.json").read_text())["state"])
+        tunelab.train(config, resume=bool(checkpoints), overwrite=not checkpoints and run_dir.exists())
     report = json.loads((run_dir / "report.json").read_text())
     evaluation = evaluate_task(run_dir, TaskConfig.model_validate(task))  # into run_dir/eval/<task>/
     steps, losses = training_losses(run_dir / "metrics.jsonl")
@@ -64,7 +71,7 @@ def run_cell(name: str, seed: int, config: dict, task: dict, threads: int | None
         "tokens_per_s": report["tokens_per_s"],
         "train_seconds": report["train_seconds"],
         "eval_seconds": evaluation["seconds"],
-        "wall_seconds": time.perf_counter() - started,
+        "wall_seconds": earlier + time.perf_counter() - started,
         "resumed_from_step": report.get("resumed_from_step"),
         "run_dir": str(run_dir),
         "train_losses": [list(point) for point in zip(steps, losses)],  # the loss curve, wherever the run dir lives
@@ -73,6 +80,10 @@ def run_cell(name: str, seed: int, config: dict, task: dict, threads: int | None
     }
     write_json_atomic(done, record)
     return record
+
+
+def _training_seconds(state: dict) -> float:
+    return state["train_seconds"] + state["prepare_seconds"]
 
 
 def finished_record(done: Path, config: dict, task: dict) -> dict:
