@@ -159,13 +159,14 @@ def test_running_again_trains_nothing_and_gives_the_same_leaderboard(finished, m
     ]
 
 
-@pytest.mark.parametrize(("change", "changed_key"), [
-    (lambda sweep: sweep["grid"][1]["train"].update(lr=5e-2), "config.train.lr"),
-    (lambda sweep: sweep["task"].update(prompt="Text: {sentence}\nLabel:"), "task.prompt"),
+@pytest.mark.parametrize(("change", "changed_key", "unscored"), [
+    (lambda sweep: sweep["grid"][1]["train"].update(lr=5e-2), "train.lr", False),
+    (lambda sweep: sweep["grid"][1]["train"].update(lr=5e-2), "train.lr", True),  # trained, its eval not yet done
+    (lambda sweep: sweep["task"].update(prompt="Text: {sentence}\nLabel:"), "task.prompt", False),
 ])
-def test_a_finished_cell_is_not_reused_for_another_config_or_task(finished, monkeypatch, change, changed_key):
-    """Editing a sweep after its cells finished does not pass their old results off as new ones:
-    the rerun stops, naming the changed key, before training or scoring anything."""
+def test_a_finished_cell_is_not_reused_for_another_config_or_task(finished, monkeypatch, change, changed_key, unscored):
+    """Editing a sweep after its cells trained does not pass their old results (or models) off as
+    new ones: the rerun stops, naming the changed key, before training or scoring anything."""
     path, _ = finished
     raw = yaml.safe_load(path.read_text())
     change(raw)
@@ -176,8 +177,17 @@ def test_a_finished_cell_is_not_reused_for_another_config_or_task(finished, monk
 
     monkeypatch.setattr(tunelab, "train", refuse)
     monkeypatch.setattr(harness, "evaluate_task", refuse)
-    with pytest.raises(TunelabError, match=rf"another config or task \(at [^)]*{changed_key}"):
-        compare(edited)
+    records = sorted((path.parent / "out" / "cells" / "ia3").glob("seed-*/cell.json"))
+    saved = [r.read_text() for r in records]
+    try:
+        if unscored:
+            for record in records:
+                record.unlink()
+        with pytest.raises(TunelabError, match=rf"another config or task \(at [^)]*{changed_key}"):
+            compare(edited)
+    finally:
+        for record, text in zip(records, saved):
+            record.write_text(text)
 
 
 def test_zero_shot_loads_the_base_configs_model_with_all_its_options(tmp_path, monkeypatch):

@@ -4,7 +4,8 @@ A cell's run directory holds its training run and, once scored, `cell.json`. Run
 skips every cell with a `cell.json`, scores a cell that finished training but not its eval, resumes
 a cell that left checkpoints (exactly: resume is bitwise), and restarts one that left neither.
 
-A finished cell is skipped only if its record was made with the same run config and task.
+A finished cell is reused only if its run's config.yaml is the cell's config (its `output` aside)
+and its record was scored on the same task.
 
 Backends: `sequential` (in this process, one cell after another), `process` (a local pool of
 worker processes, the CPU cores split among them) and `ray` (one Ray task per cell, on whatever
@@ -36,15 +37,21 @@ def run_cell(name: str, seed: int, config: dict, task: dict, threads: int | None
     import torch
 
     import tunelab
+    from tunelab.config import parse_config
     from tunelab.eval.harness import evaluate_task
     from tunelab.eval.tasks import TaskConfig
     from tunelab.plots import training_losses
     from tunelab.train.checkpoint import list_checkpoints
+    from tunelab.train.loop import config_changes
 
     run_dir = Path(config["output"])
     done = run_dir / CELL_RESULT
+    if (run_dir / "report.json").is_file():  # trained: by this config? (and scored on this task?)
+        _refuse_changes(run_dir, config_changes(run_dir / "config.yaml", parse_config(config), frozenset({"output"})))
     if done.is_file():
-        return finished_record(done, config, task)
+        record = json.loads(done.read_text())
+        _refuse_changes(run_dir, task_changes(record, task))
+        return record
     if threads:
         torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -75,7 +82,6 @@ def run_cell(name: str, seed: int, config: dict, task: dict, threads: int | None
         "resumed_from_step": report.get("resumed_from_step"),
         "run_dir": str(run_dir),
         "train_losses": [list(point) for point in zip(steps, losses)],  # the loss curve, wherever the run dir lives
-        "config": config,
         "task": task,
     }
     write_json_atomic(done, record)
@@ -86,17 +92,23 @@ def _training_seconds(state: dict) -> float:
     return state["train_seconds"] + state["prepare_seconds"]
 
 
-def finished_record(done: Path, config: dict, task: dict) -> dict:
-    """A finished cell's record, once its config and task are checked to be the sweep's."""
+def task_changes(record: dict, task: dict) -> list[str]:
+    """Where the task a record was scored on differs from `task` (both as validated, so that a
+    JSON round trip does not count as a change)."""
     from tunelab.config import flatten_keys
+    from tunelab.eval.tasks import TaskConfig
 
-    record = json.loads(done.read_text())
-    saved, current = flatten_keys({"config": record.get("config", {}), "task": record.get("task", {})}), flatten_keys({"config": config, "task": task})
-    changed = sorted(key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key))
+    if "task" not in record:
+        return ["task"]
+    saved = flatten_keys(TaskConfig.model_validate(record["task"]).model_dump(mode="json"))
+    current = flatten_keys(TaskConfig.model_validate(task).model_dump(mode="json"))
+    return [f"task.{key}" for key in sorted(saved.keys() | current.keys()) if saved.get(key) != current.get(key)]
+
+
+def _refuse_changes(folder: Path, changed: list[str]) -> None:
     if changed:
-        raise TunelabError(f"{done}: this finished cell was run with another config or task (at {', '.join(changed[:8])}); "
-                           f"remove {done.parent} to run it again, or give the sweep another output")
-    return record
+        raise TunelabError(f"{folder}: this finished cell was run with another config or task (at {', '.join(changed[:8])}); "
+                           f"remove {folder} to run it again, or give the sweep another output")
 
 
 def run_zero_shot(sweep: Sweep) -> dict:
@@ -105,9 +117,12 @@ def run_zero_shot(sweep: Sweep) -> dict:
 
     folder = sweep.output / "zero_shot"
     done = folder / CELL_RESULT
-    model, task = sweep.base.model.model_dump(), sweep.task.model_dump()
+    model, task = sweep.base.model.model_dump(mode="json"), sweep.task.model_dump()
     if done.is_file():
-        return finished_record(done, model, task)
+        record = json.loads(done.read_text())
+        changed = task_changes(record, task) + (["model"] if record.get("config") != model else [])
+        _refuse_changes(folder, changed)
+        return record
     evaluation = evaluate_task(sweep.base.model, sweep.task, out=folder)
     record = {"cell": "zero-shot (base model)", "seed": None, "method": "none", "metrics": evaluation["metrics"], "trainable_params": 0,
               "peak_memory_mb": None, "tokens_per_s": None, "train_seconds": 0.0, "eval_seconds": evaluation["seconds"],
@@ -145,6 +160,7 @@ def run_sweep(sweep: Sweep, backend: str = "sequential", workers: int = 2, ray_a
             records[i] = record
             done = sweep.cells[i].run_dir / CELL_RESULT
             if not done.is_file():  # the cell ran on another node, without storage shared with this one
+                done.parent.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(done, record)
     return zero_shot + [records[i] for i in range(len(jobs))]
 

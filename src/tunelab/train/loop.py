@@ -290,10 +290,16 @@ def _init_output(output: Path, config: RunConfig, replaced: list[str]) -> None:
     dump_config(config, output / "config.yaml")
 
 
-def _check_resumable(saved_path: Path, config: RunConfig) -> None:
+def config_changes(saved_path: Path, config: RunConfig, ignored: frozenset[str] = frozenset()) -> list[str]:
+    """The dotted keys where `config` differs from a run's saved config.yaml, except those that
+    may change on resume (checkpoint and logging cadence) and `ignored`."""
     saved, current = flatten_keys(load_config(saved_path).to_dict()), flatten_keys(config.to_dict())
-    ignored = {f"train.{key}" for key in RESUMABLE_CHANGES}
-    changed = sorted(k for k in saved.keys() | current.keys() if k not in ignored and saved.get(k) != current.get(k))
+    ignored = ignored | {f"train.{key}" for key in RESUMABLE_CHANGES}
+    return sorted(k for k in saved.keys() | current.keys() if k not in ignored and saved.get(k) != current.get(k))
+
+
+def _check_resumable(saved_path: Path, config: RunConfig) -> None:
+    changed = config_changes(saved_path, config)
     if changed:
         raise TunelabError(f"--resume: the config differs from the run's saved config.yaml at {', '.join(changed)}")
 
