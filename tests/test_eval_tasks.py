@@ -519,7 +519,7 @@ def test_a_kernel_without_namespaces_or_landlock_gets_a_warning(tmp_path, tiny, 
     metrics, _ = run_task(*tiny, task)
     assert metrics["sandbox"] == bare
     out = " ".join(capsys.readouterr().err.split())
-    assert "refused the sandbox's namespaces and Landlock" in out
+    assert "could not apply its namespaces and Landlock" in out
 
 
 def test_humaneval_canonical_solutions_pass_and_stubs_fail(tiny, monkeypatch):
@@ -571,6 +571,15 @@ MBPP_ROWS = [  # MBPP's layout: a description, the reference code, asserts in a 
     {"task_id": 12, "text": "Write a function to square a number.", "code": "def square(x):\n    return x * x",
      "test_list": ["assert square(3) == 9", "assert square(-2) == square(2) == 4"], "test_setup_code": "import math"},
 ]
+
+
+def test_a_list_field_renders_one_per_line_and_still_indexes():
+    from tunelab.eval.tasks import render
+
+    row = {"q": "Capital?", "choices": ["Paris", "London"], "ids": [1, 2]}
+    assert render("{q}\n{choices}", row, "f:1", "prompt") == "Capital?\nParis\nLondon"
+    assert render("A. {choices[0]} B. {choices[1]}", row, "f:1", "prompt") == "A. Paris B. London"
+    assert render("{ids}", row, "f:1", "prompt") == "[1, 2]"  # not strings: as Python writes them
 
 
 def test_mbpp_style_rows_run_through_a_program_template(tmp_path, tiny, monkeypatch):

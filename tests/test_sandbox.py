@@ -104,6 +104,26 @@ def test_layers_report_namespaces_landlock_and_rlimits():
     require_layers(result, namespaces=True, landlock=4)  # ABI 4: Landlock also restricts TCP
 
 
+def test_the_program_cannot_forge_the_layers_it_ran_under():
+    """The layers come over a pipe closed before the program starts: writing a fake report to every
+    descriptor it might have, or over its own stderr, changes nothing."""
+    fake = '{"namespaces": false, "landlock_abi": 0, "rlimits": false}'
+    program = (
+        "import os\n"
+        "for fd in range(3, 64):\n"
+        "    try:\n"
+        f"        os.write(fd, {fake!r}.encode())\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "os.lseek(2, 0, 0)\n"
+        f"os.write(2, b'SANDBOX-LAYERS ' + {fake!r}.encode() + b'\\n')\n"
+    )
+    result = run_python(program, FAST)
+    assert result.passed, result.stderr
+    require_layers(result, namespaces=True, landlock=1)
+    assert result.stderr.startswith("SANDBOX-LAYERS")  # what the program wrote, as its output
+
+
 def test_the_program_runs_as_pid_1_of_its_own_pid_namespace():
     result = run_python("import os\nprint(os.getpid())\n", FAST)
     require_layers(result, namespaces=True)

@@ -111,7 +111,7 @@ def score_code_pass_at_k(model, tokenizer, task, samples: list[Sample]) -> tuple
     metrics["sandbox"] = results[0].layers if results else {}
     missing = [name for name, on in (("namespaces", metrics["sandbox"].get("namespaces")), ("Landlock", metrics["sandbox"].get("landlock_abi"))) if not on]
     if results and missing:
-        console.print(f"[yellow]warning:[/] this kernel refused the sandbox's {' and '.join(missing)}: model-written code ran under resource limits "
+        console.print(f"[yellow]warning:[/] the sandbox could not apply its {' and '.join(missing)} here: model-written code ran under resource limits "
                       "only (it could read files and use the network); run untrusted code on a machine that allows them")
     return metrics, records
 
@@ -212,7 +212,7 @@ def load_target(target: str | Path | ModelConfig, device: str | None = None, dty
     from tunelab.train.artifacts import load_run
 
     if isinstance(target, ModelConfig):
-        return (*load_model(target), "model")
+        return (*load_model(target.model_copy(update={k: v for k, v in {"device": device, "dtype": dtype}.items() if v})), "model")
     path = Path(target)
     if (path / "config.yaml").is_file():
         loaded = load_run(path, device=device, dtype=dtype)

@@ -69,40 +69,46 @@ def run_python(program: str, limits: SandboxLimits = SandboxLimits()) -> Sandbox
             "readable": python_install_folders() + SYSTEM_LIBRARIES,
         }
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+        layers_pipe, settings["layers_fd"] = os.pipe()
+        os.set_blocking(layers_pipe, False)
         started = time.perf_counter()
         # Output goes to unnamed files, capped by the file-size limit: a program printing without
         # end fills no memory here.
         with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
-            process = subprocess.Popen(
-                [sys.executable, "-I", str(CHILD), json.dumps(settings), str(path)],
-                cwd=workdir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=stdout,
-                stderr=stderr,
-                start_new_session=True,
-            )
+            try:
+                process = subprocess.Popen(
+                    [sys.executable, "-I", str(CHILD), json.dumps(settings), str(path)],
+                    cwd=workdir,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=stdout,
+                    stderr=stderr,
+                    start_new_session=True,
+                    pass_fds=(settings["layers_fd"],),
+                )
+            finally:
+                os.close(settings["layers_fd"])
+            layers: dict = {}
             timed_out = False
             try:
                 process.wait(timeout=limits.timeout_s)
             except subprocess.TimeoutExpired:
                 timed_out = True
-                process.terminate()  # the child ends the program's namespace, then exits
-                try:
-                    process.wait(timeout=KILL_GRACE_S)
-                except subprocess.TimeoutExpired:
-                    pass
+                layers = _read_layers(layers_pipe)
+                if layers.get("namespaces"):
+                    process.terminate()  # the child ends the program's namespace, then exits
+                    try:
+                        process.wait(timeout=KILL_GRACE_S)
+                    except subprocess.TimeoutExpired:
+                        pass
             finally:
                 _kill_group(process.pid)  # anything left in its process group, and the child itself
                 process.kill()
                 process.wait()
+                layers = layers or _read_layers(layers_pipe)
+                os.close(layers_pipe)
             seconds = time.perf_counter() - started
-            layers_line = _head(stderr, 1024).partition(b"\n")[0].decode("utf-8", "replace")
             out, err = _tail(stdout), _tail(stderr)
-    layers = {}
-    if layers_line.startswith("SANDBOX-LAYERS "):
-        layers = json.loads(layers_line.removeprefix("SANDBOX-LAYERS "))
-        err = err.removeprefix(layers_line + "\n")
     return SandboxResult(
         passed=not timed_out and process.returncode == 0,
         returncode=None if timed_out else process.returncode,
@@ -114,9 +120,12 @@ def run_python(program: str, limits: SandboxLimits = SandboxLimits()) -> Sandbox
     )
 
 
-def _head(file, size: int) -> bytes:
-    file.seek(0)
-    return file.read(size)
+def _read_layers(pipe: int) -> dict:
+    """The layers the child reported (empty until it has, or if it never could)."""
+    try:
+        return json.loads(os.read(pipe, 4096) or b"{}")
+    except (BlockingIOError, json.JSONDecodeError):
+        return {}
 
 
 def _tail(file) -> str:

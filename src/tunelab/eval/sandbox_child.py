@@ -12,8 +12,8 @@ In order, before the untrusted program runs:
 3. Landlock (Linux ≥ 5.13): files readable only under the Python installation and the system
    library folders, writable only under the program's own folder; TCP bind/connect denied (ABI ≥ 4);
    no signals or abstract unix sockets to processes outside (ABI ≥ 6).
-It prints one line `SANDBOX-LAYERS <json>` on stderr naming the layers it could apply, then
-executes the program as `__main__`; the exit status is the program's.
+It writes the layers it could apply as JSON to the pipe `layers_fd` of LIMITS_JSON and closes it,
+then executes the program as `__main__`; the exit status is the program's.
 """
 
 from __future__ import annotations
@@ -71,23 +71,30 @@ def enter_namespaces(libc) -> bool:
     for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
         with open(f"/proc/self/{name}", "w") as f:
             f.write(text)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # held until each side is ready for it
     child = os.fork()
     if child:  # outside: wait for the namespace's init and exit with its status
         signal.signal(signal.SIGTERM, lambda *_: end_namespace(child))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         _, status = os.waitpid(child, 0)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         code = os.waitstatus_to_exitcode(status)
         os._exit(code if code >= 0 else 128 - code)
     # Killed with us even where our end skips end_namespace (a SIGKILL): the program may leave our
     # process group and session (setsid), so the parent's group kill alone would miss it.
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     return True
 
 
 def end_namespace(init: int) -> None:
     """Kill the namespace's init and wait for it: the kernel has then killed and reaped every
     process of the namespace, so nothing the program started is left when we exit."""
-    os.kill(init, signal.SIGKILL)
-    os.waitpid(init, 0)
+    try:
+        os.kill(init, signal.SIGKILL)
+        os.waitpid(init, 0)
+    except (ProcessLookupError, ChildProcessError):  # already reaped
+        pass
     os._exit(128 + signal.SIGKILL)
 
 
@@ -152,8 +159,9 @@ def main() -> None:
     namespaced = enter_namespaces(libc)
     set_limits(limits, namespaced)
     landlock = restrict_files_and_network(libc, workdir, limits["readable"])
-    sys.stderr.write("SANDBOX-LAYERS " + json.dumps({"namespaces": namespaced, "landlock_abi": landlock, "rlimits": True}) + "\n")
-    sys.stderr.flush()
+    # On a pipe of its own, closed before the program runs: the program cannot rewrite it.
+    os.write(limits["layers_fd"], json.dumps({"namespaces": namespaced, "landlock_abi": landlock, "rlimits": True}).encode())
+    os.close(limits["layers_fd"])
     os.chdir(workdir)
     sys.argv = [program]
     sys.path.insert(0, workdir)

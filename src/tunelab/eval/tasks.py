@@ -222,8 +222,16 @@ def read_task_rows(path: str | Path, columns: list[str] | None = None) -> list[t
     raise TunelabError(f"{path}: unsupported task data type '{suffix}' (use .jsonl, .json, .csv or .tsv, optionally .gz)")
 
 
+class Lines(list):
+    """A list of strings that a template renders one per line (`{test_list}`); `{choices[0]}`
+    still indexes it."""
+
+    def __format__(self, spec: str) -> str:
+        return format("\n".join(self), spec)
+
+
 def render(template: str, row: dict, where: str, what: str) -> str:
-    fields = {key: "\n".join(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else value
+    fields = {key: Lines(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else value
               for key, value in row.items()}
     try:
         return template.format_map(fields)
