@@ -46,7 +46,8 @@ def run_cell(name: str, seed: int, config: dict, task: dict, threads: int | None
 
     run_dir = Path(config["output"])
     done = run_dir / CELL_RESULT
-    if (run_dir / "report.json").is_file():  # trained: by this config? (and scored on this task?)
+    trained = (run_dir / "report.json").is_file()
+    if trained:  # by this config? (and scored on this task?)
         _refuse_changes(run_dir, config_changes(run_dir / "config.yaml", parse_config(config), frozenset({"output"})))
     if done.is_file():
         record = json.loads(done.read_text())
@@ -55,17 +56,16 @@ def run_cell(name: str, seed: int, config: dict, task: dict, threads: int | None
     if threads:
         torch.set_num_threads(threads)
     started = time.perf_counter()
-    # Seconds an interrupted earlier attempt spent on what this one keeps (its training up to the
-    # checkpoint resumed from, or all of it): counted in the cell's wall seconds.
-    earlier = 0.0
-    if (run_dir / "report.json").is_file():
-        earlier = _training_seconds(json.loads((run_dir / "report.json").read_text()))
+    # `earlier`: seconds an interrupted earlier attempt spent on what this one keeps (all of its
+    # training, or the training up to the checkpoint resumed from): counted in the wall seconds.
+    if trained:
+        report = json.loads((run_dir / "report.json").read_text())
+        earlier = _training_seconds(report)
     else:
         checkpoints = list_checkpoints(run_dir / "checkpoints")
-        if checkpoints:
-            earlier = _training_seconds(json.loads((checkpoints[-1] / "state.json").read_text())["state"])
+        earlier = _training_seconds(json.loads((checkpoints[-1] / "state.json").read_text())["state"]) if checkpoints else 0.0
         tunelab.train(config, resume=bool(checkpoints), overwrite=not checkpoints and run_dir.exists())
-    report = json.loads((run_dir / "report.json").read_text())
+        report = json.loads((run_dir / "report.json").read_text())
     evaluation = evaluate_task(run_dir, TaskConfig.model_validate(task))  # into run_dir/eval/<task>/
     steps, losses = training_losses(run_dir / "metrics.jsonl")
     record = {
@@ -95,14 +95,13 @@ def _training_seconds(state: dict) -> float:
 def task_changes(record: dict, task: dict) -> list[str]:
     """Where the task a record was scored on differs from `task` (both as validated, so that a
     JSON round trip does not count as a change)."""
-    from tunelab.config import flatten_keys
+    from tunelab.config import changed_keys
     from tunelab.eval.tasks import TaskConfig
 
     if "task" not in record:
         return ["task"]
-    saved = flatten_keys(TaskConfig.model_validate(record["task"]).model_dump(mode="json"))
-    current = flatten_keys(TaskConfig.model_validate(task).model_dump(mode="json"))
-    return [f"task.{key}" for key in sorted(saved.keys() | current.keys()) if saved.get(key) != current.get(key)]
+    saved, current = (TaskConfig.model_validate(t).model_dump(mode="json") for t in (record["task"], task))
+    return [f"task.{key}" for key in changed_keys(saved, current)]
 
 
 def _refuse_changes(folder: Path, changed: list[str]) -> None:
@@ -113,6 +112,7 @@ def _refuse_changes(folder: Path, changed: list[str]) -> None:
 
 def run_zero_shot(sweep: Sweep) -> dict:
     """The untrained base model's score on the task (cached like a cell)."""
+    from tunelab.config import changed_keys
     from tunelab.eval.harness import evaluate_task
 
     folder = sweep.output / "zero_shot"
@@ -120,7 +120,7 @@ def run_zero_shot(sweep: Sweep) -> dict:
     model, task = sweep.base.model.model_dump(mode="json"), sweep.task.model_dump()
     if done.is_file():
         record = json.loads(done.read_text())
-        changed = task_changes(record, task) + (["model"] if record.get("config") != model else [])
+        changed = task_changes(record, task) + [f"model.{key}" for key in changed_keys(record.get("config", {}), model)]
         _refuse_changes(folder, changed)
         return record
     evaluation = evaluate_task(sweep.base.model, sweep.task, out=folder)

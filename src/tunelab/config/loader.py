@@ -120,6 +120,12 @@ def flatten_keys(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def changed_keys(saved: dict, current: dict, ignored: frozenset[str] = frozenset()) -> list[str]:
+    """The dotted keys (sorted) whose leaf values differ between two nested mappings, except `ignored`."""
+    saved, current = flatten_keys(saved), flatten_keys(current)
+    return sorted(k for k in saved.keys() | current.keys() if k not in ignored and saved.get(k) != current.get(k))
+
+
 def _set_path(raw: dict, key: str, value: Any) -> None:
     node = raw
     parts = key.split(".")

@@ -5,7 +5,8 @@ which applies what the OS offers: new user/network/PID namespaces, resource limi
 memory, file size, open files, processes) and Landlock (reads only under the Python installation
 and system libraries, writes only in its folder, no TCP). Here, the parent puts the child in its
 own session; at the wall-clock timeout it asks the child to end the program's namespace (SIGTERM),
-and after every run it kills the child's process group, so nothing the program started outlives it. `SandboxResult.layers` records which layers the kernel allowed.
+and after every run it kills the child's process group, so nothing the program started outlives
+it. `SandboxResult.layers` records which layers the kernel allowed.
 """
 
 from __future__ import annotations

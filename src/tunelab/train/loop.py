@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from tunelab.config import RunConfig, dump_config, flatten_keys, load_config
+from tunelab.config import RunConfig, changed_keys, dump_config, load_config
 from tunelab.console import console
 from tunelab.data.batching import make_batch, split_by_tokens
 from tunelab.data.dataset import build_datasets
@@ -293,9 +293,7 @@ def _init_output(output: Path, config: RunConfig, replaced: list[str]) -> None:
 def config_changes(saved_path: Path, config: RunConfig, ignored: frozenset[str] = frozenset()) -> list[str]:
     """The dotted keys where `config` differs from a run's saved config.yaml, except those that
     may change on resume (checkpoint and logging cadence) and `ignored`."""
-    saved, current = flatten_keys(load_config(saved_path).to_dict()), flatten_keys(config.to_dict())
-    ignored = ignored | {f"train.{key}" for key in RESUMABLE_CHANGES}
-    return sorted(k for k in saved.keys() | current.keys() if k not in ignored and saved.get(k) != current.get(k))
+    return changed_keys(load_config(saved_path).to_dict(), config.to_dict(), ignored | {f"train.{key}" for key in RESUMABLE_CHANGES})
 
 
 def _check_resumable(saved_path: Path, config: RunConfig) -> None:
