@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
 import tunelab
-from tunelab.data.records_task import make_splits
+from tunelab.data.records_task import make_preference_splits, make_splits
 from tunelab.train import loop
 
 TINY_MODEL = "tiny-random-llama"
@@ -30,10 +36,17 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
 
 def write_records_data(directory: str | Path, n_train: int, n_eval: int = 0, seed: int = 0) -> tuple[Path, Path | None]:
     """The synthetic record-extraction task as `train.jsonl` (and `eval.jsonl` when n_eval > 0)."""
-    directory = Path(directory)
-    train_rows, eval_rows = make_splits(n_train, n_eval, seed)
-    train_file = write_jsonl(directory / "train.jsonl", train_rows)
-    eval_file = write_jsonl(directory / "eval.jsonl", eval_rows) if n_eval else None
+    return _write_splits(Path(directory), "", *make_splits(n_train, n_eval, seed))
+
+
+def write_preference_data(directory: str | Path, n_train: int, n_eval: int = 0, seed: int = 0) -> tuple[Path, Path | None]:
+    """The record-extraction task as conversational preference pairs (a corrupted record rejected)."""
+    return _write_splits(Path(directory), "pairs_", *make_preference_splits(n_train, n_eval, seed))
+
+
+def _write_splits(directory: Path, prefix: str, train_rows: list[dict], eval_rows: list[dict]) -> tuple[Path, Path | None]:
+    train_file = write_jsonl(directory / f"{prefix}train.jsonl", train_rows)
+    eval_file = write_jsonl(directory / f"{prefix}eval.jsonl", eval_rows) if eval_rows else None
     return train_file, eval_file
 
 
@@ -46,6 +59,7 @@ def tiny_run_config(
     data: dict | None = None,
     method: dict | None = None,
     train: dict | None = None,
+    objective: dict | None = None,
 ) -> dict:
     """A run config (as a dict) for `tiny-random-llama` in fp32 on the CPU: small, fast, deterministic.
 
@@ -77,6 +91,8 @@ def tiny_run_config(
         config["method"] = {}
     for section, values in (("model", model), ("data", data), ("method", method), ("train", train)):
         config[section].update(copy.deepcopy(values or {}))
+    if objective is not None:
+        config["objective"] = copy.deepcopy(objective)
     return config
 
 
@@ -138,3 +154,61 @@ def train_keeping_model(monkeypatch, config: dict):
     monkeypatch.setattr(loop, "build_optimizer", build_and_keep)
     result = tunelab.train(config)
     return result, kept
+
+
+DRIVER = """\
+import sys
+
+import tunelab
+
+tunelab.train(sys.argv[1], resume="--resume" in sys.argv[2:])
+"""
+
+
+def kill_and_resume(tmp_path: Path, config: dict, kill_after: int) -> tuple[Path, Path]:
+    """Run `config` twice in subprocesses: once uninterrupted, once SIGKILLed as soon as its
+    checkpoint `step-{kill_after}` exists and then resumed with --resume. Returns the run
+    directories (killed-and-resumed, uninterrupted), both finished."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    src_dir = Path(tunelab.__file__).resolve().parents[1]
+    configs = {name: write_yaml(tmp_path / f"{name}.yaml", {**config, "output": str(tmp_path / name)}) for name in ("uninterrupted", "killed")}
+
+    def start(name: str, resume: bool = False) -> subprocess.Popen:
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(src_dir),
+            "TUNELAB_CACHE": str(tmp_path / f"cache-{name}"),
+            # Two runs at once: one thread each, as spinning OpenMP threads of both would fight for
+            # the cores. Every process gets the same count, so their arithmetic stays identical.
+            "OMP_NUM_THREADS": "1",
+        }
+        log = (tmp_path / f"{name}{'-resume' if resume else ''}.log").open("w")
+        argv = [sys.executable, str(driver), str(configs[name])] + (["--resume"] if resume else [])
+        return subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+
+    def log_of(name: str) -> str:
+        return (tmp_path / f"{name}.log").read_text()[-3000:]
+
+    uninterrupted = start("uninterrupted")
+    killed = start("killed")
+    run_dir = tmp_path / "killed"
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / f"step-{kill_after}").is_dir():
+        if killed.poll() is not None:
+            pytest.fail(f"the run exited (rc {killed.returncode}) before step {kill_after}:\n{log_of('killed')}")
+        if time.monotonic() > deadline:
+            killed.kill()
+            pytest.fail(f"no checkpoint step-{kill_after} within 120 s:\n{log_of('killed')}")
+        time.sleep(0.01)
+    finished_before_kill = (run_dir / "report.json").exists()
+    os.kill(killed.pid, signal.SIGKILL)
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+    assert not finished_before_kill and not (run_dir / "report.json").exists(), "the kill came after the run ended"
+    assert not (run_dir / "adapter").exists() and not (run_dir / "model").exists()
+
+    resumed = start("killed", resume=True)
+    assert resumed.wait(timeout=300) == 0, log_of("killed-resume")
+    assert uninterrupted.wait(timeout=300) == 0, log_of("uninterrupted")
+    assert not [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
+    return run_dir, tmp_path / "uninterrupted"

@@ -27,7 +27,7 @@ from tunelab.data.batching import make_batch
 from tunelab.export import export_run, import_peft
 from tunelab.methods import build_method
 from tunelab.models.tiny import tiny_llama, tiny_tokenizer
-from tunelab.train.artifacts import load_run
+from tunelab.runs import load_run
 
 PROBE_TEXT = "On March 3, 2021, Maria Lopez (34) from Lisbon paid $1,299.00."
 

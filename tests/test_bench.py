@@ -1,10 +1,12 @@
-"""`tunelab bench`: both sides train the same samples, the JSON has the contract's keys, and the
-FLOP count follows its formula. Speed itself is measured by running the bench, never asserted here.
+"""`tunelab bench`: both sides train the same samples (SFT against HF Trainer + peft, DPO against
+TRL's DPOTrainer + peft), the JSON has the contract's keys, and the FLOP count follows its formula.
+Speed itself is measured by running the bench, never asserted here.
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -14,7 +16,8 @@ from typer.testing import CliRunner
 from tunelab.bench import Workload, run_bench
 from tunelab.bench.flops import training_flops
 from tunelab.bench.runner import longest_trainable
-from tunelab.bench.workload import SYNTHETIC, run_config, write_splits
+from tunelab.bench import runner
+from tunelab.bench.workload import RECORD_PAIRS, SYNTHETIC, run_config, write_splits
 from tunelab.cli.main import app
 from tunelab.methods.lora import Lora, LoraOptions
 from tunelab.models.tiny import tiny_llama
@@ -52,6 +55,49 @@ def test_both_sides_train_the_same_samples_to_the_same_model(bench_result):
     assert tunelab["eval_loss"] == pytest.approx(hf["eval_loss"], rel=1e-4)
 
 
+@pytest.fixture(scope="module")
+def dpo_result(tmp_path_factory, module_cache):
+    out = tmp_path_factory.mktemp("bench-dpo") / "bench.json"
+    # fp32 frozen weights: on CPUs with fast bf16 matmuls tunelab's default multiplies the policy by
+    # bf16 copies but runs the reference (adapter off) on the fp32 weights, which moves step 1 off ln 2.
+    dpo = {"objective": "dpo", "data": None, "batch_size": 2, "eval_samples": 2, "frozen_dtype": "float32"}
+    workload = Workload(**(TINY.as_dict() | dpo))
+    with pytest.MonkeyPatch.context() as patch:  # the peak is measured by the SFT bench above; skip it here
+        patch.setattr(runner, "matmul_peak_gflops", lambda dtype=None: 1.0)
+        run_bench(workload, out)
+    return json.loads(out.read_text())
+
+
+def test_dpo_bench_trains_the_same_pairs_as_trl(dpo_result):
+    saved = dpo_result
+    assert saved["workload"]["objective"] == "dpo" and saved["workload"]["data"] == RECORD_PAIRS
+    tunelab, trl = saved["tunelab"], saved["trl"]
+    assert "hf_peft" not in saved
+    for side in (tunelab, trl):
+        assert side["tokens_per_s"] > 0 and side["peak_rss_mb"] > 0 and len(side["train_losses"]) == 2
+    # Both count the real tokens of every chosen and rejected sequence; the same LoRA init on both.
+    assert tunelab["tokens"] == trl["tokens"] == saved["workload"]["train_tokens"]
+    assert tunelab["trainable_params"] == trl["trainable_params"]
+    # LoRA starts at B = 0: the policy is its reference, so step 1 is ln 2 on both sides.
+    assert trl["step1_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert saved["step1_loss_diff"] == abs(tunelab["step1_loss"] - trl["step1_loss"]) < 1e-4
+    assert tunelab["final_train_loss"] == pytest.approx(trl["final_train_loss"], abs=1e-4)
+    assert tunelab["eval_loss"] == pytest.approx(trl["eval_loss"], abs=1e-4)
+    assert saved["speedup"] == pytest.approx(tunelab["tokens_per_s"] / trl["tokens_per_s"])
+    assert saved["memory_ratio"] == pytest.approx(tunelab["peak_rss_mb"] / trl["peak_rss_mb"])
+
+
+def test_dpo_workload_writes_preference_rows(tmp_path):
+    for data, kind in ((RECORD_PAIRS, list), (SYNTHETIC, str)):
+        workload = Workload(**(TINY.as_dict() | {"objective": "dpo", "data": data}))
+        train_path, eval_path = write_splits(workload, tmp_path / data)
+        train, held_out = json.loads(train_path.read_text()), json.loads(eval_path.read_text())
+        assert len(train) == 8 and len(held_out) == 4
+        assert all(isinstance(row["prompt"], kind) and row["chosen"] != row["rejected"] for row in train + held_out)
+    config = run_config(workload, train_path, eval_path, tmp_path / "run")
+    assert config["objective"] == {"name": "dpo", "beta": 0.1, "loss_type": "sigmoid"}
+
+
 def test_workload_splits_are_disjoint_and_cycled(tmp_path):
     workload = Workload(**(TINY.as_dict() | {"steps": 3}))
     train_path, eval_path = write_splits(workload, tmp_path)
@@ -77,6 +123,8 @@ def test_flop_count_follows_the_formula():
     )
     assert training_flops(model, samples) == pytest.approx(expected)
     assert training_flops(model, [(20, 4)]) > 2 * training_flops(model, [(10, 4)]), "attention grows quadratically"
+    forward = sum(2 * n * (frozen + trained) + t * 2 * head.weight.numel() + 2 * c.num_hidden_layers * attention_width * n * n for n, t in samples)
+    assert training_flops(model, samples, backward=False) == pytest.approx(forward)
 
 
 def test_long_context_probe_stops_at_the_memory_budget():
@@ -92,6 +140,17 @@ def test_bench_command_rejects_methods_without_an_hf_counterpart(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--method", "vera", "--out", str(tmp_path / "b.json")])
     assert result.exit_code == 1
     assert "only 'lora'" in result.output
+    assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [(["--objective", "kto"], "one of sft, dpo"), (["--objective", "dpo", "--long-context"], "--objective sft only")],
+)
+def test_bench_command_rejects_objectives_without_a_peer(tmp_path, options, message):
+    result = CliRunner().invoke(app, ["bench", *options, "--out", str(tmp_path / "b.json")])
+    assert result.exit_code == 1
+    assert message in result.output
     assert not (tmp_path / "b.json").exists()
 
 

@@ -21,9 +21,9 @@ import tunelab
 from helpers import read_metrics, read_report, tiny_run_config, write_jsonl, write_records_data, write_yaml
 from tunelab import quickstart
 from tunelab.cli.main import app
-from tunelab.eval import generate
+from tunelab.generation import generate
 from tunelab.models import load_model
-from tunelab.train.artifacts import load_run
+from tunelab.runs import load_run
 
 SRC_DIR = Path(tunelab.__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -694,7 +694,7 @@ def trained_run(tmp_path_factory, module_cache):
 def test_run_dir_and_peft_adapter_score_like_the_in_memory_model(tmp_path, trained_run):
     """A run directory and its exported peft adapter give the metrics of the run's load_run model,
     and they differ from the untrained base's (the adapter is applied)."""
-    from tunelab.train.artifacts import load_run
+    from tunelab.runs import load_run
 
     run, adapter = trained_run
     task = classification_task(tmp_path)

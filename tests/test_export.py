@@ -20,7 +20,7 @@ from helpers import load_adapter, tiny_run_config, write_records_data
 from tunelab.errors import TunelabError
 from tunelab.export import export_run
 from tunelab.models.tiny import tiny_llama, tiny_tokenizer
-from tunelab.train.artifacts import load_run
+from tunelab.runs import load_run
 
 PROBE_TEXT = "On March 3, 2021, Maria Lopez (34) from Lisbon paid $1,299.00."
 LAYER0_Q = "model.layers.0.self_attn.q_proj"

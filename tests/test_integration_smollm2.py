@@ -18,11 +18,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import tunelab
 from helpers import load_adapter, read_metrics, read_report, tiny_run_config, write_records_data
 from tunelab.config.schema import ModelConfig
-from tunelab.eval import evaluate, generate
+from tunelab.eval import evaluate
 from tunelab.export import export_run
+from tunelab.generation import generate
 from tunelab.models import load_model
 from tunelab.models.loader import SMOLLM2, _cached_gguf, _smollm2_gguf
-from tunelab.train.artifacts import load_run
+from tunelab.runs import load_run
 
 pytestmark = pytest.mark.integration
 

@@ -31,7 +31,7 @@ from peft_oracle import (
 from tunelab.errors import TunelabError
 from tunelab.export import export_run, import_peft
 from tunelab.methods.adalora import AdaLora, budget_schedule
-from tunelab.train.artifacts import load_run
+from tunelab.runs import load_run
 
 QV = ["q_proj", "v_proj"]
 # peft's own: rank-0 layers save as empty tensors (it suspects unsharded FSDP), and its LoRA check

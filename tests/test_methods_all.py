@@ -11,19 +11,19 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import tunelab
-from helpers import assert_tensors_equal, load_adapter, read_report, tiny_run_config, write_records_data
+from helpers import assert_tensors_equal, load_adapter, read_metrics, read_report, tiny_run_config, write_preference_data, write_records_data
 from peft_oracle import train_tiny_run_checked
 from tunelab.errors import TunelabError
-from tunelab.eval.generation import generate
 from tunelab.eval.likelihood import continuation_logprobs
 from tunelab.export import export_run
-from tunelab.methods import REGISTRY
-from tunelab.objectives.causal_lm import FORWARD_TARGETS
-from tunelab.train.artifacts import load_run
+from tunelab.generation import generate
+from tunelab.methods.registry import get_method_class, method_names
+from tunelab.methods.base import FORWARD_TARGETS
+from tunelab.runs import load_run
 
 # Small options where a method's defaults are sized for real models; every other option is the default.
 SMALL = {"prompt_tuning": {"num_virtual_tokens": 4}, "prefix_tuning": {"num_virtual_tokens": 4}}
-METHODS = sorted(REGISTRY)
+METHODS = method_names()
 
 
 def options(name: str) -> dict:
@@ -40,7 +40,7 @@ def test_resume_is_bitwise_exact(name, records, tmp_path):
     train_file, _ = records
     config = tiny_run_config(tmp_path / "run", train_file, method=options(name), train={"max_steps": 4, "save_every": 2, "keep_checkpoints": 5})
     tunelab.train(config)
-    weights = "model" if REGISTRY[name].artifact == "model" else "adapter"
+    weights = "model" if get_method_class(name).artifact == "model" else "adapter"
     finished = load_adapter(config["output"]) if weights == "adapter" else None
     report = tunelab.train(config, resume=True).report
     assert report["resumed_from_step"] == 2
@@ -97,7 +97,7 @@ def test_merged_export_equals_the_adapter_model_or_is_refused(name, records, tmp
     train_file, _ = records
     run = tunelab.train(tiny_run_config(tmp_path / "run", train_file, method=options(name), train={"max_steps": 2, "lr": 1e-2})).output_dir
     out = tmp_path / "merged"
-    if not REGISTRY[name].mergeable:
+    if not get_method_class(name).mergeable:
         with pytest.raises(TunelabError, match="cannot be merged"):
             export_run(run, "merged", out)
         assert not out.exists() and not list(tmp_path.glob(".merged-*"))
@@ -115,7 +115,7 @@ def test_training_moves_the_trainable_tensors_and_no_other_weight_and_reloads(na
     train_tiny_run_checked(monkeypatch, tmp_path, options(name))
 
 
-@pytest.mark.parametrize("name", [n for n in METHODS if REGISTRY[n].peft_type is None])
+@pytest.mark.parametrize("name", [n for n in METHODS if get_method_class(n).peft_type is None])
 def test_peft_export_of_a_method_peft_lacks_is_refused_writing_nothing(name, records, tmp_path):
     train_file, _ = records
     run = tunelab.train(tiny_run_config(tmp_path / "run", train_file, method=options(name), train={"max_steps": 1})).output_dir
@@ -123,3 +123,24 @@ def test_peft_export_of_a_method_peft_lacks_is_refused_writing_nothing(name, rec
     with pytest.raises(TunelabError, match="no peft equivalent"):
         export_run(run, "peft", out)
     assert not out.exists() and not list(tmp_path.glob(".exported-*"))
+
+
+@pytest.fixture(scope="module")
+def pairs(module_cache, tmp_path_factory):
+    return write_preference_data(tmp_path_factory.mktemp("pairs"), n_train=8, n_eval=2)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_trains_under_dpo_with_a_reference_equal_to_the_policy_at_step_0(name, pairs, tmp_path):
+    """Whatever reference a method gets (its adapter switched off, a frozen copy, or its initial
+    policy's precomputed log-probabilities), at step 0 it is the policy: the implicit rewards are 0
+    and the DPO loss is exactly ln 2 (plus the method's own regularization: AdaLoRA's)."""
+    train_file, eval_file = pairs
+    config = tiny_run_config(tmp_path / "run", train_file, eval_file, method=options(name), objective={"name": "dpo"}, train={"max_steps": 2, "lr": 1e-2})
+    report = tunelab.train(config).report
+    first = read_metrics(config["output"])[0]
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6) and first["rewards/rejected"] == pytest.approx(0.0, abs=1e-6)
+    if name != "adalora":
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert report["reference"] in ("adapter off", "frozen copy", "precomputed")
+    assert math.isfinite(report["eval_loss"])

@@ -12,9 +12,8 @@ from torch import nn
 from helpers import read_metrics
 from peft_oracle import assert_close, attach, fresh_base, probe_ids, randomize, smollm2_skeleton, train_tiny_run, train_tiny_run_checked, trainable_count
 from tunelab.errors import TunelabError
-from tunelab.methods import REGISTRY
 from tunelab.methods.base import replace_module
-from tunelab.methods.bottleneck import BottleneckAdapter, SeriesAdapterOptions
+from tunelab.methods.bottleneck import BottleneckAdapter, ParallelAdapterOptions, SeriesAdapterOptions
 from tunelab.train.loop import _enable_activation_checkpointing
 
 SUBLAYER = {"attention": "self_attn", "mlp": "mlp"}
@@ -223,6 +222,6 @@ def test_bad_options_fail_clearly(name, options, message):
 
 
 def test_defaults_are_the_papers():
-    series, parallel = SeriesAdapterOptions(), REGISTRY["parallel_adapter"].Options()
+    series, parallel = SeriesAdapterOptions(), ParallelAdapterOptions()
     assert (series.bottleneck, series.placement, series.activation, series.scaling, series.layers) == (256, ["mlp"], "relu", 1.0, None)
     assert (parallel.bottleneck, parallel.placement, parallel.scaling) == (256, ["mlp"], 4.0)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
 
 import peft
 import pytest
@@ -11,22 +17,60 @@ from peft import get_peft_model
 from typer.testing import CliRunner
 
 import tunelab
+import tunelab.methods
 from helpers import load_adapter, tiny_run_config, write_records_data, write_yaml
 from peft_oracle import fresh_base, probe_ids
 from tunelab.cli.main import app
-from tunelab.methods import REGISTRY
-from tunelab.train.artifacts import load_run
+from tunelab.methods import Method
+from tunelab.methods.registry import METHODS, get_method_class, method_names
+from tunelab.runs import load_run
 
 
 def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+def test_registry_table_names_every_method_class():
+    """Each entry is the class of that name, and every `Method` with a name in the package has an
+    entry: a new method cannot be left out of the table."""
+    defined = {}
+    for module_info in pkgutil.iter_modules(tunelab.methods.__path__):
+        module = importlib.import_module(f"tunelab.methods.{module_info.name}")
+        for cls in vars(module).values():
+            if isinstance(cls, type) and issubclass(cls, Method) and cls.__module__ == module.__name__ and "name" in vars(cls):
+                defined[cls.name] = f"{module_info.name}:{cls.__name__}"
+    assert defined == METHODS
+    assert all(get_method_class(name).name == name for name in method_names())
+
+
+def test_unknown_method_names_the_choices():
+    with pytest.raises(ValueError, match=r"unknown method 'lorax'; choose one of: adalora, boft, "):
+        get_method_class("lorax")
+
+
+def test_configs_and_data_load_no_method_implementation():
+    """Validating a config imports the chosen method's module only; importing the config and data
+    packages (hence `tunelab` itself) imports none."""
+    implementations = sorted({f"tunelab.methods.{entry.split(':')[0]}" for entry in METHODS.values()})
+    program = (
+        "import sys, tunelab.config, tunelab.data\n"
+        f"implementations = {implementations!r}\n"
+        "assert not [m for m in implementations if m in sys.modules], [m for m in implementations if m in sys.modules]\n"
+        "tunelab.config.RunConfig.model_validate({'model': 'tiny-random-llama', 'data': {'train': 'x'}, 'method': {'name': 'lora'}})\n"
+        "loaded = [m for m in implementations if m in sys.modules]\n"
+        "assert loaded == ['tunelab.methods.lora'], loaded\n"
+    )
+    src = str(Path(tunelab.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
 def test_methods_lists_every_registered_method_with_its_share():
     result = invoke("methods", "--model", "tiny-random-llama", "--json")
     assert result.exit_code == 0, result.output
     rows = {row["method"]: row for row in json.loads(result.output)}
-    assert set(rows) == set(REGISTRY)
+    assert set(rows) == set(method_names())
     base = sum(p.numel() for p in fresh_base().parameters())
     assert rows["full"]["trainable_params"] == base and rows["full"]["percent"] == 100.0
     for row in rows.values():

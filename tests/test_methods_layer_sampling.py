@@ -28,7 +28,7 @@ from peft_oracle import (
 from tunelab.errors import TunelabError
 from tunelab.methods.layer_sampling import Lisa
 from tunelab.models.tiny import tiny_tokenizer
-from tunelab.train.artifacts import load_run
+from tunelab.runs import load_run
 
 OUTSIDE = {"model.embed_tokens.weight", "model.norm.weight"}  # the tiny model ties lm_head to the embeddings
 # Seed 1 draws, with γ = 1 of the tiny model's 2 layers, layer 0 in period 0 and layer 1 in periods 1, 2.

@@ -14,7 +14,7 @@ from peft_oracle import assert_close, attach, forbid_prepare, fresh_base, prepar
 from tunelab.errors import TunelabError
 from tunelab.methods.lofit import Lofit
 from tunelab.objectives import causal_lm_loss
-from tunelab.train.artifacts import ADAPTER_FILE, load_run
+from tunelab.runs import ADAPTER_FILE, load_run
 
 HEADS, HEAD_DIM, LAYERS = 4, 16, 2  # the tiny model's
 

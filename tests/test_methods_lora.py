@@ -21,7 +21,7 @@ from peft_oracle import (
     trainable_count,
     train_tiny_run,
 )
-from tunelab.train.artifacts import load_run
+from tunelab.runs import load_run
 
 QV = ["q_proj", "v_proj"]
 VARIANTS = {

@@ -25,7 +25,7 @@ from peft_oracle import (
 )
 from tunelab.errors import TunelabError
 from tunelab.methods.nola import NolaBases, NolaLinear, NolaOptions
-from tunelab.train.artifacts import load_run
+from tunelab.runs import load_run
 
 SMALL = {"name": "nola", "r": 3, "num_basis_a": 5, "num_basis_b": 7, "alpha": 6.0, "seed": 11}
 

@@ -22,7 +22,7 @@ from peft_oracle import (
     trainable_count,
 )
 from tunelab.errors import TunelabError
-from tunelab.train.artifacts import load_run
+from tunelab.runs import load_run
 
 LAYER_TENSORS = [
     "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",

@@ -15,7 +15,7 @@ from tunelab.export import export_run, import_peft
 from tunelab.models.attention import enable_packed_attention
 from tunelab.models.tiny import tiny_tokenizer
 from tunelab.objectives import causal_lm_loss
-from tunelab.train.artifacts import load_run
+from tunelab.runs import load_run
 
 N = 5
 CASES = {

@@ -21,7 +21,7 @@ from tunelab.methods.reft import ROTATION_TENSOR, LoreftIntervention, Reft, prom
 from tunelab.models.attention import enable_packed_attention
 from tunelab.models.tiny import tiny_tokenizer
 from tunelab.objectives import causal_lm_loss
-from tunelab.train.artifacts import load_run
+from tunelab.runs import load_run
 
 
 def rotation_tensors(method, model) -> dict[str, torch.Tensor]:

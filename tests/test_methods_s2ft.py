@@ -25,7 +25,7 @@ from peft_oracle import (
 )
 from tunelab.errors import TunelabError
 from tunelab.methods.s2ft import S2ftLinear
-from tunelab.train.artifacts import load_run
+from tunelab.runs import load_run
 
 
 def test_layer_forward_is_the_defining_equation():

@@ -32,7 +32,7 @@ from peft_oracle import (
 )
 from tunelab.errors import TunelabError
 from tunelab.methods.sparse_ft import GRADIENT_SUM, SparseDeltaProduct, SparseFtLinear
-from tunelab.train.artifacts import load_run
+from tunelab.runs import load_run
 
 # Regrowth every 2 steps from the gradients of both, half the entries at first (tiny runs).
 OFTEN = {"name": "sparse_ft", "update_every": 2, "accumulation_steps": 2, "regrow_fraction": 0.5}

@@ -19,7 +19,7 @@ from peft_oracle import assert_close, assert_merge_exact, attach, forbid_prepare
 from tunelab.errors import TunelabError
 from tunelab.methods.subtuning import SubTuning
 from tunelab.objectives import causal_lm_loss
-from tunelab.train.artifacts import ADAPTER_FILE, load_run
+from tunelab.runs import ADAPTER_FILE, load_run
 
 
 def four_layer_base() -> LlamaForCausalLM:

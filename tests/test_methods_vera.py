@@ -22,7 +22,7 @@ from peft_oracle import (
 
 from tunelab.errors import TunelabError
 from tunelab.export import import_peft
-from tunelab.train.artifacts import load_run
+from tunelab.runs import load_run
 
 QV = ["q_proj", "v_proj"]
 

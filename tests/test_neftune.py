@@ -15,8 +15,8 @@ from peft_oracle import assert_close, attach, fresh_base, randomize
 from tunelab.config import parse_config
 from tunelab.data.batching import make_batch, pack_rows
 from tunelab.errors import TunelabError
-from tunelab.eval.generation import generate
 from tunelab.eval.loss import evaluate_loss
+from tunelab.generation import generate
 from tunelab.models.attention import enable_packed_attention
 from tunelab.models.tiny import tiny_tokenizer
 from tunelab.train import loop

@@ -28,6 +28,7 @@ from tunelab.models.attention import enable_packed_attention, uses_packed_attent
 from tunelab.models.tiny import tiny_llama, tiny_tokenizer
 from tunelab.objectives import causal_lm_loss
 from tunelab.objectives.causal_lm import LinearCrossEntropy
+from tunelab.objectives import sft
 from tunelab.train import loop
 from tunelab.train.allocator import keep_freed_memory, peak_memory_mb, reset_peak_memory
 from tunelab.train.loop import resolve_tokens_per_forward
@@ -475,7 +476,7 @@ def test_max_tokens_per_forward_does_not_change_training(tmp_path, records, base
         forwards.append(batch.n_tokens)
         return real(model, batch)
 
-    monkeypatch.setattr(loop, "causal_lm_loss", counting)
+    monkeypatch.setattr(sft, "causal_lm_loss", counting)
     run = run_once(tmp_path / "split", train_file, {"max_tokens_per_forward": 64})
     assert len(forwards) == 3 * 4  # every ~300-token sample alone: 4 forwards a step
     assert_same_run(run, baseline_run)

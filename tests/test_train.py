@@ -7,22 +7,14 @@ exactly (or to float32 rounding where the arithmetic differs on purpose, as with
 from __future__ import annotations
 
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-import tunelab
 from helpers import (
     assert_tensors_equal,
     checkpoint_steps,
+    kill_and_resume,
     load_adapter,
     load_checkpoint_weights,
     read_metrics,
@@ -30,15 +22,17 @@ from helpers import (
     tiny_run_config,
     train_keeping_model,
     write_records_data,
-    write_yaml,
 )
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import tunelab
 from tunelab.errors import TrainingDiverged, TunelabError
 from tunelab.models.tiny import tiny_llama, tiny_tokenizer
-from tunelab.train import loop
-from tunelab.train.artifacts import load_run
+from tunelab.objectives import sft
+from tunelab.runs import load_run
 from tunelab.train.schedule import lr_at, warmup_steps
 
-SRC_DIR = Path(tunelab.__file__).resolve().parents[1]
 PROBE_TEXT = "On March 3, 2021, Maria Lopez (34) from Lisbon paid $1,299.00."
 
 
@@ -118,74 +112,20 @@ def test_packed_and_padded_training_give_the_same_losses(tmp_path, records):
 
 # --- 2. exact resume after a real kill --------------------------------------------------------------
 
-DRIVER = """\
-import sys
-
-import tunelab
-
-tunelab.train(sys.argv[1], resume="--resume" in sys.argv[2:])
-"""
-
-
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path, records):
     train_file, eval_file = records
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
     max_steps, kill_after = 16, 6  # ten steps after step-6 to land the kill in
-    configs = {}
-    for name in ("uninterrupted", "killed"):
-        configs[name] = write_yaml(
-            tmp_path / f"{name}.yaml",
-            tiny_run_config(
-                tmp_path / name,
-                train_file,
-                eval_file,
-                # Dropout makes the result depend on the RNG state, which the checkpoint must restore.
-                # No packing and 8 x 384-token rows make a step long enough to kill mid-run.
-                method={"dropout": 0.1},
-                data={"packing": False, "max_length": 384},
-                train={"max_steps": max_steps, "batch_size": 8, "save_every": 3, "keep_checkpoints": 2},
-            ),
-        )
-
-    def start(name: str, resume: bool = False) -> subprocess.Popen:
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(SRC_DIR),
-            "TUNELAB_CACHE": str(tmp_path / f"cache-{name}"),
-            # Two runs at once: one thread each, as spinning OpenMP threads of both would fight for
-            # the cores. Every process gets the same count, so their arithmetic stays identical.
-            "OMP_NUM_THREADS": "1",
-        }
-        log = (tmp_path / f"{name}{'-resume' if resume else ''}.log").open("w")
-        argv = [sys.executable, str(driver), str(configs[name])] + (["--resume"] if resume else [])
-        return subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
-
-    def log_of(name: str) -> str:
-        return (tmp_path / f"{name}.log").read_text()[-3000:]
-
-    uninterrupted = start("uninterrupted")
-    killed = start("killed")
-    run_dir = tmp_path / "killed"
-    deadline = time.monotonic() + 60
-    while not (run_dir / "checkpoints" / f"step-{kill_after}").is_dir():
-        if killed.poll() is not None:
-            pytest.fail(f"the run exited (rc {killed.returncode}) before step {kill_after}:\n{log_of('killed')}")
-        if time.monotonic() > deadline:
-            killed.kill()
-            pytest.fail(f"no checkpoint step-{kill_after} within 60 s:\n{log_of('killed')}")
-        time.sleep(0.01)
-    finished_before_kill = (run_dir / "report.json").exists()
-    os.kill(killed.pid, signal.SIGKILL)
-    assert killed.wait(timeout=60) == -signal.SIGKILL
-    assert not finished_before_kill and not (run_dir / "report.json").exists(), "the kill came after the run ended"
-    assert not (run_dir / "adapter").exists()
-
-    resumed = start("killed", resume=True)
-    assert resumed.wait(timeout=300) == 0, log_of("killed-resume")
-    assert uninterrupted.wait(timeout=300) == 0, log_of("uninterrupted")
-
-    reference_dir = tmp_path / "uninterrupted"
+    config = tiny_run_config(
+        tmp_path / "run",
+        train_file,
+        eval_file,
+        # Dropout makes the result depend on the RNG state, which the checkpoint must restore.
+        # No packing and 8 x 384-token rows make a step long enough to kill mid-run.
+        method={"dropout": 0.1},
+        data={"packing": False, "max_length": 384},
+        train={"max_steps": max_steps, "batch_size": 8, "save_every": 3, "keep_checkpoints": 2},
+    )
+    run_dir, reference_dir = kill_and_resume(tmp_path, config, kill_after)
     assert_tensors_equal(load_adapter(run_dir), load_adapter(reference_dir))
     metrics, reference_metrics = read_metrics(run_dir), read_metrics(reference_dir)
     assert [m["step"] for m in metrics] == list(range(1, max_steps + 1))
@@ -195,7 +135,6 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, records):
     assert reference_report["resumed_from_step"] is None
     assert report["eval_loss"] == reference_report["eval_loss"]
     assert report["tokens"] == reference_report["tokens"]
-    assert not [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
 # --- 3. checkpoints, resume and the output directory ------------------------------------------------
@@ -305,7 +244,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, rec
     train = {"max_steps": 6, "batch_size": 2, "save_every": 2, "keep_checkpoints": 5}
     diverged = tiny_run_config(tmp_path / "diverged", train_file, train=train)
     calls = 0
-    real_loss = loop.causal_lm_loss
+    real_loss = sft.causal_lm_loss
 
     def loss_turning_nan(model, batch):
         nonlocal calls
@@ -313,7 +252,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, rec
         loss = real_loss(model, batch)
         return loss * float("nan") if calls >= nan_from_call else loss
 
-    monkeypatch.setattr(loop, "causal_lm_loss", loss_turning_nan)
+    monkeypatch.setattr(sft, "causal_lm_loss", loss_turning_nan)
     with pytest.raises(TrainingDiverged, match=r"step 4\b") as raised:
         tunelab.train(diverged)
     assert "step-2" in str(raised.value)
@@ -322,7 +261,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, rec
     assert not [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
     assert not (run_dir / "adapter").exists() and not (run_dir / "report.json").exists()
 
-    monkeypatch.setattr(loop, "causal_lm_loss", real_loss)
+    monkeypatch.setattr(sft, "causal_lm_loss", real_loss)
     healthy = tiny_run_config(tmp_path / "healthy", train_file, train=train)
     tunelab.train(healthy)
     assert_tensors_equal(load_checkpoint_weights(run_dir, 2), load_checkpoint_weights(healthy["output"], 2))

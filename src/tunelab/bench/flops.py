@@ -33,19 +33,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def training_flops(model: nn.Module, samples: list[tuple[int, int]]) -> float:
+def training_flops(model: nn.Module, samples: list[tuple[int, int]], backward: bool = True) -> float:
     """Useful FLOPs of one pass of fine-tuning over `samples` ((tokens, target tokens) pairs).
 
     Per token: 6·N for trained weights (forward, input and weight gradients), 4·N for frozen
     ones (forward and input gradient); the output head only at target positions, since the
     loss needs nothing else; causal attention forward 2·n²·d and backward twice that, per layer.
     Padding is never useful. `model` carries the method (meta-device tensors are fine).
+    `backward=False`: the forward alone (a reference policy's), 2·N per token and 2·n²·d.
     """
     head = model.get_output_embeddings()
     per_token = per_target = 0
     for module in model.modules():
         if isinstance(module, nn.Linear):
-            cost = (6 if module.weight.requires_grad else 4) * module.weight.numel()
+            cost = ((6 if module.weight.requires_grad else 4) if backward else 2) * module.weight.numel()
             if module is head:
                 per_target += cost
             else:
@@ -53,5 +54,5 @@ def training_flops(model: nn.Module, samples: list[tuple[int, int]]) -> float:
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     query_width = config.num_attention_heads * head_dim
-    attention = 6 * config.num_hidden_layers * query_width
+    attention = (6 if backward else 2) * config.num_hidden_layers * query_width
     return float(sum(n * per_token + t * per_target + attention * n * n for n, t in samples))

@@ -1,4 +1,5 @@
-"""`tunelab bench`: tunelab's trainer against HF Trainer + peft, side by side in one invocation."""
+"""`tunelab bench`: tunelab's trainer against HF Trainer + peft (SFT) or TRL's DPOTrainer + peft
+(DPO), side by side in one invocation."""
 
 from __future__ import annotations
 
@@ -30,48 +31,57 @@ from tunelab.errors import TunelabError
 from tunelab.files import write_json_atomic
 from tunelab.methods import build_method
 from tunelab.models.loader import load_model_skeleton, load_tokenizer, local_source
+from tunelab.objectives.registry import build_objective
 from tunelab.train.loop import planned_sample_order
 
-SIDE_NAMES = ("tunelab", "hf_peft")
+# The trainer tunelab is compared with, by objective, and the packages it needs.
+PEERS = {"sft": "hf_peft", "dpo": "trl"}
+PEER_PACKAGES = {"hf_peft": ("peft", "accelerate"), "trl": ("peft", "accelerate", "trl")}
 
 
 def run_bench(workload: Workload, out: Path, repeats: int = 1, long_context_mb: float | None = None) -> dict:
-    _check_peers_installed()
+    peer = PEERS[workload.objective]
+    side_names = ("tunelab", peer)
+    _check_peers_installed(peer)
     if workload.data is None:
-        workload.data = default_data()
+        workload.data = default_data(workload.objective)
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-") as tmp:
         tmp = Path(tmp)
         train_path, eval_path = write_splits(workload, tmp / "data")
         config = load_config(run_config(workload, train_path, eval_path, tmp / "tunelab-run"))
+        objective = build_objective(config.objective)
         # Done here, once, so that neither side pays for model conversion or tokenizing in its memory.
         local_source(config.model.name)
-        data = build_datasets(config.data, load_tokenizer(config.model), config.train.seed)
-        samples = [(len(ids), sum(mask[1:])) for ids, mask in zip(data.train["input_ids"], data.train["target_mask"])]
+        data = build_datasets(config.data, load_tokenizer(config.model), config.train.seed, objective.rows)
+        sequences = [_sequences(row) for row in data.train]
         spec_path = tmp / "spec.json"
         spec_path.write_text(json.dumps({"config": config.to_dict()}))
 
         console.print("measuring the matmul peak ...")
         peak = matmul_peak_gflops()
         bf16_peak = matmul_peak_gflops(dtype=torch.bfloat16)
-        runs: dict[str, list[dict]] = {name: [] for name in SIDE_NAMES}
+        runs: dict[str, list[dict]] = {name: [] for name in side_names}
         # Alternate (A B, B A, ...) so that drift of the machine falls on both sides alike.
         for repeat in range(repeats):
-            for side in SIDE_NAMES if repeat % 2 == 0 else reversed(SIDE_NAMES):
+            for side in side_names if repeat % 2 == 0 else reversed(side_names):
                 runs[side].append(_run_side(side, spec_path, tmp / f"{side}-{repeat}.json"))
 
-    seen = [samples[i] for i in planned_sample_order(len(samples), config.train)]
-    flops = _useful_flops(config, seen)
+    seen = [sequence for i in planned_sample_order(len(sequences), config.train) for sequence in sequences[i]]
+    flops = _useful_flops(config, seen, reference_forward=objective.needs_reference)
     sides = {name: _summary(results, flops) for name, results in runs.items()}
+    ours, theirs = sides["tunelab"], sides[peer]
     result = {
-        "workload": workload.as_dict() | {"train_tokens": sides["tunelab"]["tokens"], "device": _device_name()},
+        "workload": workload.as_dict() | {"train_tokens": ours["tokens"], "device": _device_name()},
         **sides,
-        "speedup": sides["tunelab"]["tokens_per_s"] / sides["hf_peft"]["tokens_per_s"],
-        "memory_ratio": sides["tunelab"]["peak_rss_mb"] / sides["hf_peft"]["peak_rss_mb"],
-        "eval_loss_rel_diff": abs(sides["tunelab"]["eval_loss"] - sides["hf_peft"]["eval_loss"]) / sides["hf_peft"]["eval_loss"],
+        "speedup": ours["tokens_per_s"] / theirs["tokens_per_s"],
+        "memory_ratio": ours["peak_rss_mb"] / theirs["peak_rss_mb"],
+        # The same init, samples and settings: the first step's losses agree to float rounding.
+        "step1_loss_diff": abs(ours["step1_loss"] - theirs["step1_loss"]),
+        "eval_loss_rel_diff": abs(ours["eval_loss"] - theirs["eval_loss"]) / theirs["eval_loss"],
         "matmul_peak_gflops": peak,  # fp32, the dtype both sides' activations and adapters use
         "matmul_peak_bf16_gflops": bf16_peak,  # tunelab's frozen-weight matmuls may run in bf16 (train.frozen_dtype)
-        "tunelab_useful_gflops": sides["tunelab"]["useful_gflops"],
-        "tunelab_mfu": sides["tunelab"]["useful_gflops"] / peak,
+        "tunelab_useful_gflops": ours["useful_gflops"],
+        "tunelab_mfu": ours["useful_gflops"] / peak,
     }
     if long_context_mb:
         result["long_context"] = longest_trainable(workload, long_context_mb)
@@ -80,8 +90,8 @@ def run_bench(workload: Workload, out: Path, repeats: int = 1, long_context_mb: 
 
 
 def longest_trainable(workload: Workload, budget_mb: float, start: int = 1024, limit: int = 65536, refine: int = 2) -> dict:
-    """The longest single sequence each side trains a step on within budget_mb: doubling from
-    `start` to the first failure, then `refine` bisection steps (to 256 tokens).
+    """The longest single sequence each side of the SFT bench trains a step on within budget_mb:
+    doubling from `start` to the first failure, then `refine` bisection steps (to 256 tokens).
 
     Each try is one training step on one plain-text sample, in its own process, stopped as soon
     as its resident memory passes the budget.
@@ -99,7 +109,7 @@ def longest_trainable(workload: Workload, budget_mb: float, start: int = 1024, l
             tries.append({"tokens": length, "fits": result is not None, "peak_rss_mb": result and result["peak_rss_mb"]})
             return result is not None
 
-        for side in SIDE_NAMES:
+        for side in ("tunelab", "hf_peft"):
             tries: list[dict] = []
             longest, failed, length = 0, None, start
             while length <= limit:
@@ -123,7 +133,9 @@ def _run_side(side: str, spec_path: Path, result_path: Path, budget_mb: float | 
     """Run one side in a fresh process; with a memory budget, None if it went over (it is stopped)."""
     console.rule(f"[bold]{side}")
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "tunelab.bench.sides", side, str(spec_path), str(result_path)])
+    # No telemetry from TRL's trainers (huggingface_hub reads the switch when imported).
+    env = os.environ | {"HF_HUB_DISABLE_TELEMETRY": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab.bench.sides", side, str(spec_path), str(result_path)], env=env)
     over_budget = False
     while proc.poll() is None:
         if budget_mb is not None and _resident_mb(proc.pid) > budget_mb:
@@ -156,12 +168,24 @@ def _summary(results: list[dict], flops: float) -> dict:
     return summary
 
 
-def _useful_flops(config, samples: list[tuple[int, int]]) -> float:
-    """FLOPs of the samples seen in training, counted on a weightless copy of the model."""
+def _sequences(row: dict) -> list[tuple[int, int]]:
+    """(tokens, target tokens) of each sequence a training row runs as: an SFT sample, or a
+    preference pair's prompt + chosen and prompt + rejected."""
+    if "input_ids" in row:
+        return [(len(row["input_ids"]), sum(row["target_mask"][1:]))]
+    return [(len(row["prompt_ids"]) + len(row[key]), len(row[key])) for key in ("chosen_ids", "rejected_ids")]
+
+
+def _useful_flops(config, sequences: list[tuple[int, int]], reference_forward: bool) -> float:
+    """FLOPs of the sequences seen in training (and of the reference policy's forward over them),
+    counted on a weightless copy of the model."""
     model = load_model_skeleton(config.model)
     with torch.device("meta"):
         build_method(config.method).attach(model)
-    return training_flops(model, samples)
+    flops = training_flops(model, sequences)
+    if reference_forward:  # the base with the adapter off, forward only
+        flops += training_flops(load_model_skeleton(config.model), sequences, backward=False)
+    return flops
 
 
 def _resident_mb(pid: int) -> float:
@@ -178,7 +202,7 @@ def _device_name() -> str:
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
-def _check_peers_installed() -> None:
-    missing = [name for name in ("peft", "accelerate") if importlib.util.find_spec(name) is None]
+def _check_peers_installed(peer: str) -> None:
+    missing = [name for name in PEER_PACKAGES[peer] if importlib.util.find_spec(name) is None]
     if missing:
-        raise TunelabError(f"bench: the HF side needs {', '.join(missing)}: pip install {' '.join(missing)}")
+        raise TunelabError(f"bench: the {peer} side needs {', '.join(missing)}: pip install {' '.join(missing)}")

@@ -1,11 +1,12 @@
-"""The two sides of the benchmark, each run in its own process so its peak memory is its own.
+"""The sides of the benchmark, each run in its own process so its peak memory is its own.
 
-    python -m tunelab.bench.sides {tunelab|hf_peft} SPEC.json RESULT.json
+    python -m tunelab.bench.sides {tunelab|hf_peft|trl} SPEC.json RESULT.json
 
 SPEC holds a tunelab run config. The tunelab side runs `tunelab.train.train` on it, exactly as
-`tunelab train` would; the HF side trains the same samples, in the same order, with the same
-settings through `transformers.Trainer` + `peft` (padding each batch to its longest sample, the HF
-default). Both sides measure eval loss with the same function.
+`tunelab train` would. A peer trains the same samples, in the same order, from the same LoRA init,
+with the same settings: SFT through `transformers.Trainer` + `peft` (padding each batch to its
+longest sample, the HF default), DPO through TRL's `DPOTrainer` with a `peft_config` (its reference
+policy is the base with the adapter off, as tunelab's is). Every side reports its loss at each step.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tunelab.data.dataset import build_datasets
 from tunelab.eval.loss import evaluate_loss
 from tunelab.files import write_json_atomic
 from tunelab.models import load_model
+from tunelab.objectives.registry import get_objective_class
 from tunelab.train.loop import planned_sample_order
 
 
@@ -32,30 +34,25 @@ def run_tunelab(config) -> dict:
     from tunelab.train import train
 
     report = train(config, overwrite=True).report
+    records = [json.loads(line) for line in (Path(config.output) / "metrics.jsonl").read_text().splitlines()]
     return {
         "tokens": report["tokens"],
         "train_seconds": report["train_seconds"],
-        "final_train_loss": report["final_train_loss"],
+        "train_losses": [r["loss"] for r in records],
         "eval_loss": report.get("eval_loss"),
         "trainable_params": report["trainable_params"],
     }
 
 
 def run_hf_peft(config) -> dict:
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    tcfg, dcfg, mcfg = config.train, config.data, config.method
-    torch.manual_seed(tcfg.seed)
-    model, tokenizer = load_model(config.model)
-    data = build_datasets(dcfg, tokenizer, tcfg.seed)
-    # tunelab's sample order, fed sequentially: both sides see the same batches.
-    rows = [data.train[i] for i in planned_sample_order(len(data.train), tcfg)]
+    model, tokenizer, data, rows, lora = _peer_start(config)
     samples = [
         {"input_ids": row["input_ids"], "labels": [t if m else IGNORE for t, m in zip(row["input_ids"], row["target_mask"])]}
         for row in rows
     ]
-    lora = LoraConfig(r=mcfg.r, lora_alpha=mcfg.alpha, lora_dropout=mcfg.dropout, target_modules="all-linear", task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lora)
     pad_id = tokenizer.pad_token_id
 
@@ -69,9 +66,70 @@ def run_hf_peft(config) -> dict:
             ids[i, :n], labels[i, :n], attention[i, :n] = torch.tensor(s["input_ids"]), torch.tensor(s["labels"]), 1
         return {"input_ids": ids, "labels": labels, "attention_mask": attention}
 
-    device = next(model.parameters()).device
-    args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="tunelab-bench-hf-"),
+    trainer = Trainer(model=peft_model, args=TrainingArguments(**_peer_arguments(config, model)), train_dataset=samples, data_collator=pad_to_longest)
+    result = _peer_train(trainer, tokens=sum(len(s["input_ids"]) for s in samples))
+    if data.eval is not None:
+        tcfg, dcfg = config.train, config.data
+        result["eval_loss"] = evaluate_loss(peft_model.base_model.model, data.eval, tcfg.batch_size, dcfg.max_length, dcfg.packing, pad_id)["eval_loss"]
+    return result
+
+
+def run_trl(config) -> dict:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    class TokenizedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, *args):
+            return dataset  # tokenized by tunelab already: both sides train the same ids
+
+    model, tokenizer, data, rows, lora = _peer_start(config)
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids")
+    options = config.objective
+    args = DPOConfig(
+        **_peer_arguments(config, model),
+        beta=options.beta,
+        loss_type=[options.loss_type],
+        label_smoothing=options.label_smoothing,
+        max_length=config.data.max_length,  # tunelab cut the rows to it already
+        per_device_eval_batch_size=config.train.batch_size,
+        precompute_ref_log_probs=False,
+        bf16=False,  # TRL's default is True; both sides train in fp32
+        activation_checkpointing=False,  # TRL's default is on; tunelab's is off
+    )
+    # With a peft_config, TRL seeds (args.seed) right before get_peft_model: the same LoRA init as tunelab's.
+    trainer = TokenizedDPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([{k: row[k] for k in keys} for row in rows]),
+        eval_dataset=None if data.eval is None else Dataset.from_list([{k: row[k] for k in keys} for row in data.eval]),
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
+    result = _peer_train(trainer, tokens=sum(2 * len(row["prompt_ids"]) + len(row["chosen_ids"]) + len(row["rejected_ids"]) for row in rows))
+    if data.eval is not None:
+        result["eval_loss"] = trainer.evaluate()["eval_loss"]
+    return result
+
+
+def _peer_start(config):
+    """What a peer side starts from: tunelab's model and tokenized rows (in tunelab's training
+    order) and the peft config of the run's LoRA."""
+    from peft import LoraConfig
+
+    tcfg, mcfg = config.train, config.method
+    torch.manual_seed(tcfg.seed)
+    model, tokenizer = load_model(config.model)
+    data = build_datasets(config.data, tokenizer, tcfg.seed, get_objective_class(config.objective.name).rows)
+    rows = [data.train[i] for i in planned_sample_order(len(data.train), tcfg)]
+    lora = LoraConfig(r=mcfg.r, lora_alpha=mcfg.alpha, lora_dropout=mcfg.dropout, target_modules="all-linear", task_type="CAUSAL_LM")
+    return model, tokenizer, data, rows, lora
+
+
+def _peer_arguments(config, model) -> dict:
+    """The Trainer settings of the run config: sequential samples (tunelab's order), no checkpoints."""
+    tcfg = config.train
+    return dict(
+        output_dir=tempfile.mkdtemp(prefix="tunelab-bench-peer-"),
         per_device_train_batch_size=tcfg.batch_size,
         gradient_accumulation_steps=tcfg.grad_accum,
         max_steps=tcfg.max_steps,
@@ -87,29 +145,27 @@ def run_hf_peft(config) -> dict:
         logging_steps=1,
         save_strategy="no",
         report_to=[],
-        use_cpu=device.type == "cpu",
+        use_cpu=next(model.parameters()).device.type == "cpu",
         dataloader_num_workers=0,
         disable_tqdm=True,
         seed=tcfg.seed,
     )
-    trainer = Trainer(model=peft_model, args=args, train_dataset=samples, data_collator=pad_to_longest)
+
+
+def _peer_train(trainer, tokens: int) -> dict:
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    eval_loss = None
-    if data.eval is not None:
-        eval_loss = evaluate_loss(peft_model.base_model.model, data.eval, tcfg.batch_size, dcfg.max_length, dcfg.packing, pad_id)["eval_loss"]
     return {
-        "tokens": sum(len(s["input_ids"]) for s in samples),
+        "tokens": tokens,
         "train_seconds": seconds,
-        "final_train_loss": losses[-1] if losses else None,
-        "eval_loss": eval_loss,
-        "trainable_params": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+        "train_losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+        "eval_loss": None,
+        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
     }
 
 
-SIDES = {"tunelab": run_tunelab, "hf_peft": run_hf_peft}
+SIDES = {"tunelab": run_tunelab, "hf_peft": run_hf_peft, "trl": run_trl}
 
 
 def main(side: str, spec_path: str, result_path: str) -> None:
@@ -119,6 +175,8 @@ def main(side: str, spec_path: str, result_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     result = SIDES[side](load_config(spec["config"]))
     result["tokens_per_s"] = result["tokens"] / result["train_seconds"]
+    losses = result["train_losses"]
+    result["step1_loss"], result["final_train_loss"] = (losses[0], losses[-1]) if losses else (None, None)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     if torch.cuda.is_available():
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -1,7 +1,8 @@
 """The benchmark workload: which model, which samples, which settings both sides train with.
 
-Both sides read the same two files written here (Alpaca-format JSON), tokenize them with tunelab's
-pipeline and see the training samples in the same order, so only the trainer differs.
+Both sides read the same two files written here (Alpaca-format JSON for SFT, preference rows for
+DPO), tokenize them with tunelab's pipeline and see the training samples in the same order, so
+only the trainer differs.
 """
 
 from __future__ import annotations
@@ -11,18 +12,26 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tunelab.data.records_task import make_preference_splits
 from tunelab.errors import TunelabError
 from tunelab.models.loader import SMOLLM2
 
-# The default data, found beside the repository (see ../shared/README.md); synthetic samples otherwise.
+# The default SFT data, found beside the repository (see ../shared/README.md); synthetic samples otherwise.
 DEFAULT_DATA = Path("..") / "shared" / "data" / "alpaca_subsets" / "llamafactory_alpaca_en_demo.json"
 SYNTHETIC = "synthetic"
+# The default DPO data: the quickstart's record-extraction task as pairs (data/records_task.py).
+RECORD_PAIRS = "record-pairs"
+# The objective's section of the run config; TRL's DPOTrainer defaults (sigmoid loss, beta 0.1).
+OBJECTIVES = {"sft": {"name": "sft"}, "dpo": {"name": "dpo", "beta": 0.1, "loss_type": "sigmoid"}}
 
 
 @dataclass
 class Workload:
     model: str = SMOLLM2
-    data: str | None = None  # an Alpaca-format file; None: DEFAULT_DATA when present, else synthetic
+    objective: str = "sft"  # a key of OBJECTIVES
+    # sft: an Alpaca-format file, None: DEFAULT_DATA when present, else synthetic;
+    # dpo: a JSON array of preference rows, None: record-extraction pairs (or synthetic ones)
+    data: str | None = None
     method: str = "lora"
     steps: int = 12
     batch_size: int = 8
@@ -31,6 +40,7 @@ class Workload:
     lr: float = 1e-3
     r: int = 16
     alpha: float = 32.0
+    frozen_dtype: str = "auto"  # tunelab's train.frozen_dtype (the peers train in fp32)
     seed: int = 0
 
     @property
@@ -41,7 +51,9 @@ class Workload:
         return asdict(self)
 
 
-def default_data() -> str:
+def default_data(objective: str = "sft") -> str:
+    if objective == "dpo":
+        return RECORD_PAIRS
     for base in (Path.cwd(), Path(__file__).resolve().parents[3]):  # the cwd, then the repository root
         if (base / DEFAULT_DATA).is_file():
             return str((base / DEFAULT_DATA).resolve())
@@ -50,8 +62,11 @@ def default_data() -> str:
 
 def write_splits(workload: Workload, folder: Path) -> tuple[Path, Path]:
     """train.json (train_samples records, cycled if the file is smaller) and eval.json (further records)."""
-    if workload.data == SYNTHETIC:
-        records = synthetic_records(workload.train_samples + workload.eval_samples, workload.seed)
+    n = workload.train_samples + workload.eval_samples
+    if workload.data == RECORD_PAIRS:
+        records = make_preference_splits(n, 0, workload.seed)[0]
+    elif workload.data == SYNTHETIC:
+        records = (synthetic_pairs if workload.objective == "dpo" else synthetic_records)(n, workload.seed)
     else:
         try:
             records = json.loads(Path(workload.data).read_text())
@@ -81,6 +96,15 @@ def synthetic_records(n: int, seed: int) -> list[dict]:
     return [{"instruction": text(rng.randint(3, 20)), "input": "", "output": text(rng.randint(10, 400))} for _ in range(n)]
 
 
+def synthetic_pairs(n: int, seed: int) -> list[dict]:
+    """Plain-text preference rows of the same varied lengths (each answer drawn on its own, so the
+    two sequences of a pair differ in length as real pairs do)."""
+    return [
+        {"prompt": r["instruction"], "chosen": r["output"], "rejected": o["output"]}
+        for r, o in zip(synthetic_records(n, seed), synthetic_records(n, seed + 1))
+    ]
+
+
 def write_long_text(folder: Path, n_words: int, seed: int) -> Path:
     """One plain-text record of about n_words tokens or more: the long-context probe."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -91,9 +115,10 @@ def write_long_text(folder: Path, n_words: int, seed: int) -> Path:
 
 
 def run_config(workload: Workload, train_path: Path, eval_path: Path | None, output: Path) -> dict:
-    """The tunelab run config of the workload (the HF side mirrors these settings)."""
+    """The tunelab run config of the workload (the HF and TRL sides mirror these settings)."""
     return {
         "model": workload.model,
+        "objective": OBJECTIVES[workload.objective],
         "data": {"train": str(train_path), "eval": str(eval_path) if eval_path else None, "max_length": workload.max_length},
         "method": {"name": workload.method, "r": workload.r, "alpha": workload.alpha, "dropout": 0.0},
         "train": {
@@ -107,6 +132,7 @@ def run_config(workload: Workload, train_path: Path, eval_path: Path | None, out
             "max_grad_norm": 1.0,
             "save_every": 0,
             "eval_every": 0,
+            "frozen_dtype": workload.frozen_dtype,
             "seed": workload.seed,
         },
         "output": str(output),

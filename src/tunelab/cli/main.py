@@ -130,9 +130,9 @@ def generate_command(
 
     def action():
         from tunelab.config import load_config
-        from tunelab.eval import generate
+        from tunelab.generation import generate
         from tunelab.models import load_model
-        from tunelab.train.artifacts import load_run
+        from tunelab.runs import load_run
 
         if base:
             model, tokenizer = load_model(load_config(run_dir / "config.yaml").model)
@@ -213,13 +213,14 @@ def quickstart_command(
     out: Path = typer.Option(Path("runs/quickstart"), help="output directory"),
     model: str = typer.Option("smollm2-135m-instruct", help="model alias, directory, hub id or .gguf"),
     steps: Optional[int] = typer.Option(None, help="training steps (default: the tuned budget)"),
+    objective: str = typer.Option("sft", help="sft, or a preference objective (dpo, simpo, cpo, orpo, kto, reward) on pairs of the same task"),
 ):
     """Fine-tune SmolLM2-135M-Instruct on a JSON record-extraction task and score it before/after."""
 
     def action():
         from tunelab.quickstart import run_quickstart
 
-        run_quickstart(out, model=model, steps=steps)
+        run_quickstart(out, model=model, steps=steps, objective=objective)
 
     _run(action)
 
@@ -227,29 +228,54 @@ def quickstart_command(
 @app.command("bench")
 def bench_command(
     model: str = typer.Option("smollm2-135m-instruct", help="model alias, directory, hub id or .gguf"),
-    data: Optional[str] = typer.Option(None, help="Alpaca-format JSON (default: ../shared Alpaca demo, else synthetic)"),
-    method: str = typer.Option("lora", help="the method both sides train (the HF side runs it through peft)"),
+    objective: str = typer.Option("sft", help="sft (against HF Trainer + peft) | dpo (against TRL's DPOTrainer + peft)"),
+    data: Optional[str] = typer.Option(
+        None,
+        help="sft: Alpaca-format JSON (default: ../shared Alpaca demo, else synthetic); dpo: a JSON array of "
+        "preference rows (default: record-extraction pairs); 'synthetic': random-length samples",
+    ),
+    method: str = typer.Option("lora", help="the method both sides train (the peer side runs it through peft)"),
     steps: int = typer.Option(12, help="training steps of batch --batch-size"),
-    batch_size: int = typer.Option(8, help="samples per step"),
+    batch_size: int = typer.Option(8, help="samples (dpo: pairs) per step"),
     max_length: int = typer.Option(512, help="longest sample in tokens (longer ones are truncated)"),
+    eval_samples: int = typer.Option(32, help="held-out samples (dpo: pairs) both sides take the eval loss on"),
     lr: float = typer.Option(1e-3, help="learning rate of both sides"),
+    frozen_dtype: str = typer.Option("auto", help="tunelab's train.frozen_dtype: auto (bf16 on CPUs with fast bf16 matmuls) | float32"),
     repeats: int = typer.Option(1, help="runs per side, alternating; speed is the median"),
-    long_context: bool = typer.Option(False, "--long-context", help="also find the longest sequence each side trains on"),
+    long_context: bool = typer.Option(False, "--long-context", help="also find the longest sequence each side trains on (sft)"),
     memory_budget_mb: float = typer.Option(16384, help="the memory budget of --long-context, MiB"),
     out: Path = typer.Option(Path("runs/bench.json"), help="where the JSON result goes"),
 ):
-    """Train the same samples with tunelab and with HF Trainer + peft; compare tokens/s, memory, eval loss."""
+    """Train the same samples with tunelab and with its peer; compare tokens/s, memory and losses."""
 
     def action():
         from tunelab.bench import Workload, run_bench
+        from tunelab.bench.runner import PEERS
 
         if method != "lora":
             raise TunelabError(f"bench --method: only 'lora' has an HF Trainer + peft counterpart here, not '{method}'")
-        workload = Workload(model=model, data=data, method=method, steps=steps, batch_size=batch_size, max_length=max_length, lr=lr)
+        if objective not in PEERS:
+            raise TunelabError(f"bench --objective: one of {', '.join(PEERS)}, not '{objective}'")
+        if long_context and objective != "sft":
+            raise TunelabError("bench --long-context: measured for --objective sft only")
+        workload = Workload(
+            model=model,
+            objective=objective,
+            data=data,
+            method=method,
+            steps=steps,
+            batch_size=batch_size,
+            max_length=max_length,
+            eval_samples=eval_samples,
+            lr=lr,
+            frozen_dtype=frozen_dtype,
+        )
         result = run_bench(workload, out, repeats=repeats, long_context_mb=memory_budget_mb if long_context else None)
+        ours, theirs = result["tunelab"], result[PEERS[objective]]
         console.print(
             f"[bold green]speedup {result['speedup']:.2f}x[/], memory ratio {result['memory_ratio']:.2f}, "
-            f"eval loss {result['tunelab']['eval_loss']:.4f} vs {result['hf_peft']['eval_loss']:.4f}, "
+            f"step-1 loss {ours['step1_loss']:.6f} vs {theirs['step1_loss']:.6f}, "
+            f"eval loss {ours['eval_loss']:.4f} vs {theirs['eval_loss']:.4f}, "
             f"useful {result['tunelab_useful_gflops']:.0f} of {result['matmul_peak_gflops']:.0f} GFLOP/s peak -> {out}"
         )
 

@@ -98,6 +98,7 @@ PRIMARY_METRIC = {
     "json_fields": "json_record_match",
     "exact_match": "exact_match",
     "perplexity": "perplexity",
+    "preference": "pairwise_accuracy",
 }
 
 

@@ -7,7 +7,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tunelab.errors import TunelabError
-from tunelab.methods import method_options_model
+from tunelab.methods.registry import method_options_model
+from tunelab.objectives.registry import objective_options_model
 
 
 class Strict(BaseModel):
@@ -83,6 +84,8 @@ class TrainConfig(Strict):
     eval_every: int = Field(default=50, ge=0, description="0: eval only at the end")
     keep_checkpoints: int = Field(default=2, ge=1)
     log_every: int = Field(default=1, ge=1)
+    # Trackers that get every logged record besides metrics.jsonl (train/reporting.py).
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
@@ -110,6 +113,8 @@ class RunConfig(Strict):
     data: DataConfig
     # validate_default: an omitted `method` also becomes LoRA's options object, not a bare dict.
     method: Any = Field(default_factory=lambda: {"name": "lora"}, validate_default=True)
+    # validate_default: an omitted `objective` also becomes SFT's options object.
+    objective: Any = Field(default_factory=lambda: {"name": "sft"}, validate_default=True)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: str = "runs/run"
 
@@ -121,17 +126,36 @@ class RunConfig(Strict):
     @field_validator("method", mode="before")
     @classmethod
     def _method_options(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = {"name": value}
-        if not isinstance(value, dict):
-            raise ValueError("method must be a mapping with a 'name' key")
+        value = _named_section(value, "method")
         if value.get("from_peft"):
             value = _options_with_peft_adapter(value)
-        # Each registered method validates its own options (unknown keys fail, naming the key).
         return method_options_model(value.get("name", "lora")).model_validate(value)
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective_options(cls, value: Any) -> Any:
+        value = _named_section(value, "objective")
+        return objective_options_model(value.get("name", "sft")).model_validate(value)
+
+    @model_validator(mode="after")
+    def _objective_fits_training(self) -> RunConfig:
+        check = getattr(self.objective, "check_train", None)  # options that constrain train.* (KTO's batch size)
+        if check is not None:
+            check(self.train)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def _named_section(value: Any, section: str) -> dict:
+    """`method: lora` is `method: {name: lora}`; the named class then validates its own options
+    (unknown keys fail, naming the key)."""
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict):
+        raise ValueError(f"{section} must be a mapping with a 'name' key")
+    return value
 
 
 def _options_with_peft_adapter(given: dict[str, Any]) -> dict[str, Any]:

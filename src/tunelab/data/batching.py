@@ -7,6 +7,7 @@ predicted), so a row can hold several samples without any sample predicting its 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -24,17 +25,36 @@ class Batch:
     cu_seq_lens: torch.Tensor | None
     n_tokens: int  # real (non-padding) tokens
     n_targets: int  # tokens the loss falls on
+    # (rows, length): the position's sample, as its index in the list given to make_batch; -1 on padding
+    sample_index: torch.Tensor
 
     def to(self, device: torch.device) -> Batch:
         # cu_seq_lens stays on the CPU: the attention reads it as Python ints, without a device sync.
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) and k != "cu_seq_lens" else v for k, v in self.__dict__.items()}
         return Batch(**moved)
 
+    @property
+    def counts(self) -> dict[str, int]:
+        return {"target_tokens": self.n_targets}
+
     def model_inputs(self) -> dict:
         inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
         if self.cu_seq_lens is not None:
             inputs["cu_seq_lens_q"] = self.cu_seq_lens
         return inputs
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a run lays samples out in forward batches (see `make_batch`)."""
+
+    max_length: int
+    packing: bool
+    pad_id: int
+    padding_free: bool = False
+
+    def batch(self, samples: list[dict]) -> Batch:
+        return make_batch(samples, self.max_length, self.packing, self.pad_id, self.padding_free)
 
 
 def make_batch(samples: list[dict], max_length: int, packing: bool, pad_id: int, padding_free: bool = False) -> Batch:
@@ -53,6 +73,7 @@ def make_batch(samples: list[dict], max_length: int, packing: bool, pad_id: int,
     labels = torch.full(shape, IGNORE, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
     segment = torch.zeros(shape, dtype=torch.long)  # 0 = padding, k = k-th sample of the row
+    sample_index = torch.full(shape, -1, dtype=torch.long)
     for r, row in enumerate(rows):
         start = 0
         for k, i in enumerate(row, start=1):
@@ -63,6 +84,7 @@ def make_batch(samples: list[dict], max_length: int, packing: bool, pad_id: int,
             labels[r, start : start + n - 1] = torch.where(mask[1:], ids[1:], IGNORE)
             position_ids[r, start : start + n] = torch.arange(n)
             segment[r, start : start + n] = k
+            sample_index[r, start : start + n] = i
             start += n
     attention = cu_seq_lens = None
     if padding_free:
@@ -81,14 +103,17 @@ def make_batch(samples: list[dict], max_length: int, packing: bool, pad_id: int,
         cu_seq_lens=cu_seq_lens,
         n_tokens=int((segment > 0).sum()),
         n_targets=int((labels != IGNORE).sum()),
+        sample_index=sample_index,
     )
 
 
-def split_by_tokens(samples: list[dict], max_tokens: int) -> list[list[dict]]:
-    """Group samples so each group holds at most max_tokens tokens (a longer sample goes alone); 0: one group."""
+def split_by_tokens(samples: list, max_tokens: int, length: Callable[[dict], int] | None = None) -> list[list]:
+    """Group samples so each group holds at most max_tokens tokens (a longer sample goes alone); 0: one
+    group. `length`: a sample's tokens (default: its input_ids), for samples that are several sequences."""
     if not max_tokens:
         return [samples]
-    return [[samples[i] for i in group] for group in pack_rows([len(s["input_ids"]) for s in samples], max_tokens)]
+    lengths = [length(s) if length else len(s["input_ids"]) for s in samples]
+    return [[samples[i] for i in group] for group in pack_rows(lengths, max_tokens)]
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -11,6 +11,7 @@ from datasets import Dataset, disable_progress_bars
 
 from tunelab.config.schema import DataConfig
 from tunelab.data.formats import load_examples
+from tunelab.data.preference import fit_to_length, load_preference_examples, tokenize_preference
 from tunelab.data.tokenize import tokenize_example
 from tunelab.errors import TunelabError
 from tunelab.models.loader import cache_dir
@@ -27,6 +28,8 @@ class DataStats:
     truncated: int = 0
     dropped_too_long: int = 0
     dropped_no_target: int = 0
+    split: int = 0  # texts longer than max_length, split into pieces (continued pretraining)
+    identical_pairs: int = 0  # preference rows whose chosen equals rejected (they teach nothing)
     format: str = ""
 
     def as_dict(self) -> dict:
@@ -40,12 +43,13 @@ class TokenizedData:
     stats: dict[str, DataStats] = field(default_factory=dict)
 
 
-def build_datasets(config: DataConfig, tokenizer, seed: int) -> TokenizedData:
-    train, train_stats = tokenized_split(config.train, config, tokenizer)
+def build_datasets(config: DataConfig, tokenizer, seed: int, rows: str = "sft") -> TokenizedData:
+    """The train and eval sets of the kind of rows an objective reads (see objectives/base.py)."""
+    train, train_stats = tokenized_split(config.train, config, tokenizer, rows)
     stats = {"train": train_stats}
     evaluation = None
     if config.eval:
-        evaluation, stats["eval"] = tokenized_split(config.eval, config, tokenizer)
+        evaluation, stats["eval"] = tokenized_split(config.eval, config, tokenizer, rows)
     elif config.eval_split:
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)
@@ -56,32 +60,31 @@ def build_datasets(config: DataConfig, tokenizer, seed: int) -> TokenizedData:
     return TokenizedData(train=train, eval=evaluation, stats=stats)
 
 
-def tokenized_split(path: str, config: DataConfig, tokenizer) -> tuple[Dataset, DataStats]:
-    """Token ids and target masks of one file, as a `datasets.Dataset` cached on disk by content.
+def tokenized_split(path: str, config: DataConfig, tokenizer, rows: str = "sft") -> tuple[Dataset, DataStats]:
+    """The tokenized samples of one file, as a `datasets.Dataset` cached on disk by content.
 
-    The cache holds every row tokenized (and truncated to max_length); which rows train, and the
-    counts of truncated and dropped ones, are worked out from it on each run.
+    `rows`: "sft" (token ids and a target mask per row, truncated to max_length), "text" (every
+    token a target; a longer text becomes several max_length pieces), "preference" or "unpaired"
+    (prompt ids shared by the completions' ids, see data/preference.py). The cache holds every row
+    tokenized; which rows train, and the counts of cut and dropped ones, are worked out from it on
+    each run.
     """
     if not Path(path).is_file():  # checked here because the cache key hashes the file before it is read
         raise TunelabError(f"data file not found: {path}")
-    cache_file = cache_dir() / "tokenized" / f"{_fingerprint(path, config, tokenizer)}.arrow"
+    if rows == "text" and config.format not in ("auto", "text"):
+        raise TunelabError(f"objective 'pretrain' reads text rows ({{\"text\": ...}}); data.format is '{config.format}'")
+    cache_file = cache_dir() / "tokenized" / f"{_fingerprint(path, config, tokenizer, rows)}.arrow"
     format_file = cache_file.with_suffix(".format")
     if cache_file.is_file() and format_file.is_file():
         tokenized, data_format = Dataset.from_file(str(cache_file)), format_file.read_text()
     else:
-        data_format, examples = load_examples(path, config.format)
+        data_format, examples, tokenize = _reader(path, config, tokenizer, rows)
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         disable_progress_bars()
-
-        def tokenize(example: dict, row: int) -> dict:
-            tokens = tokenize_example(example, tokenizer, config.train_on)
-            truncated = {k: v[: config.max_length] for k, v in tokens.items()}
-            # `row` ties each sample back to its file row (eval generation needs the text).
-            return truncated | {"full_length": len(tokens["input_ids"]), "row": row}
-
         tokenized = Dataset.from_list(examples).map(
             tokenize,
             with_indices=True,
+            batched=rows == "text",  # one text may become several pieces
             remove_columns=list(examples[0]),
             cache_file_name=str(cache_file),
             new_fingerprint=cache_file.stem,
@@ -89,14 +92,20 @@ def tokenized_split(path: str, config: DataConfig, tokenizer) -> tuple[Dataset, 
         format_file.write_text(data_format)  # written last: its presence marks a complete cache entry
 
     too_long = [n > config.max_length for n in tokenized["full_length"]]
-    no_target = [not any(mask[1:]) for mask in tokenized["target_mask"]]  # the first token is never predicted
+    has_mask = "target_mask" in tokenized.column_names
+    # The first token is never predicted; preference completions are never empty.
+    no_target = [not any(mask[1:]) for mask in tokenized["target_mask"]] if has_mask else [False] * len(tokenized)
     drop_long = config.too_long == "drop"
+    cut = [long and not drop_long for long in too_long]
+    file_rows = tokenized["row"]
     stats = DataStats(
-        rows=len(tokenized),
+        rows=len(set(file_rows)),
         format=data_format,
-        truncated=0 if drop_long else sum(too_long),
-        dropped_too_long=sum(too_long) if drop_long else 0,
+        truncated=0 if rows == "text" else sum(cut),
+        split=len({row for row, c in zip(file_rows, cut) if c}) if rows == "text" else 0,
+        dropped_too_long=len({row for row, long in zip(file_rows, too_long) if long}) if drop_long else 0,
         dropped_no_target=sum(empty and not (drop_long and long) for empty, long in zip(no_target, too_long)),
+        identical_pairs=sum(tokenized["identical"]) if "identical" in tokenized.column_names else 0,
     )
     keep = [i for i, (long, empty) in enumerate(zip(too_long, no_target)) if not empty and not (drop_long and long)]
     if not keep:
@@ -104,7 +113,49 @@ def tokenized_split(path: str, config: DataConfig, tokenizer) -> tuple[Dataset, 
     return tokenized.select(keep), stats
 
 
-def _fingerprint(path: str, config: DataConfig, tokenizer) -> str:
+def _reader(path: str, config: DataConfig, tokenizer, rows: str):
+    """(format, canonical examples, the `datasets.map` function that tokenizes them) for a kind of rows.
+    Each tokenized sample keeps `row` (its file row: eval generation needs the text, precomputed
+    reference log-probs are keyed by it) and `full_length` (its length before any cut)."""
+    max_length = config.max_length
+    if rows in ("preference", "unpaired"):
+        data_format, examples, _ = load_preference_examples(path, rows)
+
+        def tokenize_pair(example: dict, row: int) -> dict:
+            tokens = tokenize_preference(example, tokenizer, rows)
+            full_length = len(tokens["prompt_ids"]) + max(len(v) for k, v in tokens.items() if k != "prompt_ids")
+            fitted, _ = fit_to_length(tokens, max_length)
+            extra = {"identical": example["chosen"] == example["rejected"]} if rows == "preference" else {"label": example["label"]}
+            return fitted | extra | {"full_length": full_length, "row": row}
+
+        return data_format, examples, tokenize_pair
+
+    data_format, examples = load_examples(path, "text" if rows == "text" else config.format)
+    if rows == "text":
+
+        def tokenize_text(batch: dict, indices: list[int]) -> dict:
+            pieces: dict[str, list] = {"input_ids": [], "target_mask": [], "full_length": [], "row": []}
+            for segments, row in zip(batch["segments"], indices):
+                ids = tokenize_example({"segments": segments}, tokenizer, "all")["input_ids"]
+                for start in range(0, len(ids), max_length):
+                    piece = ids[start : start + max_length]
+                    pieces["input_ids"].append(piece)
+                    pieces["target_mask"].append([1] * len(piece))
+                    pieces["full_length"].append(len(ids))
+                    pieces["row"].append(row)
+            return pieces
+
+        return data_format, examples, tokenize_text
+
+    def tokenize(example: dict, row: int) -> dict:
+        tokens = tokenize_example(example, tokenizer, config.train_on)
+        truncated = {k: v[:max_length] for k, v in tokens.items()}
+        return truncated | {"full_length": len(tokens["input_ids"]), "row": row}
+
+    return data_format, examples, tokenize
+
+
+def _fingerprint(path: str, config: DataConfig, tokenizer, rows: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -113,6 +164,7 @@ def _fingerprint(path: str, config: DataConfig, tokenizer) -> str:
     identity = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
     for part in (
         TOKENIZATION_VERSION,
+        rows,
         Path(path).suffix,
         config.format,
         config.train_on,

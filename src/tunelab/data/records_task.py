@@ -186,3 +186,39 @@ def _to_chat_row(record: dict, rng: random.Random) -> dict:
             {"role": "assistant", "content": record_to_json(record)},
         ]
     }
+
+
+def corrupt_record(record: dict, rng: random.Random) -> dict:
+    """The record with one field made wrong: what a near-miss extraction looks like."""
+    wrong = dict(record)
+    field = rng.choice(FIELDS)
+    if field == "name":
+        first, last = record["name"].split(" ", 1)
+        wrong["name"] = f"{first} {rng.choice([n for n in LAST_NAMES if n != last])}"
+    elif field == "age":
+        wrong["age"] = record["age"] + rng.choice((-10, -1, 1, 10))
+    elif field == "city":
+        wrong["city"] = rng.choice([c for c in CITIES if c != record["city"]])
+    elif field == "date":
+        wrong["date"] = (date.fromisoformat(record["date"]) + timedelta(days=rng.choice((-31, -1, 1, 365)))).isoformat()
+    else:
+        wrong["amount"] = record["amount"] * 10 if rng.random() < 0.5 else record["amount"] + 1
+    return wrong
+
+
+def preference_row(chat_row: dict, rejected_text: str) -> dict:
+    """A conversational preference row: the chat row's prompt turns, its answer as chosen."""
+    *prompt, answer = chat_row["messages"]
+    return {"prompt": prompt, "chosen": [answer], "rejected": [{"role": "assistant", "content": rejected_text}]}
+
+
+def make_preference_splits(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """make_splits' rows as preference pairs: chosen the correct record, rejected one with a field corrupted."""
+    rng = random.Random(f"{seed}-preference")
+    train_rows, eval_rows = make_splits(n_train, n_eval, seed)
+
+    def pair(row: dict) -> dict:
+        record = json.loads(row["messages"][-1]["content"])
+        return preference_row(row, record_to_json(corrupt_record(record, rng)))
+
+    return [pair(row) for row in train_rows], [pair(row) for row in eval_rows]

@@ -15,17 +15,24 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tunelab.config.schema import ModelConfig
 from tunelab.console import console
 from tunelab.errors import TunelabError
-from tunelab.eval.generation import generate
 from tunelab.eval.likelihood import continuation_logprobs, prompt_ids, sequence_logprobs
 from tunelab.eval.sandbox import SandboxLimits, run_python
-from tunelab.eval.scoring import exact_match, final_number, json_scores, macro_f1, numbers_equal
+from tunelab.eval.scoring import (
+    exact_match,
+    final_number,
+    json_scores,
+    macro_f1,
+    numbers_equal,
+)
 from tunelab.eval.tasks import Sample, TaskConfig, code_program, task_samples
 from tunelab.files import write_json_atomic, write_text_atomic
+from tunelab.generation import generate
 
 SAMPLES_FILE = "eval_samples.jsonl"
 
@@ -38,8 +45,10 @@ def uses_chat(task: TaskConfig, tokenizer) -> bool:
     return task.chat if task.chat is not None else bool(getattr(tokenizer, "chat_template", None))
 
 
-def run_task(model, tokenizer, task: TaskConfig) -> tuple[dict, list[dict]]:
-    """(metrics, per-sample records) of the model on the task."""
+def run_task(model, tokenizer, task: TaskConfig, run=None) -> tuple[dict, list[dict]]:
+    """(metrics, per-sample records) of the model on the task (`run`: the LoadedRun it comes from, if any)."""
+    if task.type == "preference":
+        return score_preference(model, tokenizer, task, run)
     samples = task_samples(task, uses_chat(task, tokenizer))
     scorer = SCORERS[task.type]
     return scorer(model, tokenizer, task, samples)
@@ -180,6 +189,59 @@ def score_perplexity(model, tokenizer, task, samples: list[Sample]) -> tuple[dic
     return {"perplexity": math.exp(nll), "nll_per_token": nll, "tokens": tokens}, records
 
 
+# ---- Preference tasks
+
+
+def score_preference(model, tokenizer, task: TaskConfig, run) -> tuple[dict, list[dict]]:
+    """Pairwise accuracy: how often chosen scores above rejected. A reward model's score is its
+    reward; a policy's is DPO's implicit reward, log π(y|x) − log π_base(y|x), against the base model
+    of its run (a bare model has no base: its own log-probabilities are compared)."""
+    from tunelab.config import DataConfig
+    from tunelab.data.batching import BatchLayout
+    from tunelab.data.dataset import tokenized_split
+    from tunelab.objectives.pairs import pair_batches, pair_log_probs
+
+    if task.data is None:
+        raise TunelabError(f"task '{task.name}': no data file (set `data` in the task, or pass --data)")
+    dataset, _ = tokenized_split(task.data, DataConfig(train=task.data, max_length=task.max_length), tokenizer, "preference")
+    rows = [dataset[i] for i in range(min(len(dataset), task.max_samples or len(dataset)))]
+    reward_model = run is not None and run.config.objective.name == "reward"
+    reference = None if reward_model or run is None else _base_reference(run)
+    device = next(model.parameters()).device
+    layout = BatchLayout(task.max_length, packing=False, pad_id=tokenizer.pad_token_id)
+    model.eval()
+    margins: list[float] = []
+    with torch.no_grad(), progress_bar(f"score ({task.name})") as bar:
+        job = bar.add_task(task.name, total=len(rows))
+        for start in range(0, len(rows), task.batch_size):
+            batch = pair_batches(rows[start : start + task.batch_size], layout, 0)[0].to(device)
+            n = batch.n_pairs
+            if reward_model:
+                scores = run.objective.rewards(model, batch)
+            else:
+                policy = pair_log_probs(model, batch)
+                scores = torch.cat([policy.chosen, policy.rejected])
+                if reference is not None:
+                    scores = scores - reference.log_probs(batch)
+            margins += (scores[:n] - scores[n:]).tolist()
+            bar.advance(job, n)
+    records = [{"id": f"{task.data}:{row['row'] + 1}", "margin": m, "correct": m > 0} for row, m in zip(rows, margins)]
+    scorer = "reward" if reward_model else "implicit reward vs base" if reference is not None else "log-probability"
+    return {"pairwise_accuracy": _mean(r["correct"] for r in records), "mean_margin": _mean(margins), "scored_by": scorer}, records
+
+
+def _base_reference(run):
+    """The run's base model as a reference: its adapter switched off when that is the base, else the
+    base loaded afresh."""
+    from tunelab.models import load_model
+    from tunelab.objectives.reference import LiveReference
+
+    method, model = run.method, run.model
+    if method.adapter_disabled(model) is not None and method.adapter_off_is_initial:
+        return LiveReference(model, lambda: method.adapter_disabled(model), kind="adapter off")
+    return LiveReference(load_model(run.config.model)[0].requires_grad_(False), kind="base model")
+
+
 SCORERS = {
     "math_exact": score_math_exact,
     "exact_match": score_exact_match,
@@ -207,24 +269,29 @@ def load_target(target: str | Path | ModelConfig, device: str | None = None, dty
     """(model, tokenizer, kind) of what to evaluate: a run directory, a peft adapter directory
     (on its base model, or `base_model`), or a model (hub id, local folder, tunelab alias, or a
     run config's `model` section, all of its options kept)."""
+    return _load_target(target, device, dtype, base_model)[:3]
+
+
+def _load_target(target, device, dtype, base_model):
+    """`load_target`'s (model, tokenizer, kind) and the LoadedRun of a run or adapter (else None)."""
     from tunelab.export import import_peft
     from tunelab.models import load_model
-    from tunelab.train.artifacts import load_run
+    from tunelab.runs import load_run
 
     if isinstance(target, ModelConfig):
-        return (*load_model(target.model_copy(update={k: v for k, v in {"device": device, "dtype": dtype}.items() if v})), "model")
+        return (*load_model(target.model_copy(update={k: v for k, v in {"device": device, "dtype": dtype}.items() if v})), "model", None)
     path = Path(target)
     if (path / "config.yaml").is_file():
         loaded = load_run(path, device=device, dtype=dtype)
-        return loaded.model, loaded.tokenizer, "run"
+        return loaded.model, loaded.tokenizer, "run", loaded
     if (path / "adapter_config.json").is_file():
         with tempfile.TemporaryDirectory(prefix="tunelab-adapter-") as scratch:
             run = import_peft(path, Path(scratch) / "run", model=base_model)
             loaded = load_run(run, device=device, dtype=dtype)
-        return loaded.model, loaded.tokenizer, "peft_adapter"
+        return loaded.model, loaded.tokenizer, "peft_adapter", loaded
     options = {k: v for k, v in {"device": device, "dtype": dtype}.items() if v}
     model, tokenizer = load_model(ModelConfig(name=str(target), **options))
-    return model, tokenizer, "model"
+    return model, tokenizer, "model", None
 
 
 def evaluate_task(target: str | Path | ModelConfig, task: TaskConfig, out: str | Path | None = None, device: str | None = None,
@@ -232,8 +299,8 @@ def evaluate_task(target: str | Path | ModelConfig, task: TaskConfig, out: str |
     """Score `target` on `task`; write eval.json and eval_samples.jsonl into `out` (default: the
     run directory's `eval/<task>/`, else `runs/eval/<task>/`)."""
     started = time.perf_counter()
-    model, tokenizer, kind = load_target(target, device, dtype, base_model)
-    metrics, records = run_task(model, tokenizer, task)
+    model, tokenizer, kind, loaded = _load_target(target, device, dtype, base_model)
+    metrics, records = run_task(model, tokenizer, task, loaded)
     out_dir = Path(out) if out else (Path(target) / "eval" / task.name if kind == "run" else Path("runs/eval") / task.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from tunelab.eval.generation import prompt_text
+from tunelab.generation import prompt_text
 from tunelab.methods.base import cache_argument
 
 

@@ -2,7 +2,8 @@
 prompt and a reference, and which metric scores the model (`tunelab eval --task`).
 
     type: classification            # math_exact | multiple_choice | classification |
-                                    # code_pass_at_k | json_fields | exact_match | perplexity
+                                    # code_pass_at_k | json_fields | exact_match | perplexity |
+                                    # preference (pairwise accuracy)
     data: ../shared/data/sst2/dev.tsv   # .jsonl .json .csv .tsv (.gz too); relative to the YAML
     columns: [label, sentence]      # a delimited file's column names, by position (header skipped),
                                     # unless its header has them all
@@ -30,7 +31,7 @@ from tunelab.config.schema import Strict
 from tunelab.errors import TunelabError
 from tunelab.eval.scoring import fenced_code
 
-TaskType = Literal["math_exact", "multiple_choice", "classification", "code_pass_at_k", "json_fields", "exact_match", "perplexity"]
+TaskType = Literal["math_exact", "multiple_choice", "classification", "code_pass_at_k", "json_fields", "exact_match", "perplexity", "preference"]
 GENERATION_TYPES = ("math_exact", "code_pass_at_k", "json_fields", "exact_match")
 
 
@@ -53,6 +54,8 @@ class TaskConfig(Strict):
     labels: dict[str, str] | None = None
     # perplexity: the template of the scored text.
     text: str = "{text}"
+    # preference: rows as training takes them ({prompt, chosen, rejected}), tokens per sequence at most.
+    max_length: int = Field(default=1024, ge=8)
     max_samples: int | None = Field(default=None, ge=1)
     max_new_tokens: int = Field(default=256, ge=1)
     batch_size: int = Field(default=16, ge=1)

@@ -11,7 +11,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from tunelab.errors import TunelabError
-from tunelab.train.artifacts import load_run
+from tunelab.runs import load_run
 
 FORMATS = ("peft", "merged")
 
@@ -48,7 +48,8 @@ def _write_peft(run, directory: Path) -> None:
 
 
 def _write_merged(run, directory: Path) -> None:
-    """A plain Hugging Face checkpoint: the method folded into the base weights."""
+    """A plain Hugging Face checkpoint: the method folded into the base weights (a reward model's,
+    with its head, as a sequence-classification checkpoint)."""
     run.method.merge(run.model)
-    run.model.save_pretrained(directory)
+    run.objective.merged_model(run.model, run.tokenizer).save_pretrained(directory)
     run.tokenizer.save_pretrained(directory)

@@ -12,7 +12,7 @@ from tunelab.errors import TunelabError
 from tunelab.methods import build_method
 from tunelab.methods.peft_io import read_peft_adapter, read_peft_config
 from tunelab.models import load_model
-from tunelab.train.artifacts import save_artifacts
+from tunelab.runs import save_artifacts
 
 
 def import_peft(peft_dir: str | Path, output: str | Path, model: str | None = None, overwrite: bool = False) -> Path:

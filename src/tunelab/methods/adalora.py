@@ -38,7 +38,6 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from tunelab.errors import TunelabError
-from tunelab.methods import register
 from tunelab.methods.base import (
     PEFT_PREFIX,
     PEFT_TARGETING_DEFAULTS,
@@ -141,7 +140,6 @@ class AdaLoraLinear(AdapterLayer):
         return self.rank_mask | (self.lora_E.detach()[:, 0] != 0)
 
 
-@register
 class AdaLora(LinearAdapterMethod):
     """AdaLoRA: LoRA in SVD form whose rank budget moves to the most important layers during training."""
 

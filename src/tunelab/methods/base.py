@@ -9,6 +9,8 @@ from __future__ import annotations
 import inspect
 import re
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -17,6 +19,24 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from tunelab.errors import TunelabError
+
+
+# The target mask (shaped like input_ids, True where a loss falls) of the training or eval forward
+# that is running, for method hooks inside the model that must tell prompt positions from targets
+# (ReFT intervenes on prompt tokens only); None in every other forward (generation, plain calls).
+# The objectives' seam sets it around every objective's forwards (objectives/base.py), so no
+# signature inside the model changes.
+FORWARD_TARGETS: ContextVar[torch.Tensor | None] = ContextVar("forward_targets", default=None)
+
+
+@contextmanager
+def visible_targets(targets: torch.Tensor | None):
+    """FORWARD_TARGETS is `targets` inside the block."""
+    token = FORWARD_TARGETS.set(targets)
+    try:
+        yield
+    finally:
+        FORWARD_TARGETS.reset(token)
 
 
 class MethodOptions(BaseModel):
@@ -90,6 +110,22 @@ class Method(ABC):
                         f"the model expects {tuple(param.shape)}"
                     )
                 param.copy_(state[name])
+
+    # A reference policy for the preference objectives without a second copy of the weights: the base
+    # with the method switched off, valid when that is the policy at initialization (see
+    # objectives/reference.py, which falls back to a frozen copy or precomputed log-probabilities).
+
+    def adapter_disabled(self, model: nn.Module) -> AbstractContextManager | None:
+        """A context in which `model` computes as its base without this method, or None when the
+        method has no adapter to switch off (it trains the base's own weights: full, freeze, ...)."""
+        return None
+
+    @property
+    def adapter_off_is_initial(self) -> bool:
+        """Whether the model with the method switched off computes as the freshly attached method
+        does (the method starts as the identity and leaves the base weights as they were), so the
+        adapter-off model is the policy at step 0."""
+        return False
 
     def store_frozen_weights(self, model: nn.Module, dtype: torch.dtype) -> bool:
         """Give training a copy of the frozen weights in `dtype`, a faster matmul dtype than the
@@ -252,6 +288,22 @@ class LinearAdapterMethod(Method):
 
     def adapter_layers(self, model: nn.Module) -> dict[str, AdapterLayer]:
         return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+    @property
+    def adapter_off_is_initial(self) -> bool:
+        return True  # the family starts at ΔW = 0 (or R = I): methods that do not say otherwise
+
+    @contextmanager
+    def adapter_disabled(self, model: nn.Module):
+        """The base layers stand in for their adapter layers inside the block."""
+        layers = self.adapter_layers(model)
+        for name, layer in layers.items():
+            replace_module(model, name, layer.base_layer)
+        try:
+            yield
+        finally:
+            for name, layer in layers.items():
+                replace_module(model, name, layer)
 
     def merge(self, model: nn.Module) -> None:
         for name, layer in self.adapter_layers(model).items():

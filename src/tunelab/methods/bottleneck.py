@@ -35,7 +35,6 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from tunelab.errors import TunelabError
-from tunelab.methods import register
 from tunelab.methods.base import Method, MethodOptions, selected_decoder_layers
 
 # A placement name → the decoder layer's sublayer it adapts.
@@ -136,7 +135,6 @@ class BottleneckMethod(Method):
                 sublayer.register_forward_hook(sublayer.adapter.adapt_output, with_kwargs=True)
 
 
-@register
 class SeriesAdapter(BottleneckMethod):
     """Series adapters (Houlsby): a bottleneck MLP after each adapted sublayer, h + f(h)."""
 
@@ -145,7 +143,6 @@ class SeriesAdapter(BottleneckMethod):
     series = True
 
 
-@register
 class ParallelAdapter(BottleneckMethod):
     """Parallel adapters (He et al.): a scaled bottleneck MLP beside each adapted sublayer, h + f(x)."""
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from tunelab.config.schema import ModelConfig
 from tunelab.errors import TunelabError
-from tunelab.methods import REGISTRY
+from tunelab.methods.registry import get_method_class, method_names
 from tunelab.models.loader import load_model_skeleton
 
 
@@ -26,7 +26,8 @@ def method_rows(model: str, target: str | list[str] | None = None) -> list[Metho
     """Each registered method with its default options (and `target` where it wraps linear layers),
     attached to a weightless copy of `model`: its trainable parameters and their share."""
     rows = []
-    for name, cls in sorted(REGISTRY.items()):
+    for name in method_names():
+        cls = get_method_class(name)
         options = {"name": name}
         if target is not None and "target" in cls.Options.model_fields:
             options["target"] = target

@@ -26,7 +26,6 @@ from pydantic import Field
 from torch import nn
 
 from tunelab.errors import TunelabError
-from tunelab.methods import register
 from tunelab.methods.base import AdapterLayer, LinearAdapterMethod, LinearTargetOptions
 
 PAPER_TARGET = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
@@ -60,7 +59,6 @@ class DiabloLinear(AdapterLayer):
         return torch.block_diag(*self.diablo_D)
 
 
-@register
 class Diablo(LinearAdapterMethod):
     """DiaBlo: trains only the diagonal blocks of an N×N grid over each weight (zeros at init)."""
 

@@ -39,7 +39,6 @@ from pydantic import Field
 from torch import nn
 
 from tunelab.errors import TunelabError
-from tunelab.methods import register
 from tunelab.methods.base import AdapterLayer, LinearAdapterMethod, PeftDefaultTargetOptions
 
 
@@ -113,12 +112,15 @@ class EtherLinear(AdapterLayer):
         return merged.to(weight.dtype)
 
 
-@register
 class Ether(LinearAdapterMethod):
     """ETHER: block-diagonal hyperplane reflections of the inputs (ETHER+, `plus`: relaxed, both sides)."""
 
     name = "ether"
     Options = EtherOptions
+
+    @property
+    def adapter_off_is_initial(self) -> bool:
+        return self.options.plus  # ETHER's reflections start random; ETHER+'s two terms cancel at init
 
     def wrap(self, name: str, base: nn.Linear) -> EtherLinear:
         opts = self.options

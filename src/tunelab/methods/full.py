@@ -6,7 +6,6 @@ from typing import Literal
 
 from torch import nn
 
-from tunelab.methods import register
 from tunelab.methods.base import Method, MethodOptions
 
 
@@ -14,7 +13,6 @@ class FullOptions(MethodOptions):
     name: Literal["full"] = "full"
 
 
-@register
 class Full(Method):
     """Full fine-tuning: every weight trains."""
 

@@ -19,7 +19,6 @@ from pydantic import Field
 from torch import nn
 
 from tunelab.errors import TunelabError
-from tunelab.methods import register
 from tunelab.methods.base import (
     PEFT_TARGETING_DEFAULTS,
     AdapterLayer,
@@ -73,7 +72,6 @@ class Ia3Linear(AdapterLayer):
         return base
 
 
-@register
 class Ia3(LinearAdapterMethod):
     """(IA)^3: learned vectors rescale keys, values and feedforward activations (ones at init)."""
 

@@ -65,7 +65,6 @@ from torch import nn
 
 from tunelab.console import console
 from tunelab.errors import TunelabError
-from tunelab.methods import register
 from tunelab.methods.base import MethodOptions, decoder_layers
 from tunelab.methods.partial import OwnWeightsMethod, parameter_owners
 
@@ -93,7 +92,6 @@ class OwloreOptions(LisaOptions):
     outlier_score: Literal["weight"] = "weight"
 
 
-@register
 class Lisa(OwnWeightsMethod):
     """LISA: embeddings and head train; of the decoder layers, a fresh uniform γ every K steps."""
 
@@ -156,7 +154,6 @@ class Lisa(OwnWeightsMethod):
         self.activate(model, step=self.completed_steps + 1)
 
 
-@register
 class Owlore(Lisa):
     """OwLore: LISA's layer sampling with p ∝ each layer's outlier ratio (|W| score; GaLore apart)."""
 

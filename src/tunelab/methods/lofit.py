@@ -34,7 +34,6 @@ from pydantic import Field
 from torch import nn
 
 from tunelab.errors import TunelabError
-from tunelab.methods import register
 from tunelab.methods.base import Method, MethodOptions, decoder_layers
 
 
@@ -65,7 +64,6 @@ class LofitHeads(nn.Module):
         return table.index_copy(0, self.head_index, self.lofit_bias).view(self.layers, -1)
 
 
-@register
 class Lofit(Method):
     """LoFiT: learned offsets on the outputs of the few attention heads a short L1-scaled run selects."""
 

@@ -21,7 +21,6 @@ from pydantic import Field
 from torch import nn
 
 from tunelab.errors import TunelabError
-from tunelab.methods import register
 from tunelab.methods.base import (
     PEFT_TARGETING_DEFAULTS,
     AdapterLayer,
@@ -189,13 +188,16 @@ class LoraLinearFunction(torch.autograd.Function):
         return grad_x, grad_x_lora, grad_weight, grad_bias, grad_lora_a, grad_lora_b, None
 
 
-@register
 class Lora(LinearAdapterMethod):
     """LoRA: a trainable low-rank update s·BA beside each frozen linear layer (rsLoRA, DoRA, PiSSA, OLoRA, LoRA+ as options)."""
 
     name = "lora"
     Options = LoraOptions
     peft_type = "LORA"
+
+    @property
+    def adapter_off_is_initial(self) -> bool:
+        return self.options.init not in ("pissa", "olora")  # those leave W as the residual W₀ − s·B₀A₀
 
     @property
     def scaling(self) -> float:

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from tunelab.methods import register
 from tunelab.methods.base import (
     PEFT_TARGETING_DEFAULTS,
     AdapterLayer,
@@ -250,7 +249,6 @@ def lycoris_options_from_peft(name: str, config: dict[str, Any], source: str, in
     }
 
 
-@register
 class Loha(LinearAdapterMethod):
     """LoHa: a Hadamard product of two rank-r updates, ΔW = s·(W1a W1b) ⊙ (W2a W2b), beside each frozen linear layer."""
 
@@ -270,7 +268,6 @@ class Loha(LinearAdapterMethod):
         return lycoris_options_from_peft(cls.name, config, source, init_weights=(True, False, None))
 
 
-@register
 class Lokr(LinearAdapterMethod):
     """LoKr: a Kronecker product of two small (optionally rank-r) factors, ΔW = s·W1 ⊗ W2, beside each frozen linear layer."""
 

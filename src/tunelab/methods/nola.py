@@ -41,7 +41,6 @@ from pydantic import Field
 from torch import nn
 
 from tunelab.errors import TunelabError
-from tunelab.methods import register
 from tunelab.methods.base import AdapterLayer, LinearAdapterMethod, LinearTargetOptions, find_target_linears
 
 CHECK = "nola_basis_check"
@@ -114,7 +113,6 @@ class NolaLinear(AdapterLayer):
         return self.scaling * (b @ a)
 
 
-@register
 class Nola(LinearAdapterMethod):
     """NOLA: LoRA's factors as trained combinations of frozen seeded random bases (k + l per layer)."""
 

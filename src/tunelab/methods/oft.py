@@ -37,7 +37,6 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from tunelab.errors import TunelabError
-from tunelab.methods import register
 from tunelab.methods.base import (
     PEFT_TARGETING_DEFAULTS,
     AdapterLayer,
@@ -207,7 +206,6 @@ class OftLinear(AdapterLayer):
         return (weight.to(rotation.dtype) @ rotation.t()).to(weight.dtype)
 
 
-@register
 class Oft(LinearAdapterMethod):
     """OFT: a trainable block-diagonal orthogonal rotation of each targeted layer's input (identity at init)."""
 
@@ -334,7 +332,6 @@ class BoftLinear(AdapterLayer):
         return (self.boft_s * (weight.to(rotation.dtype) @ rotation.t())).to(weight.dtype)
 
 
-@register
 class Boft(LinearAdapterMethod):
     """BOFT: OFT with butterfly-factorized rotations (dense orthogonal mixing from small blocks) and output scales."""
 

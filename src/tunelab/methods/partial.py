@@ -34,7 +34,6 @@ from pydantic import Field
 from torch import nn
 
 from tunelab.errors import TunelabError
-from tunelab.methods import register
 from tunelab.methods.base import Method, MethodOptions, decoder_layers, name_matches
 
 
@@ -79,7 +78,6 @@ class OwnWeightsMethod(Method):
         model.requires_grad_(False)
 
 
-@register
 class Freeze(OwnWeightsMethod):
     """Freeze tuning: only the chosen decoder layers (default the last 2) or modules train."""
 
@@ -117,7 +115,6 @@ class Freeze(OwnWeightsMethod):
         return [name for name in candidates if name_matches(name, patterns)]
 
 
-@register
 class Hft(OwnWeightsMethod):
     """HFT: a seeded random half of each layer's attention, MLP and norm tensors trains."""
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tunelab.errors import TunelabError
-from tunelab.methods import REGISTRY
+from tunelab.methods.registry import get_method_class, method_names
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -33,7 +33,8 @@ def method_options_from_peft(directory: str | Path) -> dict[str, Any]:
     """tunelab method options (a config mapping) equivalent to the peft adapter in `directory`."""
     config = read_peft_config(directory)
     source = str(Path(directory) / CONFIG_FILE)
-    by_type = {cls.peft_type: cls for cls in REGISTRY.values() if cls.peft_type}
+    classes = [get_method_class(name) for name in method_names()]
+    by_type = {cls.peft_type: cls for cls in classes if cls.peft_type}
     peft_type = str(config["peft_type"])
     if peft_type not in by_type:
         raise TunelabError(f"{source}: peft_type {peft_type} has no tunelab method (tunelab reads: {', '.join(sorted(by_type))})")

@@ -23,9 +23,10 @@ from pydantic import Field
 from torch import nn
 from transformers import DynamicCache
 
+from tunelab.config.schema import ModelConfig
 from tunelab.errors import TunelabError
-from tunelab.methods import register
 from tunelab.methods.base import Method, MethodOptions, cache_argument, reject_peft_settings
+from tunelab.models.loader import load_tokenizer
 
 
 class PromptTuningOptions(MethodOptions):
@@ -187,7 +188,6 @@ def _mask_with_leading_tokens(mask: torch.Tensor, n: int) -> torch.Tensor:
     return grown
 
 
-@register
 class PromptTuning(VirtualTokenMethod):
     """Prompt tuning: n trainable input embeddings before every sample."""
 
@@ -211,9 +211,6 @@ class PromptTuning(VirtualTokenMethod):
         return module
 
     def _text_init(self, model: nn.Module, embeddings: torch.Tensor) -> torch.Tensor:
-        from tunelab.config.schema import ModelConfig
-        from tunelab.models.loader import load_tokenizer
-
         text = self.options.init_text
         if not text:
             raise TunelabError("method.init_text: prompt_tuning with init: text needs the text")
@@ -246,7 +243,6 @@ class PromptTuning(VirtualTokenMethod):
         return {"name": cls.name, "num_virtual_tokens": config["num_virtual_tokens"]}
 
 
-@register
 class PrefixTuning(VirtualTokenMethod):
     """Prefix tuning (P-tuning v2): n trainable keys and values in every attention layer."""
 

@@ -18,8 +18,8 @@ first + last, each side takes at most half of the prompt, as pyreft does, so no 
 twice (a prompt of 1 token gets no edit from "f1+l1").
 
 How the hooks know the prompt inside the model's forward: a pre-hook on the backbone computes the
-positions once per forward, from the target mask `causal_lm_loss` publishes
-(`objectives.causal_lm.FORWARD_TARGETS`, training and eval loss) or, without one, from the
+positions once per forward, from the target mask the objectives' seam publishes
+(`methods.base.FORWARD_TARGETS`, training and eval forwards of every objective) or, without one, from the
 attention mask (generation: every real token is prompt); samples start where `position_ids`
 restart at 0 (padding-free and mask-packed rows) or at each row. A forward hook on each chosen
 decoder layer then edits exactly those positions.
@@ -38,9 +38,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
 from tunelab.errors import TunelabError
-from tunelab.methods import register
-from tunelab.methods.base import Method, MethodOptions, cache_argument, selected_decoder_layers
-from tunelab.objectives.causal_lm import FORWARD_TARGETS
+from tunelab.methods.base import FORWARD_TARGETS, Method, MethodOptions, cache_argument, selected_decoder_layers
 
 POSITIONS = re.compile(r"f(?P<first>\d+)\+l(?P<last>\d+)|f(?P<only_first>\d+)|l(?P<only_last>\d+)")
 # The unconstrained tensor of R's parametrization.
@@ -105,7 +103,6 @@ class LoreftIntervention(nn.Module):
         return h + self.dropout(edit)
 
 
-@register
 class Reft(Method):
     """LoReFT: a low-rank edit h + Rᵀ(Wh + b − Rh) of the hidden states at the first/last prompt tokens."""
 

@@ -29,7 +29,6 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from tunelab.errors import TunelabError
-from tunelab.methods import register
 from tunelab.methods.base import AdapterLayer, LinearAdapterMethod, MethodOptions, name_matches, replace_module
 
 # Llama-family names of the two projections S2FT trains (the outputs of the coupled structures).
@@ -109,7 +108,6 @@ class BufferedAdapterMethod(LinearAdapterMethod):
             buffer.copy_(state[key])
 
 
-@register
 class S2ft(BufferedAdapterMethod):
     """S2FT: trains the output-projection columns of a few random heads and FFN channels per layer."""
 

@@ -43,7 +43,6 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from tunelab.errors import TunelabError
-from tunelab.methods import register
 from tunelab.methods.base import AdapterLayer, LinearTargetOptions
 from tunelab.methods.s2ft import BufferedAdapterMethod
 
@@ -147,7 +146,6 @@ class SparseFtLinear(AdapterLayer):
         return freed
 
 
-@register
 class SparseFt(BufferedAdapterMethod):
     """SpIEL: sparse fine-tuning of k entries per matrix, pruned by |Δ| and regrown by accumulated gradients."""
 

@@ -28,7 +28,6 @@ from pydantic import Field
 from torch import nn
 
 from tunelab.errors import TunelabError
-from tunelab.methods import register
 from tunelab.methods.base import MethodOptions, decoder_layers
 from tunelab.methods.partial import OwnWeightsMethod
 
@@ -46,7 +45,6 @@ class SubTuningOptions(MethodOptions):
     held_out_steps: int = Field(default=1, ge=1)
 
 
-@register
 class SubTuning(OwnWeightsMethod):
     """SubTuning: the full weights of a few decoder layers, picked greedily by short probe fine-tunes."""
 

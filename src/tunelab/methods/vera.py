@@ -25,7 +25,6 @@ from pydantic import Field
 from torch import nn
 
 from tunelab.errors import TunelabError
-from tunelab.methods import register
 from tunelab.methods.base import (
     PEFT_PREFIX,
     PEFT_TARGETING_DEFAULTS,
@@ -106,7 +105,6 @@ class VeraLinear(AdapterLayer):
         return (self.vera_lambda_b[:, None] * b) @ (self.vera_lambda_d[:, None] * a)
 
 
-@register
 class Vera(LinearAdapterMethod):
     """VeRA: frozen shared random projections, two trainable scaling vectors per linear layer."""
 

@@ -1,5 +1,4 @@
-"""Training objectives, one small module each. Each returns a loss SUM and the count it was summed
-over, so the training loop can normalize by the targets of the whole accumulated batch."""
+"""Training objectives behind one seam (base.py), one module each, found by name in registry.py."""
 
 from tunelab.objectives.causal_lm import causal_lm_loss
 

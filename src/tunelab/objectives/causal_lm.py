@@ -1,25 +1,20 @@
-"""Next-token cross-entropy on target positions (SFT and continued pretraining)."""
+"""Next-token log-probabilities on target positions: the cross-entropy sum (SFT, continued
+pretraining) and each sequence's log-probability (the preference objectives)."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from tunelab.data.batching import IGNORE, Batch
+from tunelab.methods.base import visible_targets
 
 # Logits computed at once (rows x vocabulary): large enough for an efficient matmul (150 rows at
 # a 49k vocabulary), small enough (30 MB) to stay under glibc's 32 MiB mmap threshold, so each
 # chunk reuses heap memory instead of faulting in fresh pages (see train/allocator.py).
 CHUNK_ELEMENTS = 7_500_000
-
-# The target mask (labels != IGNORE, shaped like input_ids) of the forward pass causal_lm_loss is
-# running, for method hooks inside the model that must tell prompt positions from targets (ReFT
-# intervenes on prompt tokens only); None in every other forward (generation, plain calls).
-# Training and eval loss both go through causal_lm_loss, so no signature changes anywhere.
-FORWARD_TARGETS: ContextVar[torch.Tensor | None] = ContextVar("forward_targets", default=None)
 
 
 def causal_lm_loss(model, batch: Batch) -> torch.Tensor:
@@ -28,27 +23,75 @@ def causal_lm_loss(model, batch: Batch) -> torch.Tensor:
     The output head runs only on target positions (on chat data most positions are prompt
     tokens), a chunk at a time, so the full (tokens x vocabulary) logits never exist.
     """
+    hidden, head_weight, labels = _at_targets(model, batch)
+    if head_weight is None:  # `hidden` holds the logits
+        return F.cross_entropy(hidden.float(), labels, reduction="sum")
+    return LinearCrossEntropy.apply(hidden, head_weight, labels)
+
+
+@dataclass
+class TargetLogProbs:
+    """Each target token's log-probability (with its graph), the sample it belongs to (its index in
+    the list the batch was made from), the position in that sample of the token it predicts, and the
+    statistics TRL logs (`mean_logit`, `entropy`, `top1`: the label is the argmax; no gradient)."""
+
+    log_probs: torch.Tensor
+    owner: torch.Tensor
+    position: torch.Tensor
+    stats: torch.Tensor  # (targets, len(TOKEN_STATS))
+
+    def sums(self, n_samples: int, where: torch.Tensor | None = None) -> torch.Tensor:
+        """Per sample: the summed log-probability of its targets (those `where` marks, if given)."""
+        values = self.log_probs if where is None else self.log_probs * where
+        return values.new_zeros(n_samples).index_add(0, self.owner, values)
+
+    def counts(self, n_samples: int, where: torch.Tensor | None = None) -> torch.Tensor:
+        weights = None if where is None else where.to(torch.float32)
+        return torch.bincount(self.owner, weights=weights, minlength=n_samples)
+
+    def stat_sums(self, n_samples: int) -> dict[str, torch.Tensor]:
+        sums = self.stats.new_zeros(n_samples, len(TOKEN_STATS)).index_add(0, self.owner, self.stats)
+        return {name: sums[:, k] for k, name in enumerate(TOKEN_STATS)}
+
+
+def target_log_probs(model, batch: Batch) -> TargetLogProbs:
+    """The log-probabilities of the batch's target tokens, chunked like `causal_lm_loss`: the
+    (tokens x vocabulary) logits never exist at once."""
+    hidden, head_weight, labels = _at_targets(model, batch)
+    if head_weight is None:  # `hidden` holds the logits
+        log_probs = torch.log_softmax(hidden.float(), dim=-1)
+        token_log_probs = log_probs.gather(1, labels[:, None]).squeeze(1)
+        token_stats = _token_stats(hidden.detach().float(), log_probs.detach(), labels)
+    else:
+        token_log_probs, token_stats = TokenLogProbs.apply(hidden, head_weight, labels)
+    targets = batch.labels != IGNORE
+    return TargetLogProbs(token_log_probs, batch.sample_index[targets], batch.position_ids[targets] + 1, token_stats)
+
+
+TOKEN_STATS = ("mean_logit", "entropy", "top1")
+
+
+def _token_stats(logits: torch.Tensor, log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(rows, 3): each row's mean logit, entropy of its distribution, and whether its label is the argmax."""
+    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+    top1 = (logits.argmax(dim=-1) == labels).float()
+    return torch.stack([logits.mean(dim=-1), entropy, top1], dim=1)
+
+
+def _at_targets(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The forward every objective's loss runs: (final hidden states at target positions, the
+    output head's weight, labels), or, for models whose logits are not just head(hidden) (a head
+    bias, softcapping, scaling), (logits at target positions, None, labels). Method hooks inside the
+    model see the target mask (FORWARD_TARGETS) for its duration."""
     targets = batch.labels != IGNORE
     labels = batch.labels[targets]
     inputs = batch.model_inputs()
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     head = model.get_output_embeddings()
-    with _visible_targets(targets):
+    with visible_targets(targets):
         if backbone is None or backbone is model or head is None or head.bias is not None or _has_logit_postprocessing(model.config):
-            logits = model(**inputs, use_cache=False).logits[targets]
-            return F.cross_entropy(logits.float(), labels, reduction="sum")
-        hidden = backbone(**inputs, use_cache=False).last_hidden_state[targets]
-    return LinearCrossEntropy.apply(hidden, head.weight, labels)
-
-
-@contextmanager
-def _visible_targets(targets: torch.Tensor):
-    """FORWARD_TARGETS is `targets` inside the block."""
-    token = FORWARD_TARGETS.set(targets)
-    try:
-        yield
-    finally:
-        FORWARD_TARGETS.reset(token)
+            return model(**inputs, use_cache=False).logits[targets], None, labels
+        return backbone(**inputs, use_cache=False).last_hidden_state[targets], head.weight, labels
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -90,6 +133,53 @@ class LinearCrossEntropy(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None
+
+
+class TokenLogProbs(torch.autograd.Function):
+    """log_softmax(hidden @ weightᵀ)[labels] per row, and each row's `_token_stats`, in row chunks.
+
+    Unlike the cross-entropy sum, each token's log-probability gets its own gradient (a DPO pair
+    weighs its sequences differently), so backward recomputes each chunk's probabilities instead of
+    keeping (tokens x vocabulary) of them: one more head matmul for a chunk's memory.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
+        log_probs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        stats = torch.empty(hidden.shape[0], len(TOKEN_STATS), dtype=torch.float32, device=hidden.device)
+        for rows, h, y in _chunks(hidden, weight, labels):
+            logits = (h @ weight.t()).float()
+            chunk_log_probs = torch.log_softmax(logits, dim=-1)
+            log_probs[rows] = chunk_log_probs.gather(1, y[:, None]).squeeze(1)
+            stats[rows] = _token_stats(logits, chunk_log_probs, y)
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.mark_non_differentiable(stats)
+        return log_probs, stats
+
+    @staticmethod
+    def backward(ctx, grad_log_probs: torch.Tensor, _grad_stats):
+        hidden, weight, labels = ctx.saved_tensors
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+        for rows, h, y in _chunks(hidden, weight, labels):
+            # d log p(y) / d logits = one_hot(y) - softmax, times each row's upstream gradient
+            grad_logits = torch.softmax((h @ weight.t()).float(), dim=-1).neg_()
+            grad_logits[torch.arange(len(y), device=y.device), y] += 1
+            grad_logits *= grad_log_probs[rows, None]
+            if want_hidden:
+                grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight
+            if want_weight:
+                grad_weight.addmm_(grad_logits.t(), h.float())
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None
+
+
+def _chunks(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
+    """(row slice, hidden rows, labels) chunks of about CHUNK_ELEMENTS logits each."""
+    step = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    for start in range(0, hidden.shape[0], step):
+        rows = slice(start, start + step)
+        yield rows, hidden[rows], labels[rows]
 
 
 def _has_logit_postprocessing(config) -> bool:

@@ -1,18 +1,18 @@
 """The training loop: one run from a validated config to its artifacts.
 
-Read `train()` top to bottom: set up the output dir, model, method, data and optimizer; resume
-if asked; then each step gathers its micro-batches, normalizes the loss by the target tokens of the
-whole accumulated batch, clips, steps, logs, evaluates and checkpoints.
+Read it top to bottom: `train()` sets the run up (output dir, model, method, objective, data,
+optimizer), restores a checkpoint or prepares a fresh run, then repeats `train_step` (the step's
+forward batches, each loss term normalized over the whole accumulated step, clip, optimizer step)
+with logging, evaluation and checkpoints in between, and finally writes the weights and report.json.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,28 +21,34 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tunelab.config import RunConfig, changed_keys, dump_config, load_config
 from tunelab.console import console
-from tunelab.data.batching import make_batch, split_by_tokens
+from tunelab.data.batching import BatchLayout, split_by_tokens
 from tunelab.data.dataset import build_datasets
 from tunelab.errors import TrainingDiverged, TunelabError
-from tunelab.files import write_json_atomic, write_text_atomic
-from tunelab.eval.loss import evaluate_loss
+from tunelab.files import write_json_atomic
 from tunelab.methods import build_method
 from tunelab.methods.peft_io import read_peft_adapter
 from tunelab.models import load_model
 from tunelab.models.attention import uses_packed_attention
-from tunelab.objectives import causal_lm_loss
+from tunelab.objectives.base import StepTotals, eval_batches, evaluate_objective, step_loss
+from tunelab.objectives.causal_lm import causal_lm_loss
+from tunelab.objectives.reference import PRECOMPUTED_FILE, choose_reference, load_precomputed, precompute, save_precomputed
+from tunelab.objectives.registry import build_objective
+from tunelab.runs import save_artifacts
 from tunelab.train.allocator import keep_freed_memory, peak_memory_mb, reset_peak_memory
-from tunelab.train.artifacts import save_artifacts
-from tunelab.train.precision import resolve_frozen_dtype
 from tunelab.train.checkpoint import TrainState, clean_staging, list_checkpoints, load_checkpoint, save_checkpoint
 from tunelab.train.galore import GaLoreAdamW, galore_param_groups
 from tunelab.train.neftune import add_embedding_noise
+from tunelab.train.precision import resolve_frozen_dtype
+from tunelab.train.reporting import MetricsSink, check_trackers
 from tunelab.train.schedule import lr_at, warmup_steps
 
 # What a run directory may hold; `overwrite` removes exactly these and nothing else.
-RUN_FILES = ("checkpoints", "adapter", "model", "metrics.jsonl", "report.json", "config.yaml", "eval.json", "eval_samples.jsonl", "eval", "loss.png")
+RUN_FILES = (
+    "checkpoints", "adapter", "model", "metrics.jsonl", "report.json", "config.yaml", "eval.json", "eval_samples.jsonl",
+    "eval", "loss.png", "tensorboard", PRECOMPUTED_FILE,
+)
 # Config keys that may change between a run and its resumption without breaking exactness.
-RESUMABLE_CHANGES = {"save_every", "eval_every", "keep_checkpoints", "log_every"}  # under train.
+RESUMABLE_CHANGES = {"save_every", "eval_every", "keep_checkpoints", "log_every", "report_to"}  # under train.
 
 
 @dataclass
@@ -55,179 +61,310 @@ class RunResult:
         return self.report["final_train_loss"]
 
 
-def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
-    started = time.perf_counter()
-    tcfg, dcfg = config.train, config.data
-    output = Path(config.output)
-    checkpoints_dir = output / "checkpoints"
-    replaced = _check_output(output, config, resume, overwrite)  # fails before any work or write
+@dataclass
+class Run:
+    """Everything the steps of one run read: built once by `set_up`."""
 
-    _seed_everything(tcfg.seed)
-    keep_freed_memory()
-    reset_peak_memory()
-    model, tokenizer = load_model(config.model)
-    method = build_method(config.method)
-    method.attach(model)
-    if tcfg.neftune_alpha:
-        add_embedding_noise(model, tcfg.neftune_alpha)  # training forwards only: model.eval() turns it off
-    params = method.trainable_parameters(model)
-    if not params:
-        raise TunelabError(f"method '{method.name}' left no trainable parameter on this model")
-    device = next(iter(params.values())).device
-    model_dtype = model.dtype
-    frozen_dtype = resolve_frozen_dtype(tcfg.frozen_dtype, model_dtype, device)
-    if frozen_dtype != model_dtype and method.store_frozen_weights(model, frozen_dtype):
-        console.print(f"frozen weights compute in {str(frozen_dtype).removeprefix('torch.')} (train.frozen_dtype)")
-    data = build_datasets(dcfg, tokenizer, tcfg.seed)
-    _report_data(data.stats)
-    _init_output(output, config, replaced)
+    config: RunConfig
+    model: torch.nn.Module
+    tokenizer: object
+    method: object
+    objective: object
+    data: object
+    layout: BatchLayout
+    device: torch.device
+    total_steps: int
+    warmup: int
+    epoch_steps: int
+    tokens_per_forward: int
+    reference: object = None
+    optimizer: torch.optim.Optimizer | None = None
+    params: dict = field(default_factory=dict)
 
-    if config.method.from_peft:
-        method.peft_import(model, *read_peft_adapter(config.method.from_peft))
-    samples_per_step = tcfg.batch_size * tcfg.grad_accum
-    epoch_steps = steps_per_epoch(len(data.train), samples_per_step)
-    total_steps = tcfg.max_steps or math.ceil((tcfg.epochs or 1.0) * epoch_steps)
-    warmup = warmup_steps(tcfg.warmup, total_steps)
+    def micro_batches(self, step: int) -> list[list[dict]]:
+        """The step's samples, one list per micro-batch. They follow from the step number alone, so
+        a resumed run sees the same data."""
+        tcfg = self.config.train
+        indices = step_sample_indices(step, len(self.data.train), tcfg.batch_size * tcfg.grad_accum, self.epoch_steps, tcfg.seed)
+        return [[self.data.train[i] for i in indices[k : k + tcfg.batch_size]] for k in range(0, len(indices), tcfg.batch_size)]
 
-    pad_id = tokenizer.pad_token_id
-    padding_free = dcfg.packing and uses_packed_attention(model)
-    if dcfg.packing and not padding_free and not method.supports_mask_packing:
-        raise TunelabError(
-            f"method '{method.name}' cannot train on rows packed behind a mask ({type(model).__name__} has no "
-            "padding-free attention); set data.packing: false"
-        )
-    tokens_per_forward = resolve_tokens_per_forward(tcfg.max_tokens_per_forward, device)
-
-    def micro_batches_of(step: int) -> list:
-        # The step's samples follow from the step number alone, so a resumed run sees the same data.
-        indices = step_sample_indices(step, len(data.train), samples_per_step, epoch_steps, tcfg.seed)
-        # Each micro-batch runs as one or more forward passes of at most tokens_per_forward
-        # tokens: that bounds activation memory, and the loss does not depend on it.
+    def forward_batches(self, step: int) -> list:
+        """Each micro-batch runs as one or more forward passes of at most tokens_per_forward tokens:
+        that bounds activation memory, and the loss does not depend on it."""
         return [
-            make_batch(group, dcfg.max_length, dcfg.packing, pad_id, padding_free)
-            for k in range(0, len(indices), tcfg.batch_size)
-            for group in split_by_tokens([data.train[i] for i in indices[k : k + tcfg.batch_size]], tokens_per_forward)
+            batch
+            for samples in self.micro_batches(step)
+            for batch in self.objective.forward_batches(samples, self.layout, self.tokens_per_forward)
         ]
 
-    state = TrainState(step=0, tokens_seen=0, train_seconds=0.0)
-    checkpoint = list_checkpoints(checkpoints_dir)[-1] if resume and list_checkpoints(checkpoints_dir) else None
-    if checkpoint is None and method.prepare_steps:
-        # A choice made from training data (LoFiT's heads, SubTuning's layers), on a fresh run only:
-        # the method's state holds it for resume and load_run. Its forwards leave the RNG as it was.
-        prepare_started = time.perf_counter()
-        with torch.random.fork_rng():
-            batches = [batch.to(device) for step in range(1, method.prepare_steps + 1) for batch in micro_batches_of(step)]
-            method.prepare(model, batches, causal_lm_loss)
-        state.prepare_seconds = time.perf_counter() - prepare_started
-        params = method.trainable_parameters(model)
-    optimizer = build_optimizer(tcfg, model, method.param_groups(model))
-    if checkpoint is not None:
-        # The method's init above drew from the RNG; the checkpoint restores the RNG to its saved point.
-        state, trainable = load_checkpoint(checkpoint, optimizer)
-        method.load_checkpoint_state(model, trainable, source=str(checkpoint))
-        if method.prepare_steps:
-            # The state holds prepare's choice, which may train other tensors than attach's placeholder
-            # (SubTuning's layers, all of one shape): move the restored optimizer state onto them.
-            params = method.trainable_parameters(model)
-            restored = optimizer.state_dict()
-            optimizer = build_optimizer(tcfg, model, method.param_groups(model))
-            optimizer.load_state_dict(restored)
-        console.print(f"Resuming from {checkpoint} (step {state.step} of {total_steps})")
-    metrics_path = output / "metrics.jsonl"
-    _truncate_metrics(metrics_path, after_step=state.step)
 
-    max_grad_norm = tcfg.max_grad_norm or float("inf")
+def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
+    started = time.perf_counter()
+    run, replaced = set_up(config, resume, overwrite)
+    tcfg, output = config.train, Path(config.output)
+    checkpoint, state = restore_or_prepare(run, output, resume, replaced)
+
     last_loss = float("nan")
     eval_metrics: dict = {}
     if tcfg.activation_checkpointing:
-        _enable_activation_checkpointing(model)
-    model.train()
+        _enable_activation_checkpointing(run.model)
+    run.model.train()
     progress = Progress(
         TextColumn("[bold]train"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"),
         TextColumn("{task.fields[speed]} tok/s"),
+        TextColumn("{task.fields[extra]}"),
         TimeRemainingColumn(),
         console=console,
     )
-    with progress, metrics_path.open("a") as metrics_file:
-        task = progress.add_task("train", total=total_steps, completed=state.step, loss="-", speed="-")
-        for step in range(state.step + 1, total_steps + 1):
-            step_started = time.perf_counter()
-            lr = lr_at(step, total_steps, tcfg.lr, tcfg.scheduler, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-
-            micro_batches = micro_batches_of(step)
-            # Normalize by the targets of the whole accumulated batch, not per micro-batch: then
-            # batch 8 x accum 1 and batch 1 x accum 8 give the same loss and gradient.
-            step_targets = sum(b.n_targets for b in micro_batches)
-            step_loss = 0.0
-            for batch in micro_batches:
-                loss = causal_lm_loss(model, batch.to(device)) / step_targets
-                loss.backward()
-                step_loss += loss.item()
-            regularization = method.regularization(model)
-            if regularization is not None:
-                regularization.backward()
-                step_loss += regularization.item()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm))
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-                good = list_checkpoints(checkpoints_dir)
-                raise TrainingDiverged(
-                    f"training diverged at step {step}: loss={step_loss}, grad_norm={grad_norm}; try a lower train.lr. "
-                    + (f"The last good checkpoint is {good[-1]}." if good else "No checkpoint was written yet.")
-                )
-            optimizer.step()
-            method.after_step(model, step, total_steps)
-            optimizer.zero_grad(set_to_none=True)
-
-            step_seconds = time.perf_counter() - step_started
-            step_tokens = sum(b.n_tokens for b in micro_batches)
-            state = TrainState(step, state.tokens_seen + step_tokens, state.train_seconds + step_seconds, state.prepare_seconds)
-            last_loss = step_loss
-            record = {
-                "step": step,
-                "loss": step_loss,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens": step_tokens,
-                "target_tokens": step_targets,
-                "seconds": step_seconds,
-                "tokens_per_s": step_tokens / step_seconds,
-            }
-            if data.eval is not None and ((tcfg.eval_every and step % tcfg.eval_every == 0) or step == total_steps):
-                eval_metrics = evaluate_loss(model, data.eval, tcfg.batch_size, dcfg.max_length, dcfg.packing, pad_id)
+    sink = MetricsSink(output, tcfg.report_to, state.step, config.to_dict())
+    with progress, sink:
+        bar = progress.add_task("train", total=run.total_steps, completed=state.step, loss="-", speed="-", extra="")
+        for step in range(state.step + 1, run.total_steps + 1):
+            record = train_step(run, step)
+            state = replace(state, step=step, tokens_seen=state.tokens_seen + record["tokens"], train_seconds=state.train_seconds + record["seconds"])
+            last_loss = record["loss"]
+            if run.data.eval is not None and ((tcfg.eval_every and step % tcfg.eval_every == 0) or step == run.total_steps):
+                eval_reference = run.reference.for_split("eval") if run.reference is not None else None
+                eval_metrics = evaluate_objective(run.objective, run.model, run.data.eval, tcfg.batch_size, run.layout, eval_reference)
                 record.update(eval_metrics)
-            if step % tcfg.log_every == 0 or "eval_loss" in record or step == total_steps:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-            if tcfg.save_every and step % tcfg.save_every == 0 and step < total_steps:
-                save_checkpoint(checkpoints_dir, state, method.checkpoint_state(model), optimizer, tcfg.keep_checkpoints)
-            progress.update(task, completed=step, loss=f"{step_loss:.4f}", speed=f"{record['tokens_per_s']:.0f}")
+            if step % tcfg.log_every == 0 or "eval_loss" in record or step == run.total_steps:
+                sink.log(record)
+            if tcfg.save_every and step % tcfg.save_every == 0 and step < run.total_steps:
+                save_checkpoint(output / "checkpoints", state, checkpoint_tensors(run), run.optimizer, tcfg.keep_checkpoints)
+            shown = "  ".join(f"{key} {record[key]:.3f}" for key in run.objective.progress_metrics if key in record)
+            progress.update(bar, completed=step, loss=f"{record['loss']:.4f}", speed=f"{record['tokens_per_s']:.0f}", extra=shown)
 
-    model.eval()
-    save_artifacts(method, model, tokenizer, config, output)
+    run.model.eval()
+    save_artifacts(run.method, run.model, run.tokenizer, config, output, run.objective)
     report = {
         "final_train_loss": last_loss,
         **eval_metrics,
-        "steps": total_steps,
+        "steps": run.total_steps,
         "tokens": state.tokens_seen,
         "train_seconds": state.train_seconds,
         "tokens_per_s": state.tokens_seen / state.train_seconds if state.train_seconds else None,
         "prepare_seconds": state.prepare_seconds,
+        "reference": getattr(run.reference, "kind", None),
+        "reference_logps_computed": state.reference_logps,
         "total_seconds": time.perf_counter() - started,
         "peak_memory_mb": peak_memory_mb(),
-        "trainable_params": sum(p.numel() for p in params.values()),
-        "total_params": sum(p.numel() for p in model.parameters()),
-        "method": method.name,
+        "trainable_params": sum(p.numel() for p in run.params.values()),
+        "total_params": sum(p.numel() for p in run.model.parameters()),
+        "method": run.method.name,
+        "objective": run.objective.name,
         "model": config.model.name,
-        "data": {split: stats.as_dict() for split, stats in data.stats.items()},
+        "data": {split: stats.as_dict() for split, stats in run.data.stats.items()},
         "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint is not None else None,
     }
     write_json_atomic(output / "report.json", report)
     return RunResult(output_dir=output, report=report)
+
+
+def set_up(config: RunConfig, resume: bool, overwrite: bool) -> tuple[Run, list[str]]:
+    """Model, method, objective and data of a run; fails before any write on a bad input."""
+    tcfg, dcfg = config.train, config.data
+    replaced = _check_output(Path(config.output), config, resume, overwrite)
+    check_trackers(tcfg.report_to)
+    _seed_everything(tcfg.seed)
+    keep_freed_memory()
+    reset_peak_memory()
+    model, tokenizer = load_model(config.model)
+    method = build_method(config.method)
+    method.attach(model)
+    objective = build_objective(config.objective)
+    objective.attach(model)
+    if tcfg.neftune_alpha:
+        add_embedding_noise(model, tcfg.neftune_alpha)  # training forwards only: model.eval() turns it off
+    params = trainable_tensors(method, objective, model)
+    if not params:
+        raise TunelabError(f"method '{method.name}' left no trainable parameter on this model")
+    device = next(iter(params.values())).device
+    frozen_dtype = resolve_frozen_dtype(tcfg.frozen_dtype, model.dtype, device)
+    if frozen_dtype != model.dtype and method.store_frozen_weights(model, frozen_dtype):
+        console.print(f"frozen weights compute in {str(frozen_dtype).removeprefix('torch.')} (train.frozen_dtype)")
+    data = build_datasets(dcfg, tokenizer, tcfg.seed, objective.rows)
+    _report_data(data.stats)
+
+    padding_free = dcfg.packing and uses_packed_attention(model)
+    if dcfg.packing and not padding_free and not method.supports_mask_packing:
+        raise TunelabError(
+            f"method '{method.name}' cannot train on rows packed behind a mask ({type(model).__name__} has no "
+            "padding-free attention); set data.packing: false"
+        )
+    epoch_steps = steps_per_epoch(len(data.train), tcfg.batch_size * tcfg.grad_accum)
+    total_steps = tcfg.max_steps or math.ceil((tcfg.epochs or 1.0) * epoch_steps)
+    run = Run(
+        config=config,
+        model=model,
+        tokenizer=tokenizer,
+        method=method,
+        objective=objective,
+        data=data,
+        layout=BatchLayout(dcfg.max_length, dcfg.packing, tokenizer.pad_token_id, padding_free),
+        device=device,
+        total_steps=total_steps,
+        warmup=warmup_steps(tcfg.warmup, total_steps),
+        epoch_steps=epoch_steps,
+        tokens_per_forward=resolve_tokens_per_forward(tcfg.max_tokens_per_forward, device),
+        params=params,
+    )
+    return run, replaced
+
+
+def restore_or_prepare(run: Run, output: Path, resume: bool, replaced: list[str]) -> tuple[Path | None, TrainState]:
+    """Write the run's config, then either restore the newest checkpoint (`--resume`) or prepare a
+    fresh run (peft weights to start from, the method's choice from training data); build the optimizer."""
+    config, tcfg, model, method = run.config, run.config.train, run.model, run.method
+    _init_output(output, config, replaced)
+    if config.method.from_peft:
+        method.peft_import(model, *read_peft_adapter(config.method.from_peft))
+    state = TrainState(step=0, tokens_seen=0, train_seconds=0.0)
+    checkpoints = list_checkpoints(output / "checkpoints") if resume else []
+    checkpoint = checkpoints[-1] if checkpoints else None
+    if checkpoint is None and method.prepare_steps:
+        # A choice made from training data (LoFiT's heads, SubTuning's layers), on a fresh run only:
+        # the method's state holds it for resume and load_run. Its forwards leave the RNG as it was.
+        prepare_started = time.perf_counter()
+        with torch.random.fork_rng():
+            batches = [
+                run.layout.batch(group).to(run.device)
+                for step in range(1, method.prepare_steps + 1)
+                for samples in run.micro_batches(step)
+                for group in split_by_tokens(run.objective.language_model_samples(samples), run.tokens_per_forward)
+            ]
+            method.prepare(model, batches, causal_lm_loss)
+        state.prepare_seconds = time.perf_counter() - prepare_started
+        run.params = trainable_tensors(method, run.objective, model)
+    reference_started = time.perf_counter()
+    run.reference, state.reference_logps = set_up_reference(run, output, resumed=checkpoint is not None)
+    state.prepare_seconds += time.perf_counter() - reference_started if state.reference_logps else 0.0
+    run.optimizer = build_optimizer(tcfg, model, param_groups(run))
+    if checkpoint is not None:
+        # The method's init above drew from the RNG; the checkpoint restores the RNG to its saved point.
+        reference_logps = state.reference_logps
+        state, trainable = load_checkpoint(checkpoint, run.optimizer)
+        state.reference_logps = reference_logps
+        own = {name.removeprefix(OBJECTIVE_PREFIX): t for name, t in trainable.items() if name.startswith(OBJECTIVE_PREFIX)}
+        run.objective.load_state_dict(own)
+        method.load_checkpoint_state(model, {n: t for n, t in trainable.items() if not n.startswith(OBJECTIVE_PREFIX)}, source=str(checkpoint))
+        if method.prepare_steps:
+            # The state holds prepare's choice, which may train other tensors than attach's placeholder
+            # (SubTuning's layers, all of one shape): move the restored optimizer state onto them.
+            run.params = trainable_tensors(method, run.objective, model)
+            restored = run.optimizer.state_dict()
+            run.optimizer = build_optimizer(tcfg, model, param_groups(run))
+            run.optimizer.load_state_dict(restored)
+        console.print(f"Resuming from {checkpoint} (step {state.step} of {run.total_steps})")
+    return checkpoint, state
+
+
+def set_up_reference(run: Run, output: Path, resumed: bool) -> tuple[object, int]:
+    """The reference policy of an objective that has one (objectives/reference.py), before step 1,
+    and how many reference log-probabilities were computed for it now. Precomputed ones are kept
+    with the run; a resumed run reads them back."""
+    if not run.objective.needs_reference:
+        return None, 0
+    options = run.config.objective
+    if resumed and (output / PRECOMPUTED_FILE).is_file():
+        return load_precomputed(output), 0
+
+    def load_reference_model(name: str):
+        return load_model(run.config.model.model_copy(update={"name": name}))[0]
+
+    live, precompute_now = choose_reference(options, run.method, run.model, load_reference_model, starts_trained=bool(run.config.method.from_peft))
+    if not precompute_now:
+        console.print(f"reference policy: {live.kind}")
+        return live, 0
+    batches = {"train": (batch for step in range(1, run.total_steps + 1) for batch in run.forward_batches(step))}
+    if run.data.eval is not None:
+        batches["eval"] = eval_batches(run.objective, run.data.eval, run.config.train.batch_size, run.layout)
+    with console.status(f"reference policy ({live.kind}): computing its log-probabilities once"):
+        reference = precompute(live, batches, run.device)
+    save_precomputed(reference, output)
+    computed = sum(len(table) for table in reference.tables.values())
+    console.print(f"reference policy: {live.kind}, precomputed for {computed} sequences")
+    return reference, computed
+
+
+def train_step(run: Run, step: int) -> dict:
+    """One optimizer step; returns its metrics record."""
+    tcfg, model, objective = run.config.train, run.model, run.objective
+    step_started = time.perf_counter()
+    # This step's learning rate (each group may scale it: LoRA+).
+    lr = lr_at(step, run.total_steps, tcfg.lr, tcfg.scheduler, run.warmup)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+
+    # Forward and backward, batch by batch. Each loss term is divided by its unit's count over the
+    # whole accumulated step, not per batch: then batch 8 x accum 1 and batch 1 x accum 8 agree.
+    batches = run.forward_batches(step)
+    totals = StepTotals()
+    for batch in batches:
+        totals.add_counts(batch.counts)
+    loss_sum = 0.0
+    for batch in batches:
+        output = objective.output(model, batch.to(run.device), run.reference)
+        loss = step_loss(output, totals.counts)
+        loss.backward()
+        loss_sum += loss.item()
+        totals.add(output)
+
+    # The method's own loss term (AdaLoRA's orthogonality), once per step.
+    regularization = run.method.regularization(model)
+    if regularization is not None:
+        regularization.backward()
+        loss_sum += regularization.item()
+
+    # Clip, stop on a non-finite loss or gradient (the last checkpoint stays good), step.
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params.values(), tcfg.max_grad_norm or float("inf")))
+    if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+        good = list_checkpoints(Path(run.config.output) / "checkpoints")
+        raise TrainingDiverged(
+            f"training diverged at step {step}: loss={loss_sum}, grad_norm={grad_norm}; try a lower train.lr. "
+            + (f"The last good checkpoint is {good[-1]}." if good else "No checkpoint was written yet.")
+        )
+    run.optimizer.step()
+    run.method.after_step(model, step, run.total_steps)
+    run.optimizer.zero_grad(set_to_none=True)
+
+    seconds = time.perf_counter() - step_started
+    tokens = sum(b.n_tokens for b in batches)
+    figures = {key: value for key, value in totals.figures(objective).items() if key != "loss"}
+    return {
+        "step": step,
+        "loss": loss_sum,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens": tokens,
+        **totals.counts,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        **figures,
+    }
+
+
+# Checkpoint names of the objective's own tensors (a reward head), apart from the method's.
+OBJECTIVE_PREFIX = "objective."
+
+
+def trainable_tensors(method, objective, model) -> dict[str, torch.nn.Parameter]:
+    """What the optimizer trains: the method's tensors and the objective's own."""
+    own = {OBJECTIVE_PREFIX + name: p for name, p in objective.trainable_parameters().items()}
+    return {**method.trainable_parameters(model), **own}
+
+
+def param_groups(run: Run) -> list[dict]:
+    groups = run.method.param_groups(run.model)
+    own = list(run.objective.trainable_parameters().values())
+    return groups + [{"params": own, "lr_scale": 1.0}] if own else groups
+
+
+def checkpoint_tensors(run: Run) -> dict[str, torch.Tensor]:
+    own = {OBJECTIVE_PREFIX + name: t for name, t in run.objective.state_dict().items()}
+    return {**run.method.checkpoint_state(run.model), **own}
 
 
 def build_optimizer(tcfg, model, groups: list[dict]) -> torch.optim.Optimizer:
@@ -302,14 +439,6 @@ def _check_resumable(saved_path: Path, config: RunConfig) -> None:
         raise TunelabError(f"--resume: the config differs from the run's saved config.yaml at {', '.join(changed)}")
 
 
-def _truncate_metrics(path: Path, after_step: int) -> None:
-    """Drop metric lines past the step being resumed from (they will be recomputed)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
-    write_text_atomic(path, "".join(line + "\n" for line in kept))
-
-
 def _enable_activation_checkpointing(model) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise TunelabError(f"train.activation_checkpointing: {type(model).__name__} does not support it")
@@ -334,6 +463,10 @@ def _report_data(stats: dict) -> None:
             notes.append(f"{s.truncated} truncated to data.max_length")
         if s.dropped_too_long:
             notes.append(f"{s.dropped_too_long} dropped as longer than data.max_length")
+        if s.split:
+            notes.append(f"{s.split} longer than data.max_length split into pieces")
         if s.dropped_no_target:
             notes.append(f"{s.dropped_no_target} dropped with no target token left")
         console.print(f"data {split}: " + ", ".join(notes))
+        if s.identical_pairs:
+            console.print(f"[yellow]warning:[/] data {split}: {s.identical_pairs} rows have chosen identical to rejected (they add nothing to learn)")

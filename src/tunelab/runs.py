@@ -1,5 +1,6 @@
 """A finished run's weights on disk, and loading a run directory back as a ready model.
 
+Training saves runs; eval, export and import read or write them without depending on training.
 A run directory holds `config.yaml` (resolved) and either `adapter/` (the method's trainable
 tensors, for methods that adapt a frozen base) or `model/` (a full Hugging Face checkpoint).
 """
@@ -19,8 +20,12 @@ from tunelab.config import RunConfig, load_config
 from tunelab.errors import TunelabError
 from tunelab.methods import Method, build_method
 from tunelab.models import load_model
+from tunelab.objectives.base import Objective
+from tunelab.objectives.registry import build_objective
 
 ADAPTER_FILE = "adapter.safetensors"
+# The objective's own trained tensors (a reward model's head), beside the method's weights.
+OBJECTIVE_FILE = "objective.safetensors"
 
 
 @dataclass
@@ -29,12 +34,16 @@ class LoadedRun:
     tokenizer: object
     method: Method
     config: RunConfig
+    objective: Objective
 
 
-def save_artifacts(method: Method, model, tokenizer, config: RunConfig, output: Path) -> Path:
-    """Write the final weights into `output/adapter` or `output/model`, atomically."""
+def save_artifacts(method: Method, model, tokenizer, config: RunConfig, output: Path, objective: Objective | None = None) -> Path:
+    """Write the final weights into `output/adapter` or `output/model` (with the objective's own
+    tensors, if it has any), atomically."""
     target = output / method.artifact
     staging = Path(tempfile.mkdtemp(prefix=f".{method.artifact}-", dir=output))
+    if objective is not None and objective.state_dict():
+        save_file({k: v.contiguous() for k, v in objective.state_dict().items()}, staging / OBJECTIVE_FILE)
     if method.artifact == "model":
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -56,17 +65,21 @@ def load_run(run_dir: str | Path, device: str | None = None, dtype: str | None =
     overrides = {k: v for k, v in {"model.device": device, "model.dtype": dtype}.items() if v}
     config = load_config(run_dir / "config.yaml", [f"{k}={v}" for k, v in overrides.items()])
     method = build_method(config.method)
+    objective = build_objective(config.objective)
+    weights = run_dir / method.artifact
     if method.artifact == "model":
-        weights = run_dir / "model"
         if not (weights / "config.json").is_file():
             raise TunelabError(f"{run_dir}: no trained model in {weights} (did the run finish?)")
         model, tokenizer = load_model(config.model.model_copy(update={"name": str(weights)}))
         method.attach(model)
-        return LoadedRun(model, tokenizer, method, config)
-    adapter = run_dir / "adapter" / ADAPTER_FILE
-    if not adapter.is_file():
-        raise TunelabError(f"{run_dir}: no trained adapter at {adapter} (did the run finish?)")
-    model, tokenizer = load_model(config.model)
-    method.attach(model)
-    method.load_state_dict(model, load_file(adapter), source=str(adapter))
-    return LoadedRun(model, tokenizer, method, config)
+    else:
+        adapter = weights / ADAPTER_FILE
+        if not adapter.is_file():
+            raise TunelabError(f"{run_dir}: no trained adapter at {adapter} (did the run finish?)")
+        model, tokenizer = load_model(config.model)
+        method.attach(model)
+        method.load_state_dict(model, load_file(adapter), source=str(adapter))
+    if (weights / OBJECTIVE_FILE).is_file():
+        objective.attach(model)
+        objective.load_state_dict(load_file(weights / OBJECTIVE_FILE))
+    return LoadedRun(model, tokenizer, method, config, objective)

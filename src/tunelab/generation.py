@@ -1,4 +1,4 @@
-"""Batched text generation with a KV cache (greedy or sampled), for eval and `tunelab generate`."""
+"""Batched text generation with a KV cache (greedy or sampled), for eval, training and `tunelab generate`."""
 
 from __future__ import annotations
 
