@@ -13,10 +13,9 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from tunelab.bench import Workload, run_bench
+from tunelab.bench import Workload, run_bench, runner
 from tunelab.bench.flops import training_flops
 from tunelab.bench.runner import longest_trainable
-from tunelab.bench import runner
 from tunelab.bench.workload import RECORD_PAIRS, SYNTHETIC, run_config, write_splits
 from tunelab.cli.main import app
 from tunelab.methods.lora import Lora, LoraOptions

@@ -257,3 +257,23 @@ def test_quickstart_writes_report_and_plot(tmp_path, monkeypatch):
     assert png.read_bytes()[:8] == PNG_SIGNATURE
     image = matplotlib.image.imread(png)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+@pytest.mark.parametrize("objective", ["dpo", "reward"])
+def test_preference_quickstart_reports_pair_accuracy_and_record_match(objective, tmp_path, monkeypatch):
+    monkeypatch.setitem(quickstart.DEFAULTS, "n_eval", 4)
+    out = tmp_path / "qs"
+    result = invoke("quickstart", "--model", "tiny-random-llama", "--steps", "2", "--objective", objective, "--out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["objective"] == objective
+    # Held-out pairs: the pair scores of the base (its own log-probabilities) and of the run.
+    before = json.loads((out / "eval" / "base-pairs" / "eval.json").read_text())["metrics"]
+    after = json.loads((out / "eval" / "pairs" / "eval.json").read_text())["metrics"]
+    assert (report["pair_accuracy_before"], report["pair_accuracy_after"]) == (before["pairwise_accuracy"], after["pairwise_accuracy"])
+    rows = (out / "data" / "pairs_train.jsonl").read_text().splitlines()
+    assert len(rows) == 2 * quickstart.DEFAULTS["batch_size"]  # one pass: steps x batch_size pairs
+    if objective == "reward":
+        assert report["before"] is None and report["after"] is None  # a reward model has no answers
+    else:
+        assert 0.0 <= report["before"] <= 1.0 and 0.0 <= report["after"] <= 1.0

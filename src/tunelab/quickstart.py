@@ -12,6 +12,7 @@ held-out pair accuracy before and after.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -21,15 +22,17 @@ from tunelab.console import console
 from tunelab.data import records_task
 from tunelab.eval.evaluate import evaluate
 from tunelab.files import write_json_atomic
-from tunelab.models.loader import SMOLLM2
+from tunelab.models.loader import SMOLLM2, cache_dir
 from tunelab.plots import plot_loss
 from tunelab.train import train
 
 # Chosen so the whole quickstart fits in well under 10 minutes on 2 CPU cores (see README).
 DEFAULTS = {"n_train": 2000, "n_eval": 100, "steps": 60, "batch_size": 8, "lr": 2e-3, "r": 16, "alpha": 32}
-# The preference quickstart: one pass over steps x batch_size pairs; a lower rate than SFT's, as
-# the preference losses push on whole sequences.
+# The preference quickstart: one pass over steps x batch_size pairs, lower rates than SFT's. DPO
+# and KTO (no likelihood term) saturate on these easy pairs within a few steps at 5e-4, after which
+# Adam's normalized steps drag the chosen log-probabilities down with the rejected ones: 5e-5.
 PREFERENCE = {"lr": 5e-4, "max_new_tokens": 64}
+PREFERENCE_LR = {"dpo": 5e-5, "kto": 5e-5}
 
 
 def run_quickstart(out: str | Path = "runs/quickstart", model: str = SMOLLM2, steps: int | None = None, seed: int = 0, objective: str = "sft") -> dict:
@@ -107,7 +110,7 @@ def run_preference_quickstart(out: str | Path, model: str, steps: int | None, se
     steps = steps or DEFAULTS["steps"]
     train_rows, eval_rows = records_task.make_splits(steps * DEFAULTS["batch_size"], DEFAULTS["n_eval"], seed=seed)
     console.rule(f"[bold]tunelab quickstart ({objective}): {records_task.TASK_NAME} with {model}")
-    pairs = on_policy_pairs(model, {"train": train_rows, "eval": eval_rows}, seed)
+    pairs = cached_pairs(model, {"train": train_rows, "eval": eval_rows}, seed)
     paths = write_rows(data_dir, {"pairs_train": pairs["train"], "pairs_eval": pairs["eval"]})
     config = load_config(
         {
@@ -115,7 +118,7 @@ def run_preference_quickstart(out: str | Path, model: str, steps: int | None, se
             "data": {"train": str(paths["pairs_train"]), "eval": str(paths["pairs_eval"]), "max_length": 256},
             "method": {"name": "lora", "r": DEFAULTS["r"], "alpha": DEFAULTS["alpha"], "target": "all-linear"},
             "objective": {"name": objective},
-            "train": {"max_steps": steps, "batch_size": DEFAULTS["batch_size"], "lr": PREFERENCE["lr"], "warmup": 0.1, "save_every": 0, "eval_every": 0, "seed": seed},
+            "train": {"max_steps": steps, "batch_size": DEFAULTS["batch_size"], "lr": PREFERENCE_LR.get(objective, PREFERENCE["lr"]), "warmup": 0.1, "save_every": 0, "eval_every": 0, "seed": seed},
             "output": str(out / "run"),
         }
     )
@@ -150,6 +153,19 @@ def run_preference_quickstart(out: str | Path, model: str, steps: int | None, se
         + f"[/]  (train {report['train_seconds']:.0f} s, total {report['total_seconds']:.0f} s) -> {out / 'report.json'}"
     )
     return report
+
+
+def cached_pairs(model_name: str, splits: dict[str, list[dict]], seed: int) -> dict[str, list[dict]]:
+    """`on_policy_pairs`, kept in the tunelab cache: generating the base's answers is most of a
+    preference quickstart's time on a CPU, and every objective's run wants the same pairs."""
+    identity = json.dumps([model_name, seed, PREFERENCE["max_new_tokens"], splits], sort_keys=True)
+    path = cache_dir() / "quickstart" / f"pairs-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    pairs = on_policy_pairs(model_name, splits, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, pairs)
+    return pairs
 
 
 def on_policy_pairs(model_name: str, splits: dict[str, list[dict]], seed: int) -> dict[str, list[dict]]:

@@ -43,6 +43,7 @@ def run_bench(workload: Workload, out: Path, repeats: int = 1, long_context_mb: 
     peer = PEERS[workload.objective]
     side_names = ("tunelab", peer)
     _check_peers_installed(peer)
+    out.parent.mkdir(parents=True, exist_ok=True)  # now, not after minutes of training
     if workload.data is None:
         workload.data = default_data(workload.objective)
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-") as tmp:

@@ -7,6 +7,7 @@ SPEC holds a tunelab run config. The tunelab side runs `tunelab.train.train` on 
 with the same settings: SFT through `transformers.Trainer` + `peft` (padding each batch to its
 longest sample, the HF default), DPO through TRL's `DPOTrainer` with a `peft_config` (its reference
 policy is the base with the adapter off, as tunelab's is). Every side reports its loss at each step.
+The SFT eval loss is measured by one function on both sides; TRL's by its own `evaluate`.
 """
 
 from __future__ import annotations
@@ -128,28 +129,28 @@ def _peer_start(config):
 def _peer_arguments(config, model) -> dict:
     """The Trainer settings of the run config: sequential samples (tunelab's order), no checkpoints."""
     tcfg = config.train
-    return dict(
-        output_dir=tempfile.mkdtemp(prefix="tunelab-bench-peer-"),
-        per_device_train_batch_size=tcfg.batch_size,
-        gradient_accumulation_steps=tcfg.grad_accum,
-        max_steps=tcfg.max_steps,
-        learning_rate=tcfg.lr,
-        lr_scheduler_type=tcfg.scheduler,
-        warmup_steps=0,
-        weight_decay=tcfg.weight_decay,
-        max_grad_norm=tcfg.max_grad_norm,
-        adam_beta1=tcfg.adam_betas[0],
-        adam_beta2=tcfg.adam_betas[1],
-        adam_epsilon=tcfg.adam_eps,
-        train_sampling_strategy="sequential",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=next(model.parameters()).device.type == "cpu",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=tcfg.seed,
-    )
+    return {
+        "output_dir": tempfile.mkdtemp(prefix="tunelab-bench-peer-"),
+        "per_device_train_batch_size": tcfg.batch_size,
+        "gradient_accumulation_steps": tcfg.grad_accum,
+        "max_steps": tcfg.max_steps,
+        "learning_rate": tcfg.lr,
+        "lr_scheduler_type": tcfg.scheduler,
+        "warmup_steps": 0,
+        "weight_decay": tcfg.weight_decay,
+        "max_grad_norm": tcfg.max_grad_norm,
+        "adam_beta1": tcfg.adam_betas[0],
+        "adam_beta2": tcfg.adam_betas[1],
+        "adam_epsilon": tcfg.adam_eps,
+        "train_sampling_strategy": "sequential",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": next(model.parameters()).device.type == "cpu",
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+        "seed": tcfg.seed,
+    }
 
 
 def _peer_train(trainer, tokens: int) -> dict:

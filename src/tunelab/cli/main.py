@@ -238,7 +238,7 @@ def bench_command(
     steps: int = typer.Option(12, help="training steps of batch --batch-size"),
     batch_size: int = typer.Option(8, help="samples (dpo: pairs) per step"),
     max_length: int = typer.Option(512, help="longest sample in tokens (longer ones are truncated)"),
-    eval_samples: int = typer.Option(32, help="held-out samples (dpo: pairs) both sides take the eval loss on"),
+    eval_samples: int = typer.Option(32, min=1, help="held-out samples (dpo: pairs) both sides take the eval loss on"),
     lr: float = typer.Option(1e-3, help="learning rate of both sides"),
     frozen_dtype: str = typer.Option("auto", help="tunelab's train.frozen_dtype: auto (bf16 on CPUs with fast bf16 matmuls) | float32"),
     repeats: int = typer.Option(1, help="runs per side, alternating; speed is the median"),

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from tunelab.objectives.base import Objective, ObjectiveOptions, ObjectiveOutput, Summed
-from tunelab.objectives.pairs import PairBatch, completion_sample, pair_batches, pair_log_probs
+from tunelab.objectives.base import ObjectiveOptions, ObjectiveOutput, Summed
+from tunelab.objectives.pairs import PairBatch, PairwiseObjective, pair_log_probs, reward_metrics
 
 
 class CpoOptions(ObjectiveOptions):
@@ -41,33 +41,6 @@ class SimpoOptions(ObjectiveOptions):
     gamma: float = Field(default=0.5, description="the target reward margin (TRL's simpo_gamma)")
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
     cpo_alpha: float = Field(default=1.0, ge=0, description="weight of the NLL term; 0 is the paper's SimPO")
-
-
-class PairwiseObjective(Objective):
-    """What the preference objectives share: pair batches, chosen sequences as next-token samples,
-    TRL's pair metrics."""
-
-    rows = "preference"
-    progress_metrics = ("rewards/accuracies", "rewards/margins")
-
-    def forward_batches(self, samples: list[dict], layout, max_tokens: int) -> list[PairBatch]:
-        return pair_batches(samples, layout, max_tokens)
-
-    def language_model_samples(self, samples: list[dict]) -> list[dict]:
-        return [completion_sample(s, "chosen_ids") for s in samples]
-
-
-def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> dict[str, Summed]:
-    """TRL's rewards/* and logps/* metrics, sums over the batch's pairs."""
-    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
-    return {
-        "rewards/chosen": Summed(chosen_rewards.sum(), "pairs"),
-        "rewards/rejected": Summed(rejected_rewards.sum(), "pairs"),
-        "rewards/accuracies": Summed((chosen_rewards > rejected_rewards).float().sum(), "pairs"),
-        "rewards/margins": Summed((chosen_rewards - rejected_rewards).sum(), "pairs"),
-        "logps/chosen": Summed(chosen_logps.detach().sum(), "pairs"),
-        "logps/rejected": Summed(rejected_logps.detach().sum(), "pairs"),
-    }
 
 
 class Cpo(PairwiseObjective):

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from tunelab.objectives.base import Objective, ObjectiveOutput, Summed
-from tunelab.objectives.pairs import PairBatch, completion_sample, pair_batches, pair_log_probs
+from tunelab.objectives.base import ObjectiveOutput, Summed
+from tunelab.objectives.pairs import PairBatch, PairwiseObjective, pair_log_probs, reward_metrics
 from tunelab.objectives.reference import ReferenceOptions
 
 
@@ -41,23 +41,15 @@ class DpoOptions(ReferenceOptions):
         return self
 
 
-class Dpo(Objective):
+class Dpo(PairwiseObjective):
     """DPO and its pairwise family (IPO, hinge, robust) against a frozen reference policy."""
 
     name = "dpo"
     Options = DpoOptions
-    rows = "preference"
-    progress_metrics = ("rewards/accuracies", "rewards/margins")
 
     @property
     def needs_reference(self) -> bool:
         return not self.options.reference_free
-
-    def forward_batches(self, samples: list[dict], layout, max_tokens: int) -> list[PairBatch]:
-        return pair_batches(samples, layout, max_tokens)
-
-    def language_model_samples(self, samples: list[dict]) -> list[dict]:
-        return [completion_sample(s, "chosen_ids") for s in samples]
 
     def output(self, model, batch: PairBatch, reference=None) -> ObjectiveOutput:
         policy = pair_log_probs(model, batch)
@@ -70,16 +62,7 @@ class Dpo(Objective):
         chosen_ratio, rejected_ratio = policy.chosen - ref_chosen, policy.rejected - ref_rejected
         losses = self.pair_losses(chosen_ratio, rejected_ratio, policy.chosen_lengths, policy.rejected_lengths)
         beta = self.options.beta
-        chosen_rewards, rejected_rewards = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
-        metrics = {
-            "rewards/chosen": Summed(chosen_rewards.sum(), "pairs"),
-            "rewards/rejected": Summed(rejected_rewards.sum(), "pairs"),
-            "rewards/accuracies": Summed((chosen_rewards > rejected_rewards).float().sum(), "pairs"),
-            "rewards/margins": Summed((chosen_rewards - rejected_rewards).sum(), "pairs"),
-            "logps/chosen": Summed(policy.chosen.detach().sum(), "pairs"),
-            "logps/rejected": Summed(policy.rejected.detach().sum(), "pairs"),
-            **policy.token_metrics(),
-        }
+        metrics = {**reward_metrics(beta * chosen_ratio, beta * rejected_ratio, policy.chosen, policy.rejected), **policy.token_metrics()}
         return ObjectiveOutput(terms={"dpo_loss": Summed(losses.sum(), "pairs")}, metrics=metrics)
 
     def pair_losses(self, chosen_ratio, rejected_ratio, chosen_lengths, rejected_lengths) -> torch.Tensor:

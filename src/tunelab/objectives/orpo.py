@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from tunelab.objectives.base import ObjectiveOptions, ObjectiveOutput, Summed
-from tunelab.objectives.cpo import PairwiseObjective, reward_metrics
-from tunelab.objectives.pairs import PairBatch, pair_batches, pair_log_probs
+from tunelab.objectives.pairs import PairBatch, PairwiseObjective, pair_batches, pair_log_probs, reward_metrics
 
 
 class OrpoOptions(ObjectiveOptions):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from tunelab.data.batching import Batch, BatchLayout, split_by_tokens
-from tunelab.objectives.base import Summed
+from tunelab.objectives.base import Objective, Summed
 from tunelab.objectives.causal_lm import TargetLogProbs, target_log_probs
 
 
@@ -120,3 +120,30 @@ def pair_log_probs(model, batch: PairBatch) -> PairLogProbs:
     sums = targets.sums(2 * n, completion)
     lengths = targets.counts(2 * n, completion)
     return PairLogProbs(sums[:n], sums[n:], lengths[:n], lengths[n:], targets, completion)
+
+
+class PairwiseObjective(Objective):
+    """What the preference objectives share: pair batches, chosen sequences as next-token samples,
+    TRL's pair metrics."""
+
+    rows = "preference"
+    progress_metrics = ("rewards/accuracies", "rewards/margins")
+
+    def forward_batches(self, samples: list[dict], layout, max_tokens: int) -> list[PairBatch]:
+        return pair_batches(samples, layout, max_tokens)
+
+    def language_model_samples(self, samples: list[dict]) -> list[dict]:
+        return [completion_sample(s, "chosen_ids") for s in samples]
+
+
+def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> dict[str, Summed]:
+    """TRL's rewards/* and logps/* metrics, sums over the batch's pairs."""
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    return {
+        "rewards/chosen": Summed(chosen_rewards.sum(), "pairs"),
+        "rewards/rejected": Summed(rejected_rewards.sum(), "pairs"),
+        "rewards/accuracies": Summed((chosen_rewards > rejected_rewards).float().sum(), "pairs"),
+        "rewards/margins": Summed((chosen_rewards - rejected_rewards).sum(), "pairs"),
+        "logps/chosen": Summed(chosen_logps.detach().sum(), "pairs"),
+        "logps/rejected": Summed(rejected_logps.detach().sum(), "pairs"),
+    }

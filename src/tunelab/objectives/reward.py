@@ -23,8 +23,7 @@ from torch import nn
 from tunelab.errors import TunelabError
 from tunelab.methods.base import visible_targets
 from tunelab.objectives.base import ObjectiveOptions, ObjectiveOutput, Summed
-from tunelab.objectives.cpo import PairwiseObjective
-from tunelab.objectives.pairs import PairBatch
+from tunelab.objectives.pairs import PairBatch, PairwiseObjective
 
 HEAD = "score"  # the head's name, as transformers' sequence-classification models call it
 
