@@ -134,14 +134,19 @@ def main() -> None:
             continue
         results.append(json.loads(line.removeprefix("RESULT ")))
         r = results[-1]
-        print(f"{name}: match {r['json_record_match']:.2f}, loss {r['first_loss']:.3f} -> {r['final_train_loss']:.3f}, "
-              f"{r['train_seconds']:.0f} s train, {time.perf_counter() - started:.0f} s total", flush=True)
+        print(
+            f"{name}: match {r['json_record_match']:.2f}, loss {r['first_loss']:.3f} -> {r['final_train_loss']:.3f}, "
+            f"{r['train_seconds']:.0f} s train, {time.perf_counter() - started:.0f} s total",
+            flush=True,
+        )
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print("\n| method | trainable params | % of model | held-out exact-record match | eval loss | train loss first → last | train s | peak MiB | lr |")
     print("|---|---:|---:|---:|---:|---|---:|---:|---:|")
     for r in results:
-        print(f"| {r['method']} | {r['trainable_params']:,} | {r['percent']:.3f} | {r['json_record_match']:.2f} | {r['eval_loss']:.3f} | "
-              f"{r['first_loss']:.2f} → {r['final_train_loss']:.2f} | {r['train_seconds']:.0f} | {r['peak_memory_mb']:.0f} | {r['lr']:g} |")
+        print(
+            f"| {r['method']} | {r['trainable_params']:,} | {r['percent']:.3f} | {r['json_record_match']:.2f} | {r['eval_loss']:.3f} | "
+            f"{r['first_loss']:.2f} → {r['final_train_loss']:.2f} | {r['train_seconds']:.0f} | {r['peak_memory_mb']:.0f} | {r['lr']:g} |"
+        )
 
 
 if __name__ == "__main__":

@@ -116,10 +116,7 @@ def test_flop_count_follows_the_formula():
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     attention_width = c.num_attention_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
     samples = [(10, 4), (7, 7)]
-    expected = sum(
-        n * (4 * frozen + 6 * trained) + t * 4 * head.weight.numel() + 6 * c.num_hidden_layers * attention_width * n * n
-        for n, t in samples
-    )
+    expected = sum(n * (4 * frozen + 6 * trained) + t * 4 * head.weight.numel() + 6 * c.num_hidden_layers * attention_width * n * n for n, t in samples)
     assert training_flops(model, samples) == pytest.approx(expected)
     assert training_flops(model, [(20, 4)]) > 2 * training_flops(model, [(10, 4)]), "attention grows quadratically"
     forward = sum(2 * n * (frozen + trained) + t * 2 * head.weight.numel() + 2 * c.num_hidden_layers * attention_width * n * n for n, t in samples)

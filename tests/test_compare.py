@@ -83,10 +83,13 @@ def test_unknown_sweep_key_names_its_line(tmp_path):
         load_sweep(path)
 
 
-@pytest.mark.parametrize("grid", [
-    [{"method": {"name": "lora", "r": 2}}, {"method": {"name": "lora", "r": 4}}],  # one default name
-    [{"name": "lora r2", "method": {"name": "lora", "r": 2}}, {"name": "lora_r2", "method": {"name": "lora", "r": 4}}],  # one folder
-])
+@pytest.mark.parametrize(
+    "grid",
+    [
+        [{"method": {"name": "lora", "r": 2}}, {"method": {"name": "lora", "r": 4}}],  # one default name
+        [{"name": "lora r2", "method": {"name": "lora", "r": 2}}, {"name": "lora_r2", "method": {"name": "lora", "r": 4}}],  # one folder
+    ],
+)
 def test_cells_sharing_a_run_folder_are_refused(tmp_path, grid):
     with pytest.raises(TunelabError, match="share a run folder"):
         load_sweep(write_sweep(tmp_path, grid))
@@ -159,11 +162,14 @@ def test_running_again_trains_nothing_and_gives_the_same_leaderboard(finished, m
     ]
 
 
-@pytest.mark.parametrize(("change", "changed_key", "unscored"), [
-    (lambda sweep: sweep["grid"][1]["train"].update(lr=5e-2), "train.lr", False),
-    (lambda sweep: sweep["grid"][1]["train"].update(lr=5e-2), "train.lr", True),  # trained, its eval not yet done
-    (lambda sweep: sweep["task"].update(prompt="Text: {sentence}\nLabel:"), "task.prompt", False),
-])
+@pytest.mark.parametrize(
+    ("change", "changed_key", "unscored"),
+    [
+        (lambda sweep: sweep["grid"][1]["train"].update(lr=5e-2), "train.lr", False),
+        (lambda sweep: sweep["grid"][1]["train"].update(lr=5e-2), "train.lr", True),  # trained, its eval not yet done
+        (lambda sweep: sweep["task"].update(prompt="Text: {sentence}\nLabel:"), "task.prompt", False),
+    ],
+)
 def test_a_finished_cell_is_not_reused_for_another_config_or_task(finished, monkeypatch, change, changed_key, unscored):
     """Editing a sweep after its cells trained does not pass their old results (or models) off as
     new ones: the rerun stops, naming the changed key, before training or scoring anything."""
@@ -216,8 +222,7 @@ def test_a_resumed_cells_wall_seconds_count_the_interrupted_attempts_time(tmp_pa
     def resumed_train(config, resume, overwrite):
         assert resume
         (cell.run_dir / "metrics.jsonl").write_text('{"step": 3, "loss": 1.0}\n')
-        report = {"method": "lora", "trainable_params": 1, "peak_memory_mb": 1.0, "tokens_per_s": 1.0, "train_seconds": 1500.0,
-                  "prepare_seconds": 5.0, "resumed_from_step": 2}
+        report = {"method": "lora", "trainable_params": 1, "peak_memory_mb": 1.0, "tokens_per_s": 1.0, "train_seconds": 1500.0, "prepare_seconds": 5.0, "resumed_from_step": 2}
         (cell.run_dir / "report.json").write_text(json.dumps(report))
 
     monkeypatch.setattr(tunelab, "train", resumed_train)

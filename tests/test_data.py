@@ -244,10 +244,7 @@ def test_bad_json_line_of_jsonl(tmp_path):
     ],
 )
 def test_bad_json_inside_json_array_reports_its_line(tmp_path, broken, fragment):
-    text = (
-        '[\n  {\n    "text": "one"\n  },\n  {\n    "text": "two"\n  },\n'
-        "  {\n" + broken + "  },\n  {\n    \"text\": \"four\"\n  }\n]\n"
-    )
+    text = '[\n  {\n    "text": "one"\n  },\n  {\n    "text": "two"\n  },\n  {\n' + broken + '  },\n  {\n    "text": "four"\n  }\n]\n'
     path = tmp_path / "data.json"
     path.write_text(text)
     assert f"{path}:{line_of(text, fragment)}:" in error_message(path)
@@ -393,9 +390,7 @@ def test_chat_targets_are_exactly_each_assistant_turn_and_its_end(template, toke
     # the ids are the whole rendered conversation
     assert tok.decode(ids) == tok.apply_chat_template(CONVERSATION, tokenize=False)
     # the end-of-turn marker is one token (so it can be a target on its own)
-    assert ids.count(tok.convert_tokens_to_ids(end_of_turn)) == (
-        3 if template == "default" else len(CONVERSATION)
-    )
+    assert ids.count(tok.convert_tokens_to_ids(end_of_turn)) == (3 if template == "default" else len(CONVERSATION))
 
     assistant_turns = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
     assert [tok.decode(run) for run in target_runs(ids, mask)] == [turn + end_of_turn for turn in assistant_turns]

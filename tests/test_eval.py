@@ -138,15 +138,18 @@ def test_score_prediction_adds_json_scores_only_for_json_references():
 
 def test_generation_cases_per_format(tmp_path):
     system = {"role": "system", "content": "Be brief."}
-    chat = [system, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-            {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris"}]
+    chat = [
+        system,
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris"},
+    ]
     ends_with_user = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
     _, chat_examples = load_examples(write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat}, {"messages": ends_with_user}]))
     assert generation_cases(chat_examples) == [(chat[:-1], "Paris")]  # a chat ending in a user turn has no answer
 
-    _, completion_examples = load_examples(
-        write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "2 + 2 =", "completion": " 4"}, {"prompt": "Sky:", "completion": " blue"}])
-    )
+    _, completion_examples = load_examples(write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "2 + 2 =", "completion": " 4"}, {"prompt": "Sky:", "completion": " blue"}]))
     assert generation_cases(completion_examples) == [("2 + 2 =", " 4"), ("Sky:", " blue")]
 
     _, text_examples = load_examples(write_jsonl(tmp_path / "text.jsonl", [{"text": "Once upon a time."}]))
@@ -283,8 +286,11 @@ def test_generate_cuts_at_stop_strings_and_keeps_code_indent(chaotic_tiny):
     model, tokenizer = chaotic_tiny
     free = generate(model, tokenizer, PROMPTS, max_new_tokens=16, keep_indent=True)
     text = free[1]
-    start = next(j for j in range(2, len(text) - 1)
-                 if text[j : j + 2].isascii() and text[j : j + 2].isprintable() and text[j : j + 2].strip() == text[j : j + 2] and text.find(text[j : j + 2]) == j)
+    start = next(
+        j
+        for j in range(2, len(text) - 1)
+        if text[j : j + 2].isascii() and text[j : j + 2].isprintable() and text[j : j + 2].strip() == text[j : j + 2] and text.find(text[j : j + 2]) == j
+    )
     stop = text[start : start + 2]
     stopped = generate(model, tokenizer, PROMPTS, max_new_tokens=16, keep_indent=True, stop=[stop])
     assert stopped == [f[: f.find(stop)].rstrip() if stop in f else f for f in free]
@@ -454,9 +460,7 @@ def test_evaluate_config_file_matches_run_base_scores(tmp_path, records, run_eva
 
 def test_evaluate_eval_split_scores_held_out_train_rows(tmp_path, records, monkeypatch):
     train_file, _ = records
-    config_path = write_yaml(
-        tmp_path / "run.yaml", tiny_run_config(tmp_path / "out", train_file, data={"eval_split": 0.25})
-    )
+    config_path = write_yaml(tmp_path / "run.yaml", tiny_run_config(tmp_path / "out", train_file, data={"eval_split": 0.25}))
     monkeypatch.setattr(evaluate_module, "generate", fake_generate(lambda prompt: ""))
     results = evaluate(config_path)
     assert results["n"] == 4  # a quarter of 16 rows

@@ -343,16 +343,30 @@ def test_sst2_reads_the_shared_dev_file(tiny):
 
 # ---- Likelihood tasks --------------------------------------------------------------------------
 
-SENTENCES = ["a gripping, funny film", "dull and far too long", "I loved every minute", "the plot makes no sense",
-             "great acting", "boring", "what a mess", "a delight", "zzz", "quiet and sad"]
+SENTENCES = [
+    "a gripping, funny film",
+    "dull and far too long",
+    "I loved every minute",
+    "the plot makes no sense",
+    "great acting",
+    "boring",
+    "what a mess",
+    "a delight",
+    "zzz",
+    "quiet and sad",
+]
 GOLD = ["0", "1", "2", "0", "1", "2", "0", "1", "1", "2"]
 LABELS = {"0": "a", "1": "c", "2": "j"}
 
 
 def classification_task(tmp_path, **extra):
     write_tsv(tmp_path / "dev.tsv", ["label", "sentence"], [[g, s] for g, s in zip(GOLD, SENTENCES)])
-    return load_task(write_yaml(tmp_path / "cls.yaml", {"type": "classification", "data": "dev.tsv", "columns": ["label", "sentence"],
-                                                         "prompt": "{sentence}", "labels": LABELS, "batch_size": 4, **extra}))
+    return load_task(
+        write_yaml(
+            tmp_path / "cls.yaml",
+            {"type": "classification", "data": "dev.tsv", "columns": ["label", "sentence"], "prompt": "{sentence}", "labels": LABELS, "batch_size": 4, **extra},
+        )
+    )
 
 
 def test_classification_matches_hand_computed_label_likelihoods(tmp_path, tiny):
@@ -419,8 +433,13 @@ def test_multiple_choice_acc_and_acc_norm_match_hand_computation(tmp_path, tiny)
     assert metrics == pytest.approx({"acc": correct / len(MC_ROWS), "acc_norm": correct_norm / len(MC_ROWS)})
 
 
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello!", "Perplexity is exp of the mean token NLL; 1234567890.",
-         "ab", "A somewhat longer sentence, so that padding in a batch of texts matters for the scoring code."]
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello!",
+    "Perplexity is exp of the mean token NLL; 1234567890.",
+    "ab",
+    "A somewhat longer sentence, so that padding in a batch of texts matters for the scoring code.",
+]
 
 
 def test_perplexity_is_exp_of_the_token_weighted_mean_loss(tmp_path, tiny):
@@ -465,7 +484,7 @@ def test_math_exact_counts_correct_final_numbers(tmp_path, tiny, monkeypatch):
     assert [r["correct"] for r in records] == [True, True, True, False, False]
     assert [r["predicted_answer"] for r in records] == ["18", "1234", "-4", "7", None]
     assert [r["reference_answer"] for r in records] == ["18", "1234", "-4", "8", "0.5"]
-    (prompts, options), = stub.calls
+    ((prompts, options),) = stub.calls
     assert prompts == list(predictions) and options["max_new_tokens"] == 320 and options["temperature"] == 0.0
 
 
@@ -489,8 +508,12 @@ COMPLETIONS = {
 def test_code_pass_at_k_equals_the_closed_form(tmp_path, tiny, monkeypatch):
     """pass@k = mean over problems of 1 - C(n-c, k) / C(n, k); a hanging completion is a timeout."""
     data = write_jsonl(tmp_path / "code.jsonl", CODE_ROWS)
-    task = load_task(write_yaml(tmp_path / "code.yaml", {"type": "code_pass_at_k", "data": str(data), "prompt": "{prompt}", "chat": False,
-                                                          "samples": 3, "k": [1, 2, 3], "temperature": 0.8, "timeout_s": 2.0}))
+    task = load_task(
+        write_yaml(
+            tmp_path / "code.yaml",
+            {"type": "code_pass_at_k", "data": str(data), "prompt": "{prompt}", "chat": False, "samples": 3, "k": [1, 2, 3], "temperature": 0.8, "timeout_s": 2.0},
+        )
+    )
     stub = stub_generate(monkeypatch, lambda prompt, i: COMPLETIONS[prompt][i])
     metrics, records = run_task(*tiny, task)
     correct = [1, 2]
@@ -503,7 +526,7 @@ def test_code_pass_at_k_equals_the_closed_form(tmp_path, tiny, monkeypatch):
     assert records[1]["passed"] == [True, True, False] and records[1]["timed_out"] == [False, False, False]
     assert records[0]["errors"][1].startswith("AssertionError") and records[1]["errors"][2].startswith("AssertionError")
     assert records[0]["completions"] == COMPLETIONS["def add(a, b):\n"]
-    (prompts, options), = stub.calls
+    ((prompts, options),) = stub.calls
     assert prompts == ["def add(a, b):\n"] * 3 + ["def neg(x):\n"] * 3
     assert options["keep_indent"] is True and options["temperature"] == 0.8
 
@@ -566,10 +589,20 @@ def test_humaneval_chat_runs_the_replys_code_block_after_the_problem(tmp_path, t
 
 
 MBPP_ROWS = [  # MBPP's layout: a description, the reference code, asserts in a list, setup code
-    {"task_id": 11, "text": "Write a function to add two numbers.", "code": "def add(a, b):\n    return a + b",
-     "test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"], "test_setup_code": ""},
-    {"task_id": 12, "text": "Write a function to square a number.", "code": "def square(x):\n    return x * x",
-     "test_list": ["assert square(3) == 9", "assert square(-2) == square(2) == 4"], "test_setup_code": "import math"},
+    {
+        "task_id": 11,
+        "text": "Write a function to add two numbers.",
+        "code": "def add(a, b):\n    return a + b",
+        "test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"],
+        "test_setup_code": "",
+    },
+    {
+        "task_id": 12,
+        "text": "Write a function to square a number.",
+        "code": "def square(x):\n    return x * x",
+        "test_list": ["assert square(3) == 9", "assert square(-2) == square(2) == 4"],
+        "test_setup_code": "import math",
+    },
 ]
 
 
@@ -586,11 +619,18 @@ def test_mbpp_style_rows_run_through_a_program_template(tmp_path, tiny, monkeypa
     """A task YAML scores MBPP-layout rows: a list of asserts renders one per line, both in the prompt
     and in the program; the reply's code block is the code. Task 12's reply is wrong for x < 0."""
     write_jsonl(tmp_path / "mbpp.jsonl", MBPP_ROWS)
-    task = load_task(write_yaml(tmp_path / "mbpp.yaml", {
-        "type": "code_pass_at_k", "data": "mbpp.jsonl", "chat": False,
-        "prompt": "{text}\nYour code should pass these tests:\n{test_list}\n",
-        "program": "{test_setup_code}\n{completion_code}\n\n{test_list}\n",
-    }))
+    task = load_task(
+        write_yaml(
+            tmp_path / "mbpp.yaml",
+            {
+                "type": "code_pass_at_k",
+                "data": "mbpp.jsonl",
+                "chat": False,
+                "prompt": "{text}\nYour code should pass these tests:\n{test_list}\n",
+                "program": "{test_setup_code}\n{completion_code}\n\n{test_list}\n",
+            },
+        )
+    )
     replies = {11: "```python\ndef add(a, b):\n    return a + b\n```", 12: "Sure:\n```python\ndef square(x):\n    return x * abs(x)\n```"}
     stub = stub_generate(monkeypatch, lambda prompt, _: replies[11 if "add two" in prompt else 12])
     metrics, records = run_task(*tiny, task)
@@ -636,8 +676,7 @@ def test_json_fields_on_the_quickstart_task(tiny, monkeypatch):
 def test_exact_match_on_a_template_task_and_a_training_format_file(tmp_path, tiny, monkeypatch):
     """Case and whitespace do not count, anything else does; rows without a `prompt` template are
     read as training data (prompt/completion here)."""
-    rows = [{"q": "Capital of France?", "a": "Paris"}, {"q": "Capital of Spain?", "a": "Madrid"},
-            {"q": "Capital of Italy?", "a": "Rome"}, {"q": "Capital of Peru?", "a": "Lima"}]
+    rows = [{"q": "Capital of France?", "a": "Paris"}, {"q": "Capital of Spain?", "a": "Madrid"}, {"q": "Capital of Italy?", "a": "Rome"}, {"q": "Capital of Peru?", "a": "Lima"}]
     answers = {"Capital of France?": "  PARIS \n", "Capital of Spain?": "Madrid.", "Capital of Italy?": "rome", "Capital of Peru?": "Cusco"}
     stub_generate(monkeypatch, lambda prompt, _: answers[prompt.removeprefix("Q: ")])
     data = write_jsonl(tmp_path / "qa.jsonl", rows)

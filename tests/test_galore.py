@@ -86,9 +86,7 @@ def test_full_rank_and_scale_1_is_adamw():
     start = [torch.randn(5, 8, generator=generator), torch.randn(8, 5, generator=generator), torch.randn(5, generator=generator)]
     ours = [t.clone() for t in start]
     theirs = [t.clone() for t in start]
-    galore = GaLoreAdamW(
-        [{"params": ours[:2], "galore_rank": 8, "galore_update_every": 2, "galore_scale": 1.0}, {"params": ours[2:]}], **ADAM
-    )
+    galore = GaLoreAdamW([{"params": ours[:2], "galore_rank": 8, "galore_update_every": 2, "galore_scale": 1.0}, {"params": ours[2:]}], **ADAM)
     adamw = torch.optim.AdamW(theirs, **ADAM)
     for _ in range(5):
         grads = [torch.randn(t.shape, generator=generator) for t in start]

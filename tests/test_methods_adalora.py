@@ -60,11 +60,14 @@ def peft_key(name: str) -> str:
 def test_defaults_are_peft_defaults():
     opts = method_of({"name": "adalora"}).options
     reference = peft.AdaLoraConfig(total_step=1)
-    assert (opts.init_r, opts.target_r, opts.alpha, opts.dropout) == (
-        reference.init_r, reference.target_r, reference.lora_alpha, reference.lora_dropout
-    )
+    assert (opts.init_r, opts.target_r, opts.alpha, opts.dropout) == (reference.init_r, reference.target_r, reference.lora_alpha, reference.lora_dropout)
     assert (opts.tinit, opts.tfinal, opts.delta_t, opts.beta1, opts.beta2, opts.orth_reg_weight) == (
-        reference.tinit, reference.tfinal, reference.deltaT, reference.beta1, reference.beta2, reference.orth_reg_weight
+        reference.tinit,
+        reference.tfinal,
+        reference.deltaT,
+        reference.beta1,
+        reference.beta2,
+        reference.orth_reg_weight,
     )
     assert opts.target == QV and opts.total_step is None  # peft's Llama default; the run's length
 

@@ -17,8 +17,8 @@ from tunelab.errors import TunelabError
 from tunelab.eval.likelihood import continuation_logprobs
 from tunelab.export import export_run
 from tunelab.generation import generate
-from tunelab.methods.registry import get_method_class, method_names
 from tunelab.methods.base import FORWARD_TARGETS
+from tunelab.methods.registry import get_method_class, method_names
 from tunelab.runs import load_run
 
 # Small options where a method's defaults are sized for real models; every other option is the default.

@@ -22,12 +22,21 @@ ACTIVATION = {"relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.
 REGIMES = {
     "series": {"name": "series_adapter", "bottleneck": 8},
     "series both sublayers, layer 1": {
-        "name": "series_adapter", "bottleneck": 8, "placement": ["attention", "mlp"], "activation": "gelu", "scaling": 0.5, "layers": [1],
+        "name": "series_adapter",
+        "bottleneck": 8,
+        "placement": ["attention", "mlp"],
+        "activation": "gelu",
+        "scaling": 0.5,
+        "layers": [1],
     },
     "parallel": {"name": "parallel_adapter", "bottleneck": 8},
     "parallel attention": {"name": "parallel_adapter", "bottleneck": 8, "placement": ["attention"], "activation": "tanh", "scaling": 2.0},
     "parallel both sublayers, layer 0": {
-        "name": "parallel_adapter", "bottleneck": 8, "placement": ["mlp", "attention"], "activation": "silu", "layers": [0],
+        "name": "parallel_adapter",
+        "bottleneck": 8,
+        "placement": ["mlp", "attention"],
+        "activation": "silu",
+        "layers": [0],
     },
 }
 

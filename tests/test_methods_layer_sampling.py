@@ -19,9 +19,9 @@ from peft_oracle import (
     attach,
     fresh_base,
     probe_ids,
-    tiny_method_config,
     randomize,
     smollm2_skeleton,
+    tiny_method_config,
     train_tiny_run,
     trainable_count,
 )
@@ -43,8 +43,13 @@ def layer_names(model, index: int) -> set[str]:
 def deep_base(layers: int, seed: int = 7) -> LlamaForCausalLM:
     """The tiny model's shape with more decoder layers (to sample from)."""
     config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer()), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        vocab_size=len(tiny_tokenizer()),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -102,13 +107,15 @@ def train_recording_steps(tmp_path, monkeypatch, options: dict, steps: int):
 
     def recording_after_step(self, model, step, total_steps):
         now = {n: p.detach().clone() for n, p in model.named_parameters()}
-        record.append({
-            "step": step,
-            "active": self.active_layers(step),
-            "with_grad": {n for n, p in model.named_parameters() if p.grad is not None},
-            "changed": {n for n in now if not torch.equal(now[n], previous[n])},
-            "trainable_now": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        })
+        record.append(
+            {
+                "step": step,
+                "active": self.active_layers(step),
+                "with_grad": {n for n, p in model.named_parameters() if p.grad is not None},
+                "changed": {n for n in now if not torch.equal(now[n], previous[n])},
+                "trainable_now": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            }
+        )
         previous.update(now)
         after_step(self, model, step, total_steps)
 
@@ -264,7 +271,9 @@ def test_resume_across_a_redraw_is_bitwise_exact(name, interval, resumed_period,
     assert (5 - 1) // interval == resumed_period
     train_file = write_records_data(tmp_path / "data", n_train=8)[0]
     config = tiny_run_config(
-        tmp_path / "run", train_file, method={"name": name, **ONE_LAYER, "interval": interval},
+        tmp_path / "run",
+        train_file,
+        method={"name": name, **ONE_LAYER, "interval": interval},
         train={"max_steps": 6, "save_every": 4, "keep_checkpoints": 5, "lr": 1e-2},
     )
     tunelab.train(config)

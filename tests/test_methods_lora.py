@@ -18,8 +18,8 @@ from peft_oracle import (
     fresh_base,
     probe_ids,
     smollm2_skeleton,
-    trainable_count,
     train_tiny_run,
+    trainable_count,
 )
 from tunelab.runs import load_run
 

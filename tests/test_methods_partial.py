@@ -25,9 +25,15 @@ from tunelab.errors import TunelabError
 from tunelab.runs import load_run
 
 LAYER_TENSORS = [
-    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
-    "input_layernorm.weight", "post_attention_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
 ]
 ATTENTION, MLP, NORMS = LAYER_TENSORS[:4], LAYER_TENSORS[4:7], LAYER_TENSORS[7:]
 EMBEDDINGS = "model.embed_tokens.weight"  # the tiny model ties lm_head to it: one tensor
@@ -41,11 +47,13 @@ FREEZE_REGIMES = {
     ),
     "one full name, embeddings, norms": (
         {
-            "name": "freeze", "layers": "all", "modules": ["model.layers.0.self_attn.q_proj"],
-            "train_embeddings": True, "train_norms": True,
+            "name": "freeze",
+            "layers": "all",
+            "modules": ["model.layers.0.self_attn.q_proj"],
+            "train_embeddings": True,
+            "train_norms": True,
         },
-        {"model.layers.0.self_attn.q_proj.weight", EMBEDDINGS, "model.norm.weight"}
-        | {f"model.layers.{k}.{t}" for k in (0, 1) for t in NORMS},
+        {"model.layers.0.self_attn.q_proj.weight", EMBEDDINGS, "model.norm.weight"} | {f"model.layers.{k}.{t}" for k in (0, 1) for t in NORMS},
     ),
     "layer 0's attention and down projection": (
         {"name": "freeze", "layers": [0], "modules": ["self_attn", "down_proj"]},
@@ -53,7 +61,9 @@ FREEZE_REGIMES = {
     ),
 }
 HFT_REGIMES = {
-    "defaults": {"name": "hft"}, "seed 7": {"name": "hft", "seed": 7}, "a quarter": {"name": "hft", "fraction": 0.25},
+    "defaults": {"name": "hft"},
+    "seed 7": {"name": "hft", "seed": 7},
+    "a quarter": {"name": "hft", "fraction": 0.25},
 }
 
 

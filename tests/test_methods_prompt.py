@@ -8,7 +8,7 @@ import torch
 from peft import get_peft_model
 
 from helpers import read_metrics
-from peft_oracle import assert_close, attach, copy_into_peft, fresh_base, probe_ids, randomize, smollm2_skeleton, trainable_count, train_tiny_run
+from peft_oracle import assert_close, attach, copy_into_peft, fresh_base, probe_ids, randomize, smollm2_skeleton, train_tiny_run, trainable_count
 from tunelab.data.batching import make_batch
 from tunelab.errors import TunelabError
 from tunelab.export import export_run, import_peft

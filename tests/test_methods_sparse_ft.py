@@ -169,8 +169,9 @@ def test_no_regrowth_and_no_dense_gradient_outside_the_phases():
     model, method = attach({"name": "sparse_ft", "update_every": 4, "accumulation_steps": 1})
     initial = {n: layer.sparse_ft_indices.clone() for n, layer in method.adapter_layers(model).items()}
     collected = []
-    train_by_hand(model, method, steps=3, total_steps=8, before_after_step=lambda step: collected.append(
-        [layer.gradient_sum is not None for layer in method.adapter_layers(model).values()]))
+    train_by_hand(
+        model, method, steps=3, total_steps=8, before_after_step=lambda step: collected.append([layer.gradient_sum is not None for layer in method.adapter_layers(model).values()])
+    )
     assert collected == [[False] * len(initial)] * 3
     assert all(layer.gradient_sum is not None for layer in method.adapter_layers(model).values())  # armed for step 4
     assert all(torch.equal(initial[n], layer.sparse_ft_indices) for n, layer in method.adapter_layers(model).items())

@@ -15,7 +15,19 @@ from transformers import LlamaForCausalLM
 
 import tunelab
 from helpers import assert_tensors_equal, load_adapter, read_metrics, tiny_run_config, write_records_data
-from peft_oracle import assert_close, assert_merge_exact, attach, forbid_prepare, fresh_base, prepare_batches, probe_ids, randomize, smollm2_skeleton, train_tiny_run, trainable_count
+from peft_oracle import (
+    assert_close,
+    assert_merge_exact,
+    attach,
+    forbid_prepare,
+    fresh_base,
+    prepare_batches,
+    probe_ids,
+    randomize,
+    smollm2_skeleton,
+    train_tiny_run,
+    trainable_count,
+)
 from tunelab.errors import TunelabError
 from tunelab.methods.subtuning import SubTuning
 from tunelab.objectives import causal_lm_loss

@@ -6,6 +6,7 @@ import peft
 import pytest
 import torch
 from peft import get_peft_model, get_peft_model_state_dict
+
 from peft_oracle import (
     assert_close,
     assert_equal_to_peft,
@@ -19,7 +20,6 @@ from peft_oracle import (
     smollm2_skeleton,
     trainable_count,
 )
-
 from tunelab.errors import TunelabError
 from tunelab.export import import_peft
 from tunelab.runs import load_run
@@ -34,9 +34,7 @@ def vera_options(**extra) -> dict:
 def test_defaults_are_peft_defaults():
     opts = method_of({"name": "vera"}).options
     reference = peft.VeraConfig()
-    assert (opts.r, opts.d_initial, opts.projection_prng_key, opts.dropout) == (
-        reference.r, reference.d_initial, reference.projection_prng_key, reference.vera_dropout
-    )
+    assert (opts.r, opts.d_initial, opts.projection_prng_key, opts.dropout) == (reference.r, reference.d_initial, reference.projection_prng_key, reference.vera_dropout)
     assert opts.target == QV  # peft's VeRA default for Llama models
 
 

@@ -25,8 +25,8 @@ from helpers import (
     write_records_data,
 )
 from tunelab.errors import TunelabError
-from tunelab.objectives.registry import get_objective_class, objective_names
 from tunelab.objectives.reference import PRECOMPUTED_FILE
+from tunelab.objectives.registry import get_objective_class, objective_names
 from tunelab.runs import load_run
 from tunelab.train import loop, reporting
 
@@ -136,6 +136,17 @@ def test_a_frozen_copy_reference_stays_fixed_while_the_policy_trains(data, tmp_p
     assert read_metrics(config["output"])[-1]["rewards/margins"] != 0
 
 
+@pytest.mark.parametrize("method", [{"name": "lora"}, {"name": "lora", "dropout": 0.1}, {"name": "vera"}], ids=["lora", "lora-dropout", "vera"])
+def test_the_adapter_off_reference_computes_the_frozen_weights_as_the_policy_does(method, data, tmp_path):
+    """Training on a bf16 copy of the frozen weights (fast-bf16 CPUs): the adapter-off reference
+    must compute on the same copy, or the policy and its reference differ before the first step."""
+    config = objective_config(tmp_path / "run", data, "dpo", method=method, train={"max_steps": 1, "frozen_dtype": "bfloat16"})
+    report = tunelab.train(config).report
+    first = read_metrics(config["output"])[0]
+    assert report["reference"] == "adapter off"
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+
+
 def test_reference_choices_follow_the_method(data, tmp_path):
     """Adapter off for LoRA, precomputed for PiSSA (its base is a residual) and for an adapter
     imported from trained weights, a given model when named."""
@@ -201,10 +212,10 @@ def test_reference_free_dpo_needs_no_reference(data, tmp_path):
 def test_the_reward_is_read_at_the_last_real_token_even_when_pad_is_eos():
     """Padded rows whose pad id is the EOS id that ends every sequence: the reward is still the
     head on each sequence's own last token (its EOS), as an unpadded forward of it alone gives."""
+    from trl_oracle import EOS, PAIRS
     from tunelab.data.batching import BatchLayout
     from tunelab.models import load_model
     from tunelab.objectives.reward import Reward, RewardOptions
-    from trl_oracle import PAIRS, EOS
 
     model, _ = load_model(tunelab.config.ModelConfig(name="tiny-random-llama", dtype="float32", device="cpu"))
     objective = Reward(RewardOptions())

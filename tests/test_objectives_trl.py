@@ -8,8 +8,18 @@ import pytest
 
 from trl_oracle import assert_matches, kto_examples, lora_start, ours, reward_head, trl_dpo, trl_kto, trl_pairwise, trl_reward
 
-DPO_METRICS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
-               "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"]
+DPO_METRICS = [
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "entropy",
+    "mean_token_accuracy",
+]
 DPO_CASES = {
     "sigmoid": {},
     "hinge": {"loss_type": "hinge"},

@@ -126,11 +126,7 @@ def test_every_field_is_recoverable_from_its_sentence(splits):
 
 def test_variety_of_templates_and_surface_forms(splits):
     sentences = [_sentence(row) for row in splits[0]]
-    templates_used = {
-        template
-        for template in SENTENCE_TEMPLATES
-        if any(_template_regex(template).fullmatch(sentence) for sentence in sentences)
-    }
+    templates_used = {template for template in SENTENCE_TEMPLATES if any(_template_regex(template).fullmatch(sentence) for sentence in sentences)}
     assert len(SENTENCE_TEMPLATES) >= 12
     assert templates_used == set(SENTENCE_TEMPLATES)
     joined = "\n".join(sentences)
@@ -150,9 +146,7 @@ def test_make_record_and_render_sentence_are_deterministic():
 
 def test_record_to_json_orders_keys_by_fields():
     record = {"amount": 120.5, "date": "2023-05-14", "city": "Lisbon", "age": 34, "name": "Maria Lopez"}
-    assert record_to_json(record) == (
-        '{"name": "Maria Lopez", "age": 34, "city": "Lisbon", "date": "2023-05-14", "amount": 120.5}'
-    )
+    assert record_to_json(record) == ('{"name": "Maria Lopez", "age": 34, "city": "Lisbon", "date": "2023-05-14", "amount": 120.5}')
 
 
 @pytest.mark.parametrize("n_train, n_eval", [(-1, 5), (5, -1), (1, len(FIRST_NAMES) * len(LAST_NAMES))])

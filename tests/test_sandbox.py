@@ -271,7 +271,9 @@ def test_the_process_limit_holds():
 def test_a_fork_bomb_is_contained():
     """A fork bomb fails, and once run_python returns none of its processes is left running."""
     # Only unleash the bomb where the process limit is known to hold (see the test above).
-    probe = run_python("import os\nn = 0\ntry:\n    while n < 40:\n        if os.fork() == 0:\n            import signal; signal.pause()\n        n += 1\nexcept OSError:\n    print(n)\n", FAST)
+    probe = run_python(
+        "import os\nn = 0\ntry:\n    while n < 40:\n        if os.fork() == 0:\n            import signal; signal.pause()\n        n += 1\nexcept OSError:\n    print(n)\n", FAST
+    )
     require_layers(probe, namespaces=True)
     assert probe.stdout.strip().isdigit() and int(probe.stdout) < FAST.processes, f"process limit not enforced: {probe}"
 
@@ -289,15 +291,7 @@ def test_a_fork_bomb_is_contained():
 def test_a_detached_background_process_dies_with_the_program():
     """A child that leaves the process group (setsid) and would run forever is killed when the
     program exits (the PID namespace ends with its PID 1), so the run ends without a timeout."""
-    program = (
-        "import os, time\n"
-        "print(os.getcwd(), flush=True)\n"
-        "if os.fork() == 0:\n"
-        "    os.setsid()\n"
-        "    while True:\n"
-        "        time.sleep(0.05)\n"
-        "print('parent done', flush=True)\n"
-    )
+    program = "import os, time\nprint(os.getcwd(), flush=True)\nif os.fork() == 0:\n    os.setsid()\n    while True:\n        time.sleep(0.05)\nprint('parent done', flush=True)\n"
     limits = SandboxLimits(timeout_s=20.0)
     result = run_python(program, limits)
     require_layers(result, namespaces=True)
@@ -406,12 +400,7 @@ def test_udp_to_a_local_socket_delivers_nothing():
 def test_the_network_namespace_has_no_usable_interface():
     """Inside, only a loopback that is down: even a server on 127.0.0.1 cannot be reached from itself."""
     program = (
-        "import socket\n"
-        "server = socket.socket()\n"
-        "server.bind(('127.0.0.1', 0))\n"
-        "server.listen(1)\n"
-        "socket.create_connection(server.getsockname(), timeout=5)\n"
-        "print('reached')\n"
+        "import socket\nserver = socket.socket()\nserver.bind(('127.0.0.1', 0))\nserver.listen(1)\nsocket.create_connection(server.getsockname(), timeout=5)\nprint('reached')\n"
     )
     result = run_python(program, FAST)
     require_layers(result, namespaces=True)

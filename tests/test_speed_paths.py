@@ -26,9 +26,8 @@ from tunelab.methods.lora import Lora, LoraLinear, LoraOptions
 from tunelab.models import load_model
 from tunelab.models.attention import enable_packed_attention, uses_packed_attention
 from tunelab.models.tiny import tiny_llama, tiny_tokenizer
-from tunelab.objectives import causal_lm_loss
+from tunelab.objectives import causal_lm_loss, sft
 from tunelab.objectives.causal_lm import LinearCrossEntropy
-from tunelab.objectives import sft
 from tunelab.train import loop
 from tunelab.train.allocator import keep_freed_memory, peak_memory_mb, reset_peak_memory
 from tunelab.train.loop import resolve_tokens_per_forward
@@ -53,9 +52,7 @@ def norm_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 # --- 1. the fused LoRA linear ------------------------------------------------------------------------
 
 
-def make_lora_layer(
-    in_features: int, out_features: int, bias: bool, dropout: float, dtype=torch.float32, train_base: bool = False
-) -> LoraLinear:
+def make_lora_layer(in_features: int, out_features: int, bias: bool, dropout: float, dtype=torch.float32, train_base: bool = False) -> LoraLinear:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         base = nn.Linear(in_features, out_features, bias=bias).to(dtype)
@@ -378,9 +375,7 @@ def test_packed_attention_model_generates_like_sdpa():
         model.eval()
         with torch.no_grad():
             logits = model(**encoded).logits
-            tokens = model.generate(
-                **encoded, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id
-            )
+            tokens = model.generate(**encoded, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         outputs.append((logits, tokens))
     (packed_logits, packed_tokens), (sdpa_logits, sdpa_tokens) = outputs
     assert packed_tokens.shape == (2, encoded.input_ids.shape[1] + 12)
@@ -433,9 +428,7 @@ def records(tmp_path_factory):
 
 
 def run_once(output, train_file, train: dict, method: dict | None = None):
-    config = tiny_run_config(
-        output, train_file, method=method, train={"max_steps": 3, "batch_size": 4, "max_grad_norm": 1.0, **train}
-    )
+    config = tiny_run_config(output, train_file, method=method, train={"max_steps": 3, "batch_size": 4, "max_grad_norm": 1.0, **train})
     tunelab.train(config)
     return read_metrics(output), load_adapter(output)
 
@@ -495,10 +488,7 @@ def test_activation_checkpointing_does_not_change_training(tmp_path, records, ba
 def test_activation_checkpointing_with_dropout_recomputes_the_same_masks(tmp_path, records):
     """Recomputation must replay the forward's dropout masks (the RNG state is restored)."""
     train_file, _ = records
-    runs = [
-        run_once(tmp_path / f"ckpt-{on}", train_file, {"activation_checkpointing": on}, method={"dropout": 0.2})
-        for on in (False, True)
-    ]
+    runs = [run_once(tmp_path / f"ckpt-{on}", train_file, {"activation_checkpointing": on}, method={"dropout": 0.2}) for on in (False, True)]
     assert_same_run(runs[1], runs[0])
 
 

@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import tunelab
 from helpers import (
     assert_tensors_equal,
     checkpoint_steps,
@@ -23,10 +27,6 @@ from helpers import (
     train_keeping_model,
     write_records_data,
 )
-from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-import tunelab
 from tunelab.errors import TrainingDiverged, TunelabError
 from tunelab.models.tiny import tiny_llama, tiny_tokenizer
 from tunelab.objectives import sft
@@ -112,6 +112,7 @@ def test_packed_and_padded_training_give_the_same_losses(tmp_path, records):
 
 # --- 2. exact resume after a real kill --------------------------------------------------------------
 
+
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path, records):
     train_file, eval_file = records
     max_steps, kill_after = 16, 6  # ten steps after step-6 to land the kill in
@@ -151,16 +152,12 @@ def test_keep_checkpoints_keeps_only_the_newest(tmp_path, records):
     tunelab.train(config)
     saved = list(range(save_every, max_steps, save_every))  # the final step is the artifact, not a checkpoint
     assert checkpoint_steps(config["output"]) == saved[-keep:]
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == sorted(
-        f"step-{s}" for s in saved[-keep:]
-    )
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == sorted(f"step-{s}" for s in saved[-keep:])
 
 
 def test_resume_ignores_and_cleans_an_interrupted_checkpoint_write(tmp_path, records):
     train_file, _ = records
-    config = tiny_run_config(
-        tmp_path / "run", train_file, train={"max_steps": 6, "batch_size": 2, "save_every": 2, "keep_checkpoints": 5}
-    )
+    config = tiny_run_config(tmp_path / "run", train_file, train={"max_steps": 6, "batch_size": 2, "save_every": 2, "keep_checkpoints": 5})
     tunelab.train(config)
     finished_adapter = load_adapter(config["output"])
     assert checkpoint_steps(config["output"]) == [2, 4]
@@ -289,9 +286,7 @@ def lora_parameter_count(r: int, target) -> int:
 def test_lora_run_report_config_and_reloaded_model(tmp_path, records, monkeypatch, target):
     train_file, eval_file = records
     r = 4
-    config = tiny_run_config(
-        tmp_path / "run", train_file, eval_file, method={"r": r, "target": target}, train={"max_steps": 3, "lr": 1e-2}
-    )
+    config = tiny_run_config(tmp_path / "run", train_file, eval_file, method={"r": r, "target": target}, train={"max_steps": 3, "lr": 1e-2})
     result, trained = train_keeping_model(monkeypatch, config)
     output = tmp_path / "run"
 

@@ -47,8 +47,19 @@ def _quiet_trl() -> None:
 
 def _trl_args(config_cls, output_dir, **options):
     # TRL's base config defaults to bf16 and gradient checkpointing: an fp32 oracle turns both off.
-    common = dict(output_dir=str(output_dir), use_cpu=True, report_to=[], bf16=False, fp16=False, gradient_checkpointing=False,
-                  save_strategy="no", logging_strategy="no", seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    common = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        report_to=[],
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        logging_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     return config_cls(**common, per_device_train_batch_size=len(PAIRS), **options)
 
 
@@ -93,9 +104,11 @@ def trl_pairwise(tmp_path, trainer: str, options: dict) -> dict:
     """TRL's CPOTrainer (cpo, simpo) or ORPOTrainer loss, metrics and gradients on the full model."""
     _quiet_trl()
     if trainer == "orpo":
-        from trl.experimental.orpo import ORPOConfig as Config, ORPOTrainer as Trainer
+        from trl.experimental.orpo import ORPOConfig as Config
+        from trl.experimental.orpo import ORPOTrainer as Trainer
     else:
-        from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Trainer
+        from trl.experimental.cpo import CPOConfig as Config
+        from trl.experimental.cpo import CPOTrainer as Trainer
 
     tokenizer = tiny_tokenizer()
     trainer = Trainer(model=tiny_llama(len(tokenizer)), args=_trl_args(Config, tmp_path, **options), train_dataset=_text_dataset(), processing_class=tokenizer)

@@ -118,7 +118,15 @@ def run_preference_quickstart(out: str | Path, model: str, steps: int | None, se
             "data": {"train": str(paths["pairs_train"]), "eval": str(paths["pairs_eval"]), "max_length": 256},
             "method": {"name": "lora", "r": DEFAULTS["r"], "alpha": DEFAULTS["alpha"], "target": "all-linear"},
             "objective": {"name": objective},
-            "train": {"max_steps": steps, "batch_size": DEFAULTS["batch_size"], "lr": PREFERENCE_LR.get(objective, PREFERENCE["lr"]), "warmup": 0.1, "save_every": 0, "eval_every": 0, "seed": seed},
+            "train": {
+                "max_steps": steps,
+                "batch_size": DEFAULTS["batch_size"],
+                "lr": PREFERENCE_LR.get(objective, PREFERENCE["lr"]),
+                "warmup": 0.1,
+                "save_every": 0,
+                "eval_every": 0,
+                "seed": seed,
+            },
             "output": str(out / "run"),
         }
     )

@@ -8,9 +8,7 @@ import torch
 from torch import nn
 
 
-def matmul_peak_gflops(
-    device: torch.device | None = None, size: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32
-) -> float:
+def matmul_peak_gflops(device: torch.device | None = None, size: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
     """Best matmul rate of this machine in `dtype`, with torch's own thread settings: the ceiling to compare with."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":

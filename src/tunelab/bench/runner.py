@@ -150,10 +150,7 @@ def _run_side(side: str, spec_path: Path, result_path: Path, budget_mb: float | 
         raise TunelabError(f"bench: the {side} side failed (exit {proc.returncode}); its output is above")
     result = json.loads(result_path.read_text())
     eval_note = f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"] is not None else ""
-    console.print(
-        f"{side}: {result['tokens_per_s']:.1f} tok/s, peak RSS {result['peak_rss_mb']:.0f} MiB{eval_note} "
-        f"({time.perf_counter() - started:.0f} s in all)"
-    )
+    console.print(f"{side}: {result['tokens_per_s']:.1f} tok/s, peak RSS {result['peak_rss_mb']:.0f} MiB{eval_note} ({time.perf_counter() - started:.0f} s in all)")
     return result
 
 

@@ -50,10 +50,7 @@ def run_hf_peft(config) -> dict:
     from transformers import Trainer, TrainingArguments
 
     model, tokenizer, data, rows, lora = _peer_start(config)
-    samples = [
-        {"input_ids": row["input_ids"], "labels": [t if m else IGNORE for t, m in zip(row["input_ids"], row["target_mask"])]}
-        for row in rows
-    ]
+    samples = [{"input_ids": row["input_ids"], "labels": [t if m else IGNORE for t, m in zip(row["input_ids"], row["target_mask"])]} for row in rows]
     peft_model = get_peft_model(model, lora)
     pad_id = tokenizer.pad_token_id
 

@@ -99,10 +99,7 @@ def synthetic_records(n: int, seed: int) -> list[dict]:
 def synthetic_pairs(n: int, seed: int) -> list[dict]:
     """Plain-text preference rows of the same varied lengths (each answer drawn on its own, so the
     two sequences of a pair differ in length as real pairs do)."""
-    return [
-        {"prompt": r["instruction"], "chosen": r["output"], "rejected": o["output"]}
-        for r, o in zip(synthetic_records(n, seed), synthetic_records(n, seed + 1))
-    ]
+    return [{"prompt": r["instruction"], "chosen": r["output"], "rejected": o["output"]} for r, o in zip(synthetic_records(n, seed), synthetic_records(n, seed + 1))]
 
 
 def write_long_text(folder: Path, n_words: int, seed: int) -> Path:

@@ -14,8 +14,18 @@ from tunelab.files import write_json_atomic, write_text_atomic
 from tunelab.plots import plot_loss_curves, plot_pareto
 
 COLUMNS = [
-    "rank", "cell", "method", "score_mean", "score_std", "seeds", "trainable_params", "trainable_percent",
-    "peak_memory_mb", "tokens_per_s", "train_seconds", "wall_seconds",
+    "rank",
+    "cell",
+    "method",
+    "score_mean",
+    "score_std",
+    "seeds",
+    "trainable_params",
+    "trainable_percent",
+    "peak_memory_mb",
+    "tokens_per_s",
+    "train_seconds",
+    "wall_seconds",
 ]
 
 
@@ -35,22 +45,23 @@ def leaderboard_rows(sweep: Sweep, records: list[dict], base_params: int) -> lis
         if metric not in group[0]["metrics"]:
             raise TunelabError(f"{sweep.source}: `metric`: the task reports no '{metric}' (it has {sorted(group[0]['metrics'])})")
         scores = [r["metrics"][metric] for r in group]
-        rows.append({
-            "cell": cell,
-            "method": group[0]["method"],
-            "score_mean": statistics.fmean(scores),
-            "score_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-            "seeds": len(group),
-            "scores": scores,
-            "trainable_params": group[0]["trainable_params"],
-            "trainable_percent": 100 * group[0]["trainable_params"] / base_params,
-            "peak_memory_mb": _mean_of(group, "peak_memory_mb", max),
-            "tokens_per_s": _mean_of(group, "tokens_per_s"),
-            "train_seconds": _mean_of(group, "train_seconds"),
-            "wall_seconds": _mean_of(group, "wall_seconds"),
-            "metrics": {key: statistics.fmean(r["metrics"][key] for r in group)
-                        for key, value in group[0]["metrics"].items() if isinstance(value, (int, float))},
-        })
+        rows.append(
+            {
+                "cell": cell,
+                "method": group[0]["method"],
+                "score_mean": statistics.fmean(scores),
+                "score_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                "seeds": len(group),
+                "scores": scores,
+                "trainable_params": group[0]["trainable_params"],
+                "trainable_percent": 100 * group[0]["trainable_params"] / base_params,
+                "peak_memory_mb": _mean_of(group, "peak_memory_mb", max),
+                "tokens_per_s": _mean_of(group, "tokens_per_s"),
+                "train_seconds": _mean_of(group, "train_seconds"),
+                "wall_seconds": _mean_of(group, "wall_seconds"),
+                "metrics": {key: statistics.fmean(r["metrics"][key] for r in group) for key, value in group[0]["metrics"].items() if isinstance(value, (int, float))},
+            }
+        )
     zero_shot = [r for r in rows if r["method"] == "none"]
     trained = [r for r in rows if r["method"] != "none"]
     trained.sort(key=lambda r: r["score_mean"], reverse=not lower_is_better(metric))

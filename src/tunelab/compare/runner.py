@@ -106,8 +106,9 @@ def task_changes(record: dict, task: dict) -> list[str]:
 
 def _refuse_changes(folder: Path, changed: list[str]) -> None:
     if changed:
-        raise TunelabError(f"{folder}: this finished cell was run with another config or task (at {', '.join(changed[:8])}); "
-                           f"remove {folder} to run it again, or give the sweep another output")
+        raise TunelabError(
+            f"{folder}: this finished cell was run with another config or task (at {', '.join(changed[:8])}); remove {folder} to run it again, or give the sweep another output"
+        )
 
 
 def run_zero_shot(sweep: Sweep) -> dict:
@@ -124,16 +125,30 @@ def run_zero_shot(sweep: Sweep) -> dict:
         _refuse_changes(folder, changed)
         return record
     evaluation = evaluate_task(sweep.base.model, sweep.task, out=folder)
-    record = {"cell": "zero-shot (base model)", "seed": None, "method": "none", "metrics": evaluation["metrics"], "trainable_params": 0,
-              "peak_memory_mb": None, "tokens_per_s": None, "train_seconds": 0.0, "eval_seconds": evaluation["seconds"],
-              "wall_seconds": evaluation["seconds"], "resumed_from_step": None, "run_dir": str(folder), "train_losses": [],
-              "config": model, "task": task}
+    record = {
+        "cell": "zero-shot (base model)",
+        "seed": None,
+        "method": "none",
+        "metrics": evaluation["metrics"],
+        "trainable_params": 0,
+        "peak_memory_mb": None,
+        "tokens_per_s": None,
+        "train_seconds": 0.0,
+        "eval_seconds": evaluation["seconds"],
+        "wall_seconds": evaluation["seconds"],
+        "resumed_from_step": None,
+        "run_dir": str(folder),
+        "train_losses": [],
+        "config": model,
+        "task": task,
+    }
     write_json_atomic(done, record)
     return record
 
 
-def run_sweep(sweep: Sweep, backend: str = "sequential", workers: int = 2, ray_address: str | None = None,
-              ray_cpus_per_cell: float = 1, ray_gpus_per_cell: float = 0) -> list[dict]:
+def run_sweep(
+    sweep: Sweep, backend: str = "sequential", workers: int = 2, ray_address: str | None = None, ray_cpus_per_cell: float = 1, ray_gpus_per_cell: float = 0
+) -> list[dict]:
     """Every cell's record, in grid order (zero-shot first when the sweep asks for it)."""
     if backend not in BACKENDS:
         raise TunelabError(f"--backend {backend}: use one of {', '.join(BACKENDS)}")

@@ -57,10 +57,7 @@ def detect_format(row: dict, where: str) -> str:
         return "prompt_completion"
     if "text" in keys:
         return "text"
-    raise TunelabError(
-        f"{where}: cannot tell the data format from the keys {sorted(keys)}; "
-        f"set data.format to one of {', '.join(FORMATS)}"
-    )
+    raise TunelabError(f"{where}: cannot tell the data format from the keys {sorted(keys)}; set data.format to one of {', '.join(FORMATS)}")
 
 
 def load_examples(path: str | Path, data_format: str = "auto") -> tuple[str, list[dict]]:
@@ -117,9 +114,7 @@ def _turns(row: dict, key: str, role_key: str, text_key: str, roles: dict, where
             raise TunelabError(f"{where}: {key}[{i}] must be an object with '{role_key}' and '{text_key}'")
         role = roles.get(turn[role_key])
         if role is None:
-            raise TunelabError(
-                f"{where}: {key}[{i}] has unknown role '{turn[role_key]}' (expected one of {', '.join(roles)})"
-            )
+            raise TunelabError(f"{where}: {key}[{i}] has unknown role '{turn[role_key]}' (expected one of {', '.join(roles)})")
         if not isinstance(turn[text_key], str):
             raise TunelabError(f"{where}: {key}[{i}].{text_key} must be a string")
         messages.append({"role": role, "content": turn[text_key]})

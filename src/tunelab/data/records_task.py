@@ -13,34 +13,137 @@ from datetime import date, timedelta
 
 TASK_NAME = "record-extraction"
 
-SYSTEM_PROMPT = (
-    "Extract name, age, city, date (YYYY-MM-DD) and amount (a number) "
-    "as a JSON object with those keys."
-)
+SYSTEM_PROMPT = "Extract name, age, city, date (YYYY-MM-DD) and amount (a number) as a JSON object with those keys."
 
 FIELDS = ("name", "age", "city", "date", "amount")
 
 # ASCII only, so the JSON target never contains \u escapes. No entry is a word of another
 # list or of a template, so each sentence names exactly one person and one city.
 FIRST_NAMES = (
-    "Maria", "Kenji", "Aisha", "Liam", "Priya", "Mateo", "Sofia", "Omar", "Yuki", "Lars",
-    "Chloe", "Diego", "Fatima", "Noah", "Mei", "Ivan", "Amara", "Lucas", "Ingrid", "Ravi",
-    "Zara", "Hiroshi", "Elena", "Kwame", "Olga", "Ahmed", "Isabel", "Wei", "Nadia", "Pablo",
-    "Hannah", "Tariq", "Leila", "Jonas", "Ana", "Samuel", "Keiko", "Arjun", "Emma", "Tomas",
+    "Maria",
+    "Kenji",
+    "Aisha",
+    "Liam",
+    "Priya",
+    "Mateo",
+    "Sofia",
+    "Omar",
+    "Yuki",
+    "Lars",
+    "Chloe",
+    "Diego",
+    "Fatima",
+    "Noah",
+    "Mei",
+    "Ivan",
+    "Amara",
+    "Lucas",
+    "Ingrid",
+    "Ravi",
+    "Zara",
+    "Hiroshi",
+    "Elena",
+    "Kwame",
+    "Olga",
+    "Ahmed",
+    "Isabel",
+    "Wei",
+    "Nadia",
+    "Pablo",
+    "Hannah",
+    "Tariq",
+    "Leila",
+    "Jonas",
+    "Ana",
+    "Samuel",
+    "Keiko",
+    "Arjun",
+    "Emma",
+    "Tomas",
 )
 LAST_NAMES = (
-    "Lopez", "Sato", "Bello", "Murphy", "Sharma", "Garcia", "Rossi", "Haddad", "Tanaka",
-    "Nilsson", "Dubois", "Fernandez", "Khan", "Smith", "Wang", "Petrov", "Okafor", "Silva",
-    "Larsen", "Patel", "Ahmadi", "Kim", "Novak", "Mensah", "Ivanova", "Mansour", "Santos",
-    "Chen", "Kowalski", "Moreno", "Schmidt", "Rahman", "Nasser", "Weber", "Costa", "Cohen",
-    "Nakamura", "Gupta", "Brown", "Horvat",
+    "Lopez",
+    "Sato",
+    "Bello",
+    "Murphy",
+    "Sharma",
+    "Garcia",
+    "Rossi",
+    "Haddad",
+    "Tanaka",
+    "Nilsson",
+    "Dubois",
+    "Fernandez",
+    "Khan",
+    "Smith",
+    "Wang",
+    "Petrov",
+    "Okafor",
+    "Silva",
+    "Larsen",
+    "Patel",
+    "Ahmadi",
+    "Kim",
+    "Novak",
+    "Mensah",
+    "Ivanova",
+    "Mansour",
+    "Santos",
+    "Chen",
+    "Kowalski",
+    "Moreno",
+    "Schmidt",
+    "Rahman",
+    "Nasser",
+    "Weber",
+    "Costa",
+    "Cohen",
+    "Nakamura",
+    "Gupta",
+    "Brown",
+    "Horvat",
 )
 CITIES = (
-    "Lisbon", "Osaka", "Nairobi", "Lima", "Oslo", "Cairo", "Dublin", "Seoul", "Toronto",
-    "Madrid", "Berlin", "Mumbai", "Sydney", "Istanbul", "Hanoi", "Lagos", "Bogota", "Vienna",
-    "Warsaw", "Prague", "Athens", "Helsinki", "Manila", "Jakarta", "Santiago", "Montreal",
-    "Chicago", "Denver", "Auckland", "Reykjavik", "Marrakesh", "Kyoto", "Munich", "Porto",
-    "Accra", "New York", "Buenos Aires", "Cape Town", "Mexico City", "Hong Kong",
+    "Lisbon",
+    "Osaka",
+    "Nairobi",
+    "Lima",
+    "Oslo",
+    "Cairo",
+    "Dublin",
+    "Seoul",
+    "Toronto",
+    "Madrid",
+    "Berlin",
+    "Mumbai",
+    "Sydney",
+    "Istanbul",
+    "Hanoi",
+    "Lagos",
+    "Bogota",
+    "Vienna",
+    "Warsaw",
+    "Prague",
+    "Athens",
+    "Helsinki",
+    "Manila",
+    "Jakarta",
+    "Santiago",
+    "Montreal",
+    "Chicago",
+    "Denver",
+    "Auckland",
+    "Reykjavik",
+    "Marrakesh",
+    "Kyoto",
+    "Munich",
+    "Porto",
+    "Accra",
+    "New York",
+    "Buenos Aires",
+    "Cape Town",
+    "Mexico City",
+    "Hong Kong",
 )
 
 MIN_AGE, MAX_AGE = 18, 90
@@ -48,8 +151,18 @@ FIRST_DATE, LAST_DATE = date(2015, 1, 1), date(2025, 12, 31)
 
 # Spelled out here rather than via strftime("%B"), which depends on the locale.
 MONTH_NAMES = (
-    "January", "February", "March", "April", "May", "June",
-    "July", "August", "September", "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 )
 
 # Each template words the age its own way, so the phrasing around the age varies too.
@@ -116,13 +229,15 @@ def render_sentence(record: dict, rng: random.Random) -> str:
 def _format_date(day: date, rng: random.Random) -> str:
     # Only formats with the month spelled out or in ISO order: 04/03/2021 would be ambiguous.
     month = MONTH_NAMES[day.month - 1]
-    return rng.choice((
-        day.isoformat(),
-        f"{month} {day.day}, {day.year}",
-        f"{day.day} {month} {day.year}",
-        f"{month[:3]} {day.day}, {day.year}",
-        f"{day.day} {month[:3]} {day.year}",
-    ))
+    return rng.choice(
+        (
+            day.isoformat(),
+            f"{month} {day.day}, {day.year}",
+            f"{day.day} {month} {day.year}",
+            f"{month[:3]} {day.day}, {day.year}",
+            f"{day.day} {month[:3]} {day.year}",
+        )
+    )
 
 
 def _format_amount(amount: int | float, rng: random.Random) -> str:
@@ -155,10 +270,7 @@ def make_splits(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[dict], l
     all_names = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
     names_needed_for_train = 1 if n_train else 0
     if n_eval + names_needed_for_train > len(all_names):
-        raise ValueError(
-            f"n_eval={n_eval} needs one distinct person per row, and training needs people of "
-            f"its own; only {len(all_names)} names exist"
-        )
+        raise ValueError(f"n_eval={n_eval} needs one distinct person per row, and training needs people of its own; only {len(all_names)} names exist")
 
     rng = random.Random(seed)
     rng.shuffle(all_names)

@@ -41,9 +41,7 @@ def score_model(model, tokenizer, config: RunConfig, eval_set, cases, max_new_to
     if cases:
         with Progress(TextColumn(f"[bold]generate ({label})"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console) as bar:
             task = bar.add_task("generate", total=len(cases))
-            predictions = generate(
-                model, tokenizer, [p for p, _ in cases], max_new_tokens=max_new_tokens, progress=lambda n: bar.advance(task, n)
-            )
+            predictions = generate(model, tokenizer, [p for p, _ in cases], max_new_tokens=max_new_tokens, progress=lambda n: bar.advance(task, n))
         scores = [score_prediction(pred, ref) for pred, (_, ref) in zip(predictions, cases)]
         # Each score averages over the cases it applies to (JSON scores: JSON references only), so
         # neither the first case nor a mix of plain and JSON answers decides what is reported.

@@ -61,8 +61,17 @@ def _generate(model, tokenizer, task: TaskConfig, prompts: list, label: str, kee
     with progress_bar(f"generate ({label})") as bar:
         job = bar.add_task(label, total=len(prompts))
         return generate(
-            model, tokenizer, prompts, max_new_tokens=task.max_new_tokens, temperature=task.temperature, top_p=task.top_p,
-            batch_size=task.batch_size, seed=task.seed, progress=lambda n: bar.advance(job, n), stop=task.stop or None, keep_indent=keep_indent,
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=task.max_new_tokens,
+            temperature=task.temperature,
+            top_p=task.top_p,
+            batch_size=task.batch_size,
+            seed=task.seed,
+            progress=lambda n: bar.advance(job, n),
+            stop=task.stop or None,
+            keep_indent=keep_indent,
         )
 
 
@@ -73,22 +82,28 @@ def score_math_exact(model, tokenizer, task, samples: list[Sample]) -> tuple[dic
         predicted, reference = final_number(prediction), final_number(sample.reference)
         if reference is None:
             raise TunelabError(f"{sample.id}: the reference answer holds no number: {sample.reference[-80:]!r}")
-        records.append({"id": sample.id, "prompt": sample.prompt, "prediction": prediction, "predicted_answer": predicted,
-                        "reference_answer": reference, "correct": numbers_equal(predicted, reference)})
+        records.append(
+            {
+                "id": sample.id,
+                "prompt": sample.prompt,
+                "prediction": prediction,
+                "predicted_answer": predicted,
+                "reference_answer": reference,
+                "correct": numbers_equal(predicted, reference),
+            }
+        )
     return {"accuracy": _mean(r["correct"] for r in records), "answered": _mean(r["predicted_answer"] is not None for r in records)}, records
 
 
 def score_exact_match(model, tokenizer, task, samples: list[Sample]) -> tuple[dict, list[dict]]:
     predictions = _generate(model, tokenizer, task, [s.prompt for s in samples], task.name)
-    records = [{"id": s.id, "prompt": s.prompt, "reference": s.reference, "prediction": p, "correct": exact_match(p, s.reference)}
-               for s, p in zip(samples, predictions)]
+    records = [{"id": s.id, "prompt": s.prompt, "reference": s.reference, "prediction": p, "correct": exact_match(p, s.reference)} for s, p in zip(samples, predictions)]
     return {"exact_match": _mean(r["correct"] for r in records)}, records
 
 
 def score_json_fields(model, tokenizer, task, samples: list[Sample]) -> tuple[dict, list[dict]]:
     predictions = _generate(model, tokenizer, task, [s.prompt for s in samples], task.name)
-    records = [{"id": s.id, "prompt": s.prompt, "reference": s.reference, "prediction": p, **json_scores(p, s.reference)}
-               for s, p in zip(samples, predictions)]
+    records = [{"id": s.id, "prompt": s.prompt, "reference": s.reference, "prediction": p, **json_scores(p, s.reference)} for s, p in zip(samples, predictions)]
     return {key: _mean(r[key] for r in records) for key in ("json_record_match", "json_field_accuracy", "json_valid")}, records
 
 
@@ -109,19 +124,23 @@ def score_code_pass_at_k(model, tokenizer, task, samples: list[Sample]) -> tuple
     for n, sample in enumerate(samples):
         mine = results[n * task.samples : (n + 1) * task.samples]
         correct.append(sum(r.passed for r in mine))
-        records.append({
-            "id": sample.id,
-            "completions": completions[n * task.samples : (n + 1) * task.samples],
-            "passed": [r.passed for r in mine],
-            "timed_out": [r.timed_out for r in mine],
-            "errors": [r.stderr.strip().splitlines()[-1] if r.stderr.strip() and not r.passed else "" for r in mine],
-        })
+        records.append(
+            {
+                "id": sample.id,
+                "completions": completions[n * task.samples : (n + 1) * task.samples],
+                "passed": [r.passed for r in mine],
+                "timed_out": [r.timed_out for r in mine],
+                "errors": [r.stderr.strip().splitlines()[-1] if r.stderr.strip() and not r.passed else "" for r in mine],
+            }
+        )
     metrics = {f"pass@{k}": float(estimate_pass_at_k(task.samples, correct, k).mean()) for k in task.k}
     metrics["sandbox"] = results[0].layers if results else {}
     missing = [name for name, on in (("namespaces", metrics["sandbox"].get("namespaces")), ("Landlock", metrics["sandbox"].get("landlock_abi"))) if not on]
     if results and missing:
-        console.print(f"[yellow]warning:[/] the sandbox could not apply its {' and '.join(missing)} here: model-written code ran under resource limits "
-                      "only (it could read files and use the network); run untrusted code on a machine that allows them")
+        console.print(
+            f"[yellow]warning:[/] the sandbox could not apply its {' and '.join(missing)} here: model-written code ran under resource limits "
+            "only (it could read files and use the network); run untrusted code on a machine that allows them"
+        )
     return metrics, records
 
 
@@ -152,9 +171,19 @@ def score_multiple_choice(model, tokenizer, task, samples: list[Sample]) -> tupl
         summed = [lp for lp, _ in logprobs]
         normalized = [lp / max(1, len(text)) for (lp, _), text in zip(logprobs, texts)]
         chosen, chosen_norm = _argmax(summed), _argmax(normalized)
-        records.append({"id": sample.id, "prompt": sample.prompt, "choices": texts, "answer": sample.reference, "logprobs": summed,
-                        "predicted": chosen, "predicted_norm": chosen_norm, "correct": chosen == sample.reference,
-                        "correct_norm": chosen_norm == sample.reference})
+        records.append(
+            {
+                "id": sample.id,
+                "prompt": sample.prompt,
+                "choices": texts,
+                "answer": sample.reference,
+                "logprobs": summed,
+                "predicted": chosen,
+                "predicted_norm": chosen_norm,
+                "correct": chosen == sample.reference,
+                "correct_norm": chosen_norm == sample.reference,
+            }
+        )
     return {"acc": _mean(r["correct"] for r in records), "acc_norm": _mean(r["correct_norm"] for r in records)}, records
 
 
@@ -165,8 +194,16 @@ def score_classification(model, tokenizer, task, samples: list[Sample]) -> tuple
     records = []
     for sample, logprobs in zip(samples, scores):
         predicted = labels[_argmax([lp for lp, _ in logprobs])]
-        records.append({"id": sample.id, "prompt": sample.prompt, "label": sample.reference, "predicted": predicted,
-                        "logprobs": dict(zip(labels, [lp for lp, _ in logprobs])), "correct": predicted == sample.reference})
+        records.append(
+            {
+                "id": sample.id,
+                "prompt": sample.prompt,
+                "label": sample.reference,
+                "predicted": predicted,
+                "logprobs": dict(zip(labels, [lp for lp, _ in logprobs])),
+                "correct": predicted == sample.reference,
+            }
+        )
     gold, predicted = [r["label"] for r in records], [r["predicted"] for r in records]
     return {"accuracy": _mean(r["correct"] for r in records), "macro_f1": macro_f1(predicted, gold, labels)}, records
 
@@ -294,8 +331,9 @@ def _load_target(target, device, dtype, base_model):
     return model, tokenizer, "model", None
 
 
-def evaluate_task(target: str | Path | ModelConfig, task: TaskConfig, out: str | Path | None = None, device: str | None = None,
-                  dtype: str | None = None, base_model: str | None = None) -> dict:
+def evaluate_task(
+    target: str | Path | ModelConfig, task: TaskConfig, out: str | Path | None = None, device: str | None = None, dtype: str | None = None, base_model: str | None = None
+) -> dict:
     """Score `target` on `task`; write eval.json and eval_samples.jsonl into `out` (default: the
     run directory's `eval/<task>/`, else `runs/eval/<task>/`)."""
     started = time.perf_counter()

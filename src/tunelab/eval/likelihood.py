@@ -84,8 +84,9 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[list[dict] | str, 
             attention_mask[row, width - len(contexts[key]) :] = 1
         positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # as generate() sets them
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), position_ids=positions.to(device),
-                    use_cache=True, logits_to_keep=1, **{cache_key: cache})
+        out = model(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), position_ids=positions.to(device), use_cache=True, logits_to_keep=1, **{cache_key: cache}
+        )
         after_prompt = out.logits[:, -1].float().log_softmax(-1)
         # One row per continuation, on a copy of its prompt's cache; its first token is scored by
         # the prompt's last logits, each further token by the continuation's own columns.
@@ -101,8 +102,13 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[list[dict] | str, 
                 fed[j, : len(continuations[i]) - 1] = torch.tensor(continuations[i][:-1])
                 fed_mask[j, : len(continuations[i]) - 1] = 1
             starts = attention_mask.sum(-1)[prompt_of]
-            logits = model(input_ids=fed.to(device), attention_mask=torch.cat([attention_mask[prompt_of], fed_mask], 1).to(device),
-                           position_ids=(starts[:, None] + torch.arange(rest)).to(device), use_cache=True, **{cache_key: cache}).logits
+            logits = model(
+                input_ids=fed.to(device),
+                attention_mask=torch.cat([attention_mask[prompt_of], fed_mask], 1).to(device),
+                position_ids=(starts[:, None] + torch.arange(rest)).to(device),
+                use_cache=True,
+                **{cache_key: cache},
+            ).logits
             for j, i in enumerate(pair_of):
                 targets = torch.tensor(continuations[i][1:], device=logits.device)
                 if len(targets):

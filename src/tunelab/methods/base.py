@@ -20,7 +20,6 @@ from torch import nn
 
 from tunelab.errors import TunelabError
 
-
 # The target mask (shaped like input_ids, True where a loss falls) of the training or eval forward
 # that is running, for method hooks inside the model that must tell prompt positions from targets
 # (ReFT intervenes on prompt tokens only); None in every other forward (generation, plain calls).
@@ -98,17 +97,11 @@ class Method(ABC):
         params = self.trainable_parameters(model)
         missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         if missing or unexpected:
-            raise TunelabError(
-                f"{source}: weights do not fit method '{self.name}' on this model "
-                f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})"
-            )
+            raise TunelabError(f"{source}: weights do not fit method '{self.name}' on this model (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
         with torch.no_grad():
             for name, param in params.items():
                 if param.shape != state[name].shape:
-                    raise TunelabError(
-                        f"{source}: tensor '{name}' has shape {tuple(state[name].shape)}, "
-                        f"the model expects {tuple(param.shape)}"
-                    )
+                    raise TunelabError(f"{source}: tensor '{name}' has shape {tuple(state[name].shape)}, the model expects {tuple(param.shape)}")
                 param.copy_(state[name])
 
     # A reference policy for the preference objectives without a second copy of the weights: the base
@@ -254,6 +247,11 @@ class AdapterLayer(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def frozen_layer(self) -> nn.Module:
+        """What computes in this layer's place with the adapter switched off: the base layer, as
+        this layer computes it."""
+        return self.base_layer
+
     def merged_weight(self) -> torch.Tensor:
         weight = self.base_layer.weight
         return weight + self.delta_weight().to(weight.dtype)
@@ -298,7 +296,7 @@ class LinearAdapterMethod(Method):
         """The base layers stand in for their adapter layers inside the block."""
         layers = self.adapter_layers(model)
         for name, layer in layers.items():
-            replace_module(model, name, layer.base_layer)
+            replace_module(model, name, layer.frozen_layer())
         try:
             yield
         finally:

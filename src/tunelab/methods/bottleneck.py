@@ -126,9 +126,7 @@ class BottleneckMethod(Method):
             for placement in opts.placement:
                 sublayer = getattr(layer, SUBLAYERS[placement], None)
                 if sublayer is None:
-                    raise TunelabError(
-                        f"method.placement: decoder layer {index} has no `{SUBLAYERS[placement]}` sublayer for '{placement}'"
-                    )
+                    raise TunelabError(f"method.placement: decoder layer {index} has no `{SUBLAYERS[placement]}` sublayer for '{placement}'")
                 device = next(sublayer.parameters()).device
                 # A submodule of the sublayer: its parameters are the model's, named `<sublayer>.adapter.*`.
                 sublayer.adapter = BottleneckAdapter(width, opts, self.series, device)

@@ -69,7 +69,6 @@ class Diablo(LinearAdapterMethod):
         blocks = self.options.blocks
         if base.in_features % blocks or base.out_features % blocks:
             raise TunelabError(
-                f"method.blocks={blocks} must divide both dimensions of {name} "
-                f"({base.out_features} outputs × {base.in_features} inputs) to cut it into a {blocks}×{blocks} grid"
+                f"method.blocks={blocks} must divide both dimensions of {name} ({base.out_features} outputs × {base.in_features} inputs) to cut it into a {blocks}×{blocks} grid"
             )
         return DiabloLinear(base, blocks)

@@ -56,8 +56,7 @@ class EtherOptions(PeftDefaultTargetOptions):
 def check_blocks(name: str, features: int, side: str, blocks: int) -> None:
     if features % blocks or features // blocks < 2:
         raise TunelabError(
-            f"method.blocks={blocks} must split the {features} {side} features of {name} into equal blocks "
-            "of at least 2 (a block of one feature has nothing to reflect)"
+            f"method.blocks={blocks} must split the {features} {side} features of {name} into equal blocks of at least 2 (a block of one feature has nothing to reflect)"
         )
 
 

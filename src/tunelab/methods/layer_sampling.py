@@ -112,10 +112,7 @@ class Lisa(OwnWeightsMethod):
     def attach(self, model: nn.Module) -> None:
         self.layers = decoder_layers(model, self.name)
         if self.options.n_layers > len(self.layers):
-            raise TunelabError(
-                f"method.n_layers: {self.options.n_layers} layers cannot train at a time: "
-                f"{type(model).__name__} has {len(self.layers)} decoder layers"
-            )
+            raise TunelabError(f"method.n_layers: {self.options.n_layers} layers cannot train at a time: {type(model).__name__} has {len(self.layers)} decoder layers")
         self.probabilities = self.sampling_probabilities(model)
         super().attach(model)
         self.completed_steps = 0

@@ -109,10 +109,7 @@ class Lofit(Method):
         if index is None:
             raise TunelabError(f"{source}: no 'lofit.head_index' (which heads were selected) among the weights")
         if index.shape != heads.head_index.shape or not (0 <= index.min() and index.max() < heads.layers * heads.heads):
-            raise TunelabError(
-                f"{source}: 'lofit.head_index' {index.tolist()} does not select {heads.head_index.numel()} "
-                f"of this model's {heads.layers * heads.heads} heads"
-            )
+            raise TunelabError(f"{source}: 'lofit.head_index' {index.tolist()} does not select {heads.head_index.numel()} of this model's {heads.layers * heads.heads} heads")
         super().load_state_dict(model, {k: v for k, v in state.items() if k != "lofit.head_index"}, source)
         heads.head_index.copy_(index)
 
@@ -151,8 +148,4 @@ def edit_head_outputs(out_projections: list[nn.Module], edit: Callable[[int, tor
         z = args[0]
         return (edit(layer, z.to(torch.promote_types(z.dtype, torch.float32))).to(z.dtype), *args[1:])
 
-    return [
-        projection.register_forward_pre_hook(lambda module, args, layer=layer: hook(layer, module, args))
-        for layer, projection in enumerate(out_projections)
-    ]
-
+    return [projection.register_forward_pre_hook(lambda module, args, layer=layer: hook(layer, module, args)) for layer, projection in enumerate(out_projections)]

@@ -102,12 +102,28 @@ class LoraLinear(AdapterLayer):
         # In training, a copy of the frozen weight in a faster matmul dtype, if one was made
         # (Lora.store_frozen_weights); evaluation always uses the weight itself.
         weight = self.compute_weight if self.training and self.compute_weight is not None else base.weight
-        return LoraLinearFunction.apply(
-            x, self.lora_dropout(x), weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling
-        )
+        return LoraLinearFunction.apply(x, self.lora_dropout(x), weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def frozen_layer(self) -> nn.Module:
+        return FrozenBase(self)
+
+
+class FrozenBase(nn.Module):
+    """A LoRA layer's base computed exactly as the layer computes it (on the training copy of the
+    frozen weight in training mode): with B = 0 the adapter-off model then equals the policy."""
+
+    def __init__(self, layer: LoraLinear):
+        super().__init__()
+        self.__dict__["layer"] = layer  # not a submodule: the model's tree stays as it was
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer, base = self.layer, self.layer.base_layer
+        weight = layer.compute_weight if layer.training and layer.compute_weight is not None else base.weight
+        bias = None if base.bias is None else base.bias.to(weight.dtype)
+        return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
 
 
 class DoraLinear(LoraLinear):
@@ -133,6 +149,9 @@ class DoraLinear(LoraLinear):
         lora_out = self.lora_B(self.lora_A(x_lora)) * self.scaling
         y = base_out + ((scale - 1) * base_out_lora.float() + scale * lora_out).to(x.dtype)
         return y if base.bias is None else y + base.bias
+
+    def frozen_layer(self) -> nn.Module:
+        return self.base_layer  # DoRA computes on the weight itself
 
     def merged_weight(self) -> torch.Tensor:
         direction = self._directional_weight()

@@ -34,7 +34,6 @@ from tunelab.methods.base import (
 )
 
 
-
 class LycorisOptions(PeftDefaultTargetOptions):
     """Options LoHa and LoKr share, with peft's defaults."""
 
@@ -280,8 +279,14 @@ class Lokr(LinearAdapterMethod):
         # s = alpha/r even where no factor is rank r (both full): peft's scaling, unlike LyCORIS's
         # own, which uses s = 1 there.
         return LokrLinear(
-            base, opts.r, opts.alpha / opts.r, opts.rank_dropout, opts.module_dropout,
-            opts.rank_dropout_scale, opts.decompose_both, opts.decompose_factor,
+            base,
+            opts.r,
+            opts.alpha / opts.r,
+            opts.rank_dropout,
+            opts.module_dropout,
+            opts.rank_dropout_scale,
+            opts.decompose_both,
+            opts.decompose_factor,
         )
 
     def peft_config(self, model: nn.Module) -> dict[str, Any]:

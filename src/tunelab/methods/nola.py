@@ -146,7 +146,6 @@ class Nola(LinearAdapterMethod):
         regenerated = self.bases(model).check()
         if not torch.equal(state[CHECK].to(regenerated.device), regenerated):
             raise TunelabError(
-                f"{source}: the random bases drawn from seed {self.options.seed} differ from those the "
-                "adapter was trained with (another seed, or another torch random generator)"
+                f"{source}: the random bases drawn from seed {self.options.seed} differ from those the adapter was trained with (another seed, or another torch random generator)"
             )
         super().load_state_dict(model, {k: v for k, v in state.items() if k != CHECK}, source)

@@ -68,9 +68,7 @@ class BlockOptions(PeftDefaultTargetOptions):
     def _size_or_count_not_both(self) -> BlockOptions:
         count = getattr(self, self.count_key)
         if bool(self.block_size) == bool(count):
-            raise ValueError(
-                f"give either block_size or {self.count_key}, the other 0 (got block_size={self.block_size}, {self.count_key}={count})"
-            )
+            raise ValueError(f"give either block_size or {self.count_key}, the other 0 (got block_size={self.block_size}, {self.count_key}={count})")
         return self
 
 
@@ -253,10 +251,7 @@ class Oft(LinearAdapterMethod):
         neumann = config.get("use_cayley_neumann", True)
         version = re.match(r"(\d+)\.(\d+)", str(config.get("peft_version") or ""))
         if neumann and version and tuple(map(int, version.groups())) < NEUMANN_SERIES_SINCE:
-            raise TunelabError(
-                f"{source}: made by peft {config['peft_version']} with the Cayley–Neumann series peft changed in 0.18; "
-                "tunelab implements the current one"
-            )
+            raise TunelabError(f"{source}: made by peft {config['peft_version']} with the Cayley–Neumann series peft changed in 0.18; tunelab implements the current one")
         return {
             "name": cls.name,
             "block_size": config["oft_block_size"],

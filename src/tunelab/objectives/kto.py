@@ -145,4 +145,3 @@ class Kto(Objective):
         if "rewards/chosen" in means and "rewards/rejected" in means:
             return {"rewards/margins": means["rewards/chosen"] - means["rewards/rejected"]}
         return {}
-

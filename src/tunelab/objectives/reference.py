@@ -10,7 +10,7 @@ Which one a run gets (`choose_reference`), so that at step 0 the reference is th
   before step 1 (precomputed, below).
 `objective.precompute_reference: true` precomputes in every case, and frees the live reference.
 
-Reference forwards run without gradient and in eval mode (no dropout, no NEFTune noise).
+Reference forwards run without gradient and without NEFTune's noise (see LiveReference.log_probs).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -53,8 +53,14 @@ class LiveReference:
 
     @torch.no_grad()
     def log_probs(self, batch) -> torch.Tensor:
-        """The reference's log-probability of each of the batch's sequences (`batch.sequence_keys`)."""
-        with self.context() if self.context else nullcontext(), _eval_mode(self.model):
+        """The reference's log-probability of each of the batch's sequences (`batch.sequence_keys`).
+        A separate model runs in eval mode; the policy with its adapter off runs in the policy's own
+        mode, so that its frozen weights compute as the policy's do (a training copy in bf16 where
+        the CPU has fast bf16), but without NEFTune's noise."""
+        if self.context is None:
+            with _eval_mode(self.model):
+                return batch.sequence_log_probs(self.model)
+        with self.context(), _without_noise(self.model):
             return batch.sequence_log_probs(self.model)
 
 
@@ -121,6 +127,19 @@ def load_precomputed(output: Path) -> PrecomputedReference | None:
     if not path.is_file():
         return None
     return PrecomputedReference(json.loads(path.read_text()))
+
+
+@contextmanager
+def _without_noise(model):
+    """The backbone alone in eval mode: NEFTune's hook (train/neftune.py) reads its flag; every
+    layer inside keeps its mode."""
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    was_training = backbone.training
+    backbone.training = False
+    try:
+        yield
+    finally:
+        backbone.training = was_training
 
 
 @contextmanager

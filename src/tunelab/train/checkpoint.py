@@ -39,9 +39,7 @@ class TrainState:
     reference_logps: int = 0
 
 
-def save_checkpoint(
-    checkpoints_dir: Path, state: TrainState, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, keep: int
-) -> Path:
+def save_checkpoint(checkpoints_dir: Path, state: TrainState, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, keep: int) -> Path:
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / f"step-{state.step}"
     staging = checkpoints_dir / f".tmp-step-{state.step}-{os.getpid()}"

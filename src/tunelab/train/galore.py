@@ -39,9 +39,7 @@ from tunelab.methods.base import name_matches
 ATTENTION_MLP = ("attn", "mlp")
 
 
-def galore_param_groups(
-    model: nn.Module, groups: list[dict], target: str | list[str], rank: int, update_every: int, scale: float
-) -> list[dict]:
+def galore_param_groups(model: nn.Module, groups: list[dict], target: str | list[str], rank: int, update_every: int, scale: float) -> list[dict]:
     """The method's optimizer groups, each split into its GaLore-targeted matrices (with the GaLore
     keys) and the rest (plain AdamW); every other group key (`lr_scale`) is kept on both."""
     targeted = {id(p) for p in target_matrices(model, target)}
@@ -64,11 +62,7 @@ def target_matrices(model: nn.Module, target: str | list[str]) -> list[nn.Parame
             return any(part in name for part in ATTENTION_MLP)
         return name_matches(name, list(target))
 
-    chosen = [
-        module.weight
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and module.weight.requires_grad and selected(name)
-    ]
+    chosen = [module.weight for name, module in model.named_modules() if isinstance(module, nn.Linear) and module.weight.requires_grad and selected(name)]
     if not chosen:
         raise TunelabError(f"train.galore_target: no trainable linear weight matches {target!r} on this model and method")
     return chosen

@@ -44,8 +44,18 @@ from tunelab.train.schedule import lr_at, warmup_steps
 
 # What a run directory may hold; `overwrite` removes exactly these and nothing else.
 RUN_FILES = (
-    "checkpoints", "adapter", "model", "metrics.jsonl", "report.json", "config.yaml", "eval.json", "eval_samples.jsonl",
-    "eval", "loss.png", "tensorboard", PRECOMPUTED_FILE,
+    "checkpoints",
+    "adapter",
+    "model",
+    "metrics.jsonl",
+    "report.json",
+    "config.yaml",
+    "eval.json",
+    "eval_samples.jsonl",
+    "eval",
+    "loss.png",
+    "tensorboard",
+    PRECOMPUTED_FILE,
 )
 # Config keys that may change between a run and its resumption without breaking exactness.
 RESUMABLE_CHANGES = {"save_every", "eval_every", "keep_checkpoints", "log_every", "report_to"}  # under train.
@@ -91,11 +101,7 @@ class Run:
     def forward_batches(self, step: int) -> list:
         """Each micro-batch runs as one or more forward passes of at most tokens_per_forward tokens:
         that bounds activation memory, and the loss does not depend on it."""
-        return [
-            batch
-            for samples in self.micro_batches(step)
-            for batch in self.objective.forward_batches(samples, self.layout, self.tokens_per_forward)
-        ]
+        return [batch for samples in self.micro_batches(step) for batch in self.objective.forward_batches(samples, self.layout, self.tokens_per_forward)]
 
 
 def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
@@ -190,10 +196,7 @@ def set_up(config: RunConfig, resume: bool, overwrite: bool) -> tuple[Run, list[
 
     padding_free = dcfg.packing and uses_packed_attention(model)
     if dcfg.packing and not padding_free and not method.supports_mask_packing:
-        raise TunelabError(
-            f"method '{method.name}' cannot train on rows packed behind a mask ({type(model).__name__} has no "
-            "padding-free attention); set data.packing: false"
-        )
+        raise TunelabError(f"method '{method.name}' cannot train on rows packed behind a mask ({type(model).__name__} has no padding-free attention); set data.packing: false")
     epoch_steps = steps_per_epoch(len(data.train), tcfg.batch_size * tcfg.grad_accum)
     total_steps = tcfg.max_steps or math.ceil((tcfg.epochs or 1.0) * epoch_steps)
     run = Run(
@@ -371,9 +374,7 @@ def build_optimizer(tcfg, model, groups: list[dict]) -> torch.optim.Optimizer:
     """AdamW, or GaLore's AdamW (train/galore.py) with the targeted matrices' gradients projected."""
     adam = {"lr": tcfg.lr, "betas": tcfg.adam_betas, "eps": tcfg.adam_eps, "weight_decay": tcfg.weight_decay}
     if tcfg.optimizer == "galore":
-        groups = galore_param_groups(
-            model, groups, tcfg.galore_target, tcfg.galore_rank, tcfg.galore_update_every, tcfg.galore_scale
-        )
+        groups = galore_param_groups(model, groups, tcfg.galore_target, tcfg.galore_rank, tcfg.galore_update_every, tcfg.galore_scale)
         return GaLoreAdamW(groups, **adam)
     return torch.optim.AdamW(groups, **adam)
 
@@ -411,10 +412,7 @@ def _check_output(output: Path, config: RunConfig, resume: bool, overwrite: bool
         _check_resumable(output / "config.yaml", config)
         return []
     if existing and not resume and not overwrite:
-        raise TunelabError(
-            f"output {output} already holds a run ({', '.join(existing)}); "
-            "pass --resume to continue it or --overwrite to start over"
-        )
+        raise TunelabError(f"output {output} already holds a run ({', '.join(existing)}); pass --resume to continue it or --overwrite to start over")
     return existing if overwrite and not resume else []
 
 
