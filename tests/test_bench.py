@@ -57,8 +57,8 @@ def test_both_sides_train_the_same_samples_to_the_same_model(bench_result):
 @pytest.fixture(scope="module")
 def dpo_result(tmp_path_factory, module_cache):
     out = tmp_path_factory.mktemp("bench-dpo") / "bench.json"
-    # fp32 frozen weights: on CPUs with fast bf16 matmuls tunelab's default multiplies the policy by
-    # bf16 copies but runs the reference (adapter off) on the fp32 weights, which moves step 1 off ln 2.
+    # fp32 frozen weights as TRL's: tunelab's default on CPUs with fast bf16 matmuls (bf16 copies of
+    # the frozen weights) would move the losses after step 1 by more than the 1e-4 compared here.
     dpo = {"objective": "dpo", "data": None, "batch_size": 2, "eval_samples": 2, "frozen_dtype": "float32"}
     workload = Workload(**(TINY.as_dict() | dpo))
     with pytest.MonkeyPatch.context() as patch:  # the peak is measured by the SFT bench above; skip it here

@@ -136,15 +136,29 @@ def test_a_frozen_copy_reference_stays_fixed_while_the_policy_trains(data, tmp_p
     assert read_metrics(config["output"])[-1]["rewards/margins"] != 0
 
 
-@pytest.mark.parametrize("method", [{"name": "lora"}, {"name": "lora", "dropout": 0.1}, {"name": "vera"}], ids=["lora", "lora-dropout", "vera"])
-def test_the_adapter_off_reference_computes_the_frozen_weights_as_the_policy_does(method, data, tmp_path):
-    """Training on a bf16 copy of the frozen weights (fast-bf16 CPUs): the adapter-off reference
-    must compute on the same copy, or the policy and its reference differ before the first step."""
-    config = objective_config(tmp_path / "run", data, "dpo", method=method, train={"max_steps": 1, "frozen_dtype": "bfloat16"})
+REFERENCE_CASES = {
+    "lora": ({"name": "lora"}, {}, "adapter off"),
+    "lora-dropout": ({"name": "lora", "dropout": 0.1}, {}, "adapter off"),
+    "vera": ({"name": "vera"}, {}, "adapter off"),
+    "lora-precomputed": ({"name": "lora", "dropout": 0.1}, {"precompute_reference": True}, "precomputed"),
+    "pissa": ({"name": "lora", "init": "pissa"}, {}, "precomputed"),  # the initial policy's
+}
+
+
+@pytest.mark.parametrize("case", REFERENCE_CASES)
+def test_the_reference_computes_the_frozen_weights_as_the_policy_does(case, data, tmp_path):
+    """Training on a bf16 copy of the frozen weights (fast-bf16 CPUs): the reference (adapter off, or
+    precomputed from the policy before step 1) must compute on the same copy in training and on the
+    fp32 weights in eval, as the policy does, or the two differ before the first step. At lr 1e-30 the
+    policy stays the reference (an update of 1e-30 rounds away): every implicit reward, train and eval, is 0."""
+    method, objective, kind = REFERENCE_CASES[case]
+    config = objective_config(tmp_path / "run", data, "dpo", method=method, train={"max_steps": 1, "lr": 1e-30, "frozen_dtype": "bfloat16"})
+    config["objective"] = {**config["objective"], **objective}
     report = tunelab.train(config).report
     first = read_metrics(config["output"])[0]
-    assert report["reference"] == "adapter off"
+    assert report["reference"] == kind
     assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    assert report["eval_rewards/chosen"] == 0.0 and report["eval_rewards/rejected"] == 0.0
 
 
 def test_reference_choices_follow_the_method(data, tmp_path):

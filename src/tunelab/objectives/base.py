@@ -119,10 +119,11 @@ def step_loss(output: ObjectiveOutput, step_counts: dict[str, int]) -> torch.Ten
 
 
 class StepTotals:
-    """Sums of the loss terms and metrics over a step's (or an eval pass's) forward batches."""
+    """Sums of the loss terms and metrics over a step's (or an eval pass's) forward batches. They stay
+    on the device (float64, as Python's floats) until `figures`: one synchronization per step."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor] = {}
         self.units: dict[str, str] = {}
         self.counts: dict[str, int] = {}
         self.terms: list[str] = []
@@ -133,7 +134,8 @@ class StepTotals:
 
     def add(self, output: ObjectiveOutput) -> None:
         for name, summed in (*output.terms.items(), *output.metrics.items()):
-            self.sums[name] = self.sums.get(name, 0.0) + summed.total.item()
+            total = summed.total.detach().double()
+            self.sums[name] = self.sums[name] + total if name in self.sums else total
             self.units[name] = summed.unit
         self.terms = self.terms or list(output.terms)
 
@@ -141,7 +143,8 @@ class StepTotals:
         """`loss` (the sum of the terms' means, as the step's loss is), every metric's mean (but those
         whose unit did not occur: KTO's rewards of a step without an undesirable example), and the
         objective's derived metrics."""
-        means = {name: total / self.counts[self.units[name]] for name, total in self.sums.items() if self.counts[self.units[name]]}
+        sums = dict(zip(self.sums, torch.stack(list(self.sums.values())).tolist())) if self.sums else {}
+        means = {name: total / self.counts[self.units[name]] for name, total in sums.items() if self.counts[self.units[name]]}
         figures = {"loss": sum(means[name] for name in self.terms), **{name: means[name] for name in means if name not in self.terms}}
         return figures | objective.derived(figures)
 

@@ -10,7 +10,7 @@ Which one a run gets (`choose_reference`), so that at step 0 the reference is th
   before step 1 (precomputed, below).
 `objective.precompute_reference: true` precomputes in every case, and frees the live reference.
 
-Reference forwards run without gradient and without NEFTune's noise (see LiveReference.log_probs).
+Reference forwards run without gradient, dropout or NEFTune's noise (see LiveReference.log_probs).
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from pydantic import Field
+from torch import nn
 
 from tunelab.errors import TunelabError
 from tunelab.files import write_json_atomic
@@ -41,26 +42,28 @@ class ReferenceOptions(ObjectiveOptions):
 
 
 class LiveReference:
-    """A model (the policy with its adapter off, a frozen copy, or a given model) run on each batch."""
+    """A model (the policy with its adapter off, the initial policy, a frozen copy, or a given model)
+    run on each batch."""
 
-    def __init__(self, model, context=None, kind: str = "frozen copy"):
+    def __init__(self, model, context=None, kind: str = "frozen copy", is_policy: bool = False):
         self.model = model
         self.context = context  # a callable giving the context the forward runs in (adapter off)
         self.kind = kind
+        # The policy's own model (adapter off, or before step 1) runs in the policy's mode, so that
+        # its frozen weights compute as the policy's do (a training copy in bf16 where the CPU has
+        # fast bf16 matmuls); a separate model runs in eval mode.
+        self.is_policy = is_policy
 
     def for_split(self, split: str) -> LiveReference:
         return self
 
     @torch.no_grad()
     def log_probs(self, batch) -> torch.Tensor:
-        """The reference's log-probability of each of the batch's sequences (`batch.sequence_keys`).
-        A separate model runs in eval mode; the policy with its adapter off runs in the policy's own
-        mode, so that its frozen weights compute as the policy's do (a training copy in bf16 where
-        the CPU has fast bf16), but without NEFTune's noise."""
-        if self.context is None:
-            with _eval_mode(self.model):
+        """The reference's log-probability of each of the batch's sequences (`batch.sequence_keys`)."""
+        if not self.is_policy:
+            with _mode(self.model, training=False):
                 return batch.sequence_log_probs(self.model)
-        with self.context(), _without_noise(self.model):
+        with self.context() if self.context else nullcontext(), _without_randomness(self.model):
             return batch.sequence_log_probs(self.model)
 
 
@@ -93,26 +96,28 @@ def choose_reference(options, method, model, load_reference_model, starts_traine
         reference_model.requires_grad_(False)
         return LiveReference(reference_model, kind=f"model {options.reference}"), options.precompute_reference
     if method.adapter_disabled(model) is not None and method.adapter_off_is_initial and not starts_trained:
-        return LiveReference(model, lambda: method.adapter_disabled(model), kind="adapter off"), options.precompute_reference
+        return LiveReference(model, lambda: method.adapter_disabled(model), kind="adapter off", is_policy=True), options.precompute_reference
     if method.artifact == "model":  # the method trains the base's own weights
         frozen = copy.deepcopy(model)
         frozen.requires_grad_(False)
         return LiveReference(frozen, kind="frozen copy"), options.precompute_reference
     # The policy before its first step is the reference; it exists only now, so precompute.
-    return LiveReference(model, kind="initial policy"), True
+    return LiveReference(model, kind="initial policy", is_policy=True), True
 
 
 def precompute(reference: LiveReference, splits: dict[str, Iterable], device) -> PrecomputedReference:
     """Run `reference` on every forward batch of each split (an iterable of batches); a batch whose
-    sequences all have their values already (a later epoch's) is skipped."""
+    sequences all have their values already (a later epoch's) is skipped. The policy's own model
+    runs in the mode the policy will run each split in: training for "train", eval otherwise."""
     tables: dict[str, dict[str, float]] = {}
     for split, batches in splits.items():
         table = tables.setdefault(split, {})
-        for batch in batches:
-            if all(key in table for key in batch.sequence_keys):
-                continue
-            values = reference.log_probs(batch.to(device)).tolist()
-            table.update(zip(batch.sequence_keys, values))
+        with _mode(reference.model, training=split == "train") if reference.is_policy else nullcontext():
+            for batch in batches:
+                if all(key in table for key in batch.sequence_keys):
+                    continue
+                values = reference.log_probs(batch.to(device)).tolist()
+                table.update(zip(batch.sequence_keys, values))
     return PrecomputedReference(tables)
 
 
@@ -130,22 +135,25 @@ def load_precomputed(output: Path) -> PrecomputedReference | None:
 
 
 @contextmanager
-def _without_noise(model):
-    """The backbone alone in eval mode: NEFTune's hook (train/neftune.py) reads its flag; every
-    layer inside keeps its mode."""
+def _without_randomness(model):
+    """Dropout (modules, and attention's own `attention_dropout`) and NEFTune's noise off, every
+    other layer in its mode. NEFTune's hook (train/neftune.py) reads the backbone's flag."""
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), model)
-    was_training = backbone.training
-    backbone.training = False
+    random = [backbone] + [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) or hasattr(m, "attention_dropout")]
+    modes = [m.training for m in random]
+    for module in random:
+        module.training = False
     try:
         yield
     finally:
-        backbone.training = was_training
+        for module, mode in zip(random, modes):
+            module.training = mode
 
 
 @contextmanager
-def _eval_mode(model):
+def _mode(model, training: bool):
     was_training = model.training
-    model.eval()
+    model.train(training)
     try:
         yield
     finally:

@@ -35,8 +35,6 @@ class TrainState:
     # The choice a method makes from training data before step 1 (LoFiT's heads, SubTuning's layers),
     # and precomputing the reference policy's log-probabilities.
     prepare_seconds: float = 0.0
-    # Sequences whose reference log-probabilities this session computed (0 when resumed: they are read back).
-    reference_logps: int = 0
 
 
 def save_checkpoint(checkpoints_dir: Path, state: TrainState, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, keep: int) -> Path:

@@ -88,6 +88,8 @@ class Run:
     epoch_steps: int
     tokens_per_forward: int
     reference: object = None
+    # Sequences whose reference log-probabilities this session computed (0 when resumed: read back).
+    reference_logps_computed: int = 0
     optimizer: torch.optim.Optimizer | None = None
     params: dict = field(default_factory=dict)
 
@@ -154,7 +156,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
         "tokens_per_s": state.tokens_seen / state.train_seconds if state.train_seconds else None,
         "prepare_seconds": state.prepare_seconds,
         "reference": getattr(run.reference, "kind", None),
-        "reference_logps_computed": state.reference_logps,
+        "reference_logps_computed": run.reference_logps_computed,
         "total_seconds": time.perf_counter() - started,
         "peak_memory_mb": peak_memory_mb(),
         "trainable_params": sum(p.numel() for p in run.params.values()),
@@ -242,14 +244,12 @@ def restore_or_prepare(run: Run, output: Path, resume: bool, replaced: list[str]
         state.prepare_seconds = time.perf_counter() - prepare_started
         run.params = trainable_tensors(method, run.objective, model)
     reference_started = time.perf_counter()
-    run.reference, state.reference_logps = set_up_reference(run, output, resumed=checkpoint is not None)
-    state.prepare_seconds += time.perf_counter() - reference_started if state.reference_logps else 0.0
+    run.reference, run.reference_logps_computed = set_up_reference(run, output, resumed=checkpoint is not None)
+    state.prepare_seconds += time.perf_counter() - reference_started if run.reference_logps_computed else 0.0
     run.optimizer = build_optimizer(tcfg, model, param_groups(run))
     if checkpoint is not None:
         # The method's init above drew from the RNG; the checkpoint restores the RNG to its saved point.
-        reference_logps = state.reference_logps
         state, trainable = load_checkpoint(checkpoint, run.optimizer)
-        state.reference_logps = reference_logps
         own = {name.removeprefix(OBJECTIVE_PREFIX): t for name, t in trainable.items() if name.startswith(OBJECTIVE_PREFIX)}
         run.objective.load_state_dict(own)
         method.load_checkpoint_state(model, {n: t for n, t in trainable.items() if not n.startswith(OBJECTIVE_PREFIX)}, source=str(checkpoint))
