@@ -30,7 +30,7 @@ from peft_oracle import (
 )
 from tunelab.errors import TunelabError
 from tunelab.methods.subtuning import SubTuning
-from tunelab.objectives import causal_lm_loss
+from tunelab.objectives.causal_lm import causal_lm_loss
 from tunelab.runs import ADAPTER_FILE, load_run
 
 

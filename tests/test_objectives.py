@@ -346,3 +346,41 @@ def test_a_missing_tracker_package_fails_before_any_write(data, tmp_path, monkey
     with pytest.raises(TunelabError, match="report_to: wandb needs the 'wandb' package"):
         tunelab.train(config)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("prompt_length", [0, 1, 5])
+def test_a_shared_prompt_gives_every_target_the_log_probability_of_the_pair_laid_out_whole(prompt_length):
+    """Computing a pair's prompt once (both completions attend to it) predicts the same tokens at
+    the same positions for the same sequences, with the same log-probabilities, as laying out each
+    sequence whole; the chosen sequence's prompt targets (ORPO's) stay its own."""
+    from tunelab.data.batching import make_batch, make_shared_prefix_batch
+    from tunelab.models import load_model
+    from tunelab.objectives.causal_lm import target_log_probs
+
+    model, _ = load_model(tunelab.config.ModelConfig(name="tiny-random-llama", dtype="float32", device="cpu"))
+    generator = torch.Generator().manual_seed(prompt_length)
+    pairs = [[torch.randint(3, 200, (n,), generator=generator).tolist() for n in (prompt_length, 4 + k, 7 - k)] for k in range(3)]
+    whole = [{"input_ids": p + c, "target_mask": [1] * len(p) + [1] * len(c)} for p, c, _ in pairs]  # ORPO's chosen
+    sequences = whole + [{"input_ids": p + r, "target_mask": [0] * len(p) + [1] * len(r)} for p, _, r in pairs]
+    groups = [(prompt_length, [i, len(pairs) + i]) for i in range(len(pairs))]
+    alone, shared = make_batch(sequences, 256, True, 0, padding_free=True), make_shared_prefix_batch(sequences, groups)
+    assert shared.n_tokens == alone.n_tokens and shared.n_targets == alone.n_targets
+    assert shared.input_ids.shape[1] == alone.n_tokens - max(prompt_length - 1, 0) * len(pairs)
+
+    def by_target(batch):
+        with torch.no_grad():
+            targets = target_log_probs(model, batch)
+        labels = batch.labels[batch.labels != -100]
+        return {(o, p, y): v for o, p, y, v in zip(targets.owner.tolist(), targets.position.tolist(), labels.tolist(), targets.log_probs.tolist())}
+
+    expected, got = by_target(alone), by_target(shared)
+    assert got.keys() == expected.keys()
+    assert list(got.values()) == pytest.approx([expected[key] for key in got], abs=1e-5)
+
+
+def test_shared_prompts_must_be_the_same_tokens():
+    from tunelab.data.batching import make_shared_prefix_batch
+
+    sequences = [{"input_ids": [5, 6, 7, 8], "target_mask": [0, 0, 1, 1]}, {"input_ids": [5, 9, 7, 8], "target_mask": [0, 0, 1, 1]}]
+    with pytest.raises(ValueError, match="same prefix"):
+        make_shared_prefix_batch(sequences, [(2, [0, 1])])

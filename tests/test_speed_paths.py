@@ -26,8 +26,8 @@ from tunelab.methods.lora import Lora, LoraLinear, LoraOptions
 from tunelab.models import load_model
 from tunelab.models.attention import enable_packed_attention, uses_packed_attention
 from tunelab.models.tiny import tiny_llama, tiny_tokenizer
-from tunelab.objectives import causal_lm_loss, sft
-from tunelab.objectives.causal_lm import LinearCrossEntropy
+from tunelab.objectives import sft
+from tunelab.objectives.causal_lm import LinearCrossEntropy, causal_lm_loss
 from tunelab.train import loop
 from tunelab.train.allocator import keep_freed_memory, peak_memory_mb, reset_peak_memory
 from tunelab.train.loop import resolve_tokens_per_forward

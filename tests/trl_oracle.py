@@ -21,7 +21,7 @@ from tunelab.data.batching import BatchLayout
 from tunelab.methods import build_method
 from tunelab.methods.base import PEFT_PREFIX
 from tunelab.models import load_model
-from tunelab.models.attention import uses_packed_attention
+from tunelab.models.attention import enable_packed_attention, uses_packed_attention
 from tunelab.models.tiny import tiny_llama, tiny_tokenizer
 from tunelab.objectives.base import StepTotals, step_loss
 from tunelab.objectives.reference import LiveReference
@@ -233,6 +233,7 @@ def ours(
     else:
         model, _ = load_model(ModelConfig(name="tiny-random-llama", dtype="float32", device="cpu"))
         reference_model = tiny_llama(model.config.vocab_size, seed=REFERENCE_SEED).requires_grad_(False)
+        enable_packed_attention(reference_model)  # as load_model gives every model that can take it
         reference = LiveReference(reference_model)
         params = dict(model.named_parameters())
     objective.attach(model)
@@ -240,7 +241,9 @@ def ours(
         objective.load_state_dict(objective_state)
         params.update(objective.trainable_parameters())
     model.train()
-    layout = BatchLayout(256, packing, 0, packing and uses_packed_attention(model))
+    # Packed as the loop packs: padding-free, each pair's prompt computed once for both completions.
+    padding_free = packing and uses_packed_attention(model)
+    layout = BatchLayout(256, packing, 0, padding_free, share_prefixes=padding_free)
     if samples is None:
         samples = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in PAIRS]
     samples = [{**sample, "row": i} for i, sample in enumerate(samples)]

@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from tunelab.models.attention import PREFIX_SPANS
+
 IGNORE = -100
 
 
@@ -27,6 +29,9 @@ class Batch:
     n_targets: int  # tokens the loss falls on
     # (rows, length): the position's sample, as its index in the list given to make_batch; -1 on padding
     sample_index: torch.Tensor
+    # Shared-prefix rows (`make_shared_prefix_batch`): for each segment of cu_seq_lens, the span
+    # (start, end) of the shared prefix it also attends to, or None.
+    prefix_spans: list[tuple[int, int] | None] | None = None
 
     def to(self, device: torch.device) -> Batch:
         # cu_seq_lens stays on the CPU: the attention reads it as Python ints, without a device sync.
@@ -41,6 +46,8 @@ class Batch:
         inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
         if self.cu_seq_lens is not None:
             inputs["cu_seq_lens_q"] = self.cu_seq_lens
+        if self.prefix_spans is not None:
+            inputs[PREFIX_SPANS] = self.prefix_spans
         return inputs
 
 
@@ -52,9 +59,20 @@ class BatchLayout:
     packing: bool
     pad_id: int
     padding_free: bool = False
+    # Sequences that start alike (a preference pair's prompt) may share one computation of their
+    # common prefix (`make_shared_prefix_batch`): padding-free rows and a method that computes each
+    # token alike wherever its sample starts (not prompt tuning's virtual tokens, not ReFT).
+    share_prefixes: bool = False
 
     def batch(self, samples: list[dict]) -> Batch:
         return make_batch(samples, self.max_length, self.packing, self.pad_id, self.padding_free)
+
+    def shared_prefix_batch(self, samples: list[dict], groups: list[tuple[int, list[int]]]) -> Batch:
+        """`groups` (prefix length, sample indices): see `make_shared_prefix_batch`; without
+        share_prefixes, the samples laid out one by one as `batch` does."""
+        if not self.share_prefixes:
+            return self.batch(samples)
+        return make_shared_prefix_batch(samples, groups)
 
 
 def make_batch(samples: list[dict], max_length: int, packing: bool, pad_id: int, padding_free: bool = False) -> Batch:
@@ -104,6 +122,54 @@ def make_batch(samples: list[dict], max_length: int, packing: bool, pad_id: int,
         n_tokens=int((segment > 0).sum()),
         n_targets=int((labels != IGNORE).sum()),
         sample_index=sample_index,
+    )
+
+
+def make_shared_prefix_batch(samples: list[dict], groups: list[tuple[int, list[int]]]) -> Batch:
+    """One padding-free row where each group of samples that begin with the same `prefix` tokens
+    computes those tokens once. A group is laid out as its shared part (the prefix but its last
+    token) and then, per member, the member's tokens from the prefix's last token on, which attend
+    to the shared part and causally to themselves (models/attention.py, through `prefix_spans`).
+    Repeating that one token gives every member the prediction of its first own token in its own
+    segment; every target is the same next-token prediction as in `make_batch`'s layout. The
+    shared part's targets belong to the group's first member (the others may have none there).
+    `n_tokens` counts each sample whole, as if laid out alone."""
+    input_ids, labels, position_ids, sample_index, bounds, spans = [], [], [], [], [0], []
+
+    def add_segment(ids: torch.Tensor, targets: torch.Tensor, first_position: int, owner: int, span) -> None:
+        input_ids.append(ids)
+        labels.append(torch.cat([torch.where(targets[1:], ids[1:], IGNORE), torch.tensor([IGNORE])]))
+        position_ids.append(torch.arange(first_position, first_position + len(ids)))
+        sample_index.append(torch.full((len(ids),), owner))
+        bounds.append(bounds[-1] + len(ids))
+        spans.append(span)
+
+    for prefix, members in groups:
+        shared = max(prefix - 1, 0)
+        span = (bounds[-1], bounds[-1] + shared) if shared else None
+        if shared:
+            owner = samples[members[0]]
+            if any(any(samples[i]["target_mask"][1 : shared + 1]) for i in members[1:]) or any(samples[i]["input_ids"][:prefix] != owner["input_ids"][:prefix] for i in members):
+                raise ValueError("shared-prefix members must start with the same prefix and have no targets in it but the first's")
+            ids = torch.tensor(owner["input_ids"][: shared + 1])
+            targets = torch.tensor(owner["target_mask"][: shared + 1], dtype=torch.bool)
+            add_segment(ids[:shared], targets[:shared], 0, members[0], None)
+            # The shared part's last target (the prefix's last token) sits on its last position.
+            labels[-1][-1] = ids[shared] if targets[shared] else IGNORE
+        for i in members:
+            ids = torch.tensor(samples[i]["input_ids"][shared:])
+            add_segment(ids, torch.tensor(samples[i]["target_mask"][shared:], dtype=torch.bool), shared, i, span)
+    label_row = torch.cat(labels)[None]
+    return Batch(
+        input_ids=torch.cat(input_ids)[None],
+        labels=label_row,
+        position_ids=torch.cat(position_ids)[None],
+        attention_mask=None,
+        cu_seq_lens=torch.tensor(bounds, dtype=torch.int32),
+        n_tokens=sum(len(s["input_ids"]) for s in samples),
+        n_targets=int((label_row != IGNORE).sum()),
+        sample_index=torch.cat(sample_index)[None],
+        prefix_spans=spans,
     )
 
 

@@ -75,6 +75,10 @@ class Method(ABC):
     # Whether it is exact on rows that pack several samples behind a block-causal mask (used when
     # the model cannot take padding-free attention).
     supports_mask_packing: ClassVar[bool] = True
+    # Whether the method computes a token the same wherever its sample starts in a forward, so a
+    # shared prompt may be computed once for several sequences (data/batching.py's
+    # make_shared_prefix_batch). Not so for virtual tokens or ReFT's prompt-position interventions.
+    shares_prefixes: ClassVar[bool] = True
     # Whether `merge` can fold the trained state into the base weights (a change of weights).
     mergeable: ClassVar[bool] = False
     # How many training steps' micro-batches `prepare` gets; 0: the method has no `prepare`.

@@ -52,6 +52,7 @@ class VirtualTokenMethod(Method):
 
     module_name: ClassVar[str]  # where the trainable module sits on the model
     inserts_tokens: ClassVar[bool]  # prompt tuning adds sequence positions; prefix tuning only cache entries
+    shares_prefixes = False  # its virtual tokens sit at each sample's start
 
     def attach(self, model: nn.Module) -> None:
         model.requires_grad_(False)

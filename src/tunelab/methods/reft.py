@@ -108,6 +108,7 @@ class Reft(Method):
 
     name = "reft"
     Options = ReftOptions
+    shares_prefixes = False  # it edits the first/last prompt positions of each sample
 
     def attach(self, model: nn.Module) -> None:
         opts = self.options

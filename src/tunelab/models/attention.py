@@ -17,6 +17,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 PACKED = "tunelab_packed"
+# The model input that gives each packed sample the span of the row it also attends to (a prompt
+# its pair shares: data/batching.py's make_shared_prefix_batch).
+PREFIX_SPANS = "shared_prefix_spans"
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -27,16 +30,21 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     # query: (1, heads, tokens, head_dim); key and value may have fewer (grouped) heads, and may
     # start with `prefix` entries every sample sees (prefix tuning's virtual keys, in the cache).
+    # A sample may also see a shared span of the row before it (its prompt, computed once:
+    # data/batching.py's make_shared_prefix_batch).
     grouped = query.shape[1] != key.shape[1]
     prefix = key.shape[2] - query.shape[2]
+    shared_spans = kwargs.get(PREFIX_SPANS) or [None] * (len(bounds) - 1)
     outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        keys, values, mask = key[:, :, prefix + start : prefix + end], value[:, :, prefix + start : prefix + end], None
-        if prefix:
-            keys = torch.cat([key[:, :, :prefix], keys], dim=2)
-            values = torch.cat([value[:, :, :prefix], values], dim=2)
+    for start, end, shared in zip(bounds[:-1], bounds[1:], shared_spans):
+        seen = ([(0, prefix)] if prefix else []) + ([(prefix + shared[0], prefix + shared[1])] if shared else [])
+        spans = seen + [(prefix + start, prefix + end)]
+        keys = torch.cat([key[:, :, a:b] for a, b in spans], dim=2) if seen else key[:, :, prefix + start : prefix + end]
+        values = torch.cat([value[:, :, a:b] for a, b in spans], dim=2) if seen else value[:, :, prefix + start : prefix + end]
+        mask = None
+        if seen:
             causal = torch.ones(end - start, end - start, dtype=torch.bool, device=query.device).tril()
-            mask = torch.cat([causal.new_ones(end - start, prefix), causal], dim=1)
+            mask = torch.cat([causal.new_ones(end - start, keys.shape[2] - (end - start)), causal], dim=1)
         outputs.append(
             F.scaled_dot_product_attention(
                 query[:, :, start:end],

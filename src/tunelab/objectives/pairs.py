@@ -5,7 +5,8 @@ completion tokens as targets (ORPO's NLL also reads the chosen prompt's tokens: 
 They always travel together: a micro-batch is split into forwards by whole pairs, so no pair
 straddles two forwards or two micro-batches. The sequences are laid out as every other sample is
 (padding-free with per-sample attention, mask-packed or padded), chosen sequences first, then the
-rejected ones in the same order.
+rejected ones in the same order; where the layout allows (`BatchLayout.share_prefixes`), each
+pair's prompt is computed once and both completions attend to it.
 """
 
 from __future__ import annotations
@@ -59,8 +60,10 @@ class PairBatch:
         return self.completion_log_probs(target_log_probs(model, self.sequences))
 
 
-def pair_length(sample: dict) -> int:
-    return 2 * len(sample["prompt_ids"]) + len(sample["chosen_ids"]) + len(sample["rejected_ids"])
+def pair_length(sample: dict, shared_prompt: bool = False) -> int:
+    """Tokens a pair's forward computes: the prompt once (and its last token per completion) when shared."""
+    prompt = len(sample["prompt_ids"])
+    return (prompt + 1 if shared_prompt else 2 * prompt) + len(sample["chosen_ids"]) + len(sample["rejected_ids"])
 
 
 def completion_sample(sample: dict, key: str, whole: bool = False) -> dict:
@@ -71,10 +74,14 @@ def completion_sample(sample: dict, key: str, whole: bool = False) -> dict:
 
 
 def pair_batches(samples: list[dict], layout: BatchLayout, max_tokens: int, whole_chosen: bool = False) -> list[PairBatch]:
+    """The pairs of a micro-batch in forwards of at most `max_tokens` computed tokens; with
+    `layout.share_prefixes`, a pair's prompt is computed once for both completions."""
     batches = []
-    for group in split_by_tokens(samples, max_tokens, pair_length):
+    for group in split_by_tokens(samples, max_tokens, lambda s: pair_length(s, layout.share_prefixes)):
+        n = len(group)
         chosen = [completion_sample(s, "chosen_ids", whole_chosen) for s in group]
         sequences = chosen + [completion_sample(s, "rejected_ids") for s in group]
+        prompts = [(len(s["prompt_ids"]), [i, n + i]) for i, s in enumerate(group)]
         prompt_lengths = torch.tensor([len(s["prompt_ids"]) for s in group] * 2)
         chosen_tokens, rejected_tokens = (sum(len(s[key]) for s in group) for key in ("chosen_ids", "rejected_ids"))
         counts = {
@@ -85,7 +92,7 @@ def pair_batches(samples: list[dict], layout: BatchLayout, max_tokens: int, whol
             # every chosen token after the first: ORPO's NLL is over prompt and completion
             "chosen_sequence_tokens": sum(len(s["prompt_ids"]) + len(s["chosen_ids"]) - 1 for s in group),
         }
-        batches.append(PairBatch(layout.batch(sequences), [s["row"] for s in group], prompt_lengths, counts))
+        batches.append(PairBatch(layout.shared_prefix_batch(sequences, prompts), [s["row"] for s in group], prompt_lengths, counts))
     return batches
 
 

@@ -208,7 +208,7 @@ def set_up(config: RunConfig, resume: bool, overwrite: bool) -> tuple[Run, list[
         method=method,
         objective=objective,
         data=data,
-        layout=BatchLayout(dcfg.max_length, dcfg.packing, tokenizer.pad_token_id, padding_free),
+        layout=BatchLayout(dcfg.max_length, dcfg.packing, tokenizer.pad_token_id, padding_free, share_prefixes=padding_free and method.shares_prefixes),
         device=device,
         total_steps=total_steps,
         warmup=warmup_steps(tcfg.warmup, total_steps),
@@ -278,6 +278,9 @@ def set_up_reference(run: Run, output: Path, resumed: bool) -> tuple[object, int
         return load_model(run.config.model.model_copy(update={"name": name}))[0]
 
     live, precompute_now = choose_reference(options, run.method, run.model, load_reference_model, starts_trained=bool(run.config.method.from_peft))
+    if run.layout.share_prefixes and not uses_packed_attention(live.model):
+        # A model without tunelab's packed attention cannot read shared prompts: lay pairs out whole.
+        run.layout = replace(run.layout, share_prefixes=False)
     if not precompute_now:
         console.print(f"reference policy: {live.kind}")
         return live, 0
