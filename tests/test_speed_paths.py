@@ -8,6 +8,7 @@ so a wrong scale, a missing gradient term or a leak between packed samples fails
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 
@@ -338,6 +339,33 @@ def test_padding_free_loss_and_grads_equal_padded_and_mask_packed(lora_tiny_mode
         leaky_loss = causal_lm_loss(model, leaky).item()
     assert abs(leaky_loss - free_loss) > 1e-4 * free_loss
     model.eval()
+
+
+def test_swiglu_mlps_give_the_plain_forward_and_gradients_bitwise(lora_tiny_model):
+    """The switched MLPs (SiluMul, the down projection's input rebuilt in backward) against the
+    same model with transformers' own MLP forward: the same loss and the same gradients, bit for bit."""
+    model, tokenizer = lora_tiny_model
+    plain = copy.deepcopy(model)
+    switched = [m for m in plain.modules() if "forward" in m.__dict__]
+    assert len(switched) == model.config.num_hidden_layers
+    for module in switched:
+        del module.forward
+    batch = make_batch(speed_samples(tokenizer), 256, packing=True, pad_id=tokenizer.pad_token_id, padding_free=True)
+    model.train(), plain.train()
+    (loss, grads), (plain_loss, plain_grads) = loss_and_lora_grads(model, batch), loss_and_lora_grads(plain, batch)
+    model.eval()
+    assert loss == plain_loss and grads.keys() == plain_grads.keys()
+    assert all(torch.equal(grads[name], plain_grads[name]) for name in grads)
+
+
+def test_only_silu_mlps_with_llamas_forward_are_switched():
+    from transformers.activations import GELUActivation
+
+    from tunelab.models.swiglu import enable_swiglu
+
+    model = tiny_llama(64)
+    model.model.layers[0].mlp.act_fn = GELUActivation()
+    assert enable_swiglu(model) == model.config.num_hidden_layers - 1
 
 
 def test_causal_lm_loss_matches_full_logits_reference(lora_tiny_model):

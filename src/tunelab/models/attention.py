@@ -10,8 +10,11 @@ with this attention set behaves exactly as with `sdpa` everywhere else.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -28,13 +31,23 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         bounds = [0, query.shape[2]]  # one sample after cached entries (prefix tuning's virtual keys)
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    # query: (1, heads, tokens, head_dim); key and value may have fewer (grouped) heads, and may
-    # start with `prefix` entries every sample sees (prefix tuning's virtual keys, in the cache).
-    # A sample may also see a shared span of the row before it (its prompt, computed once:
-    # data/batching.py's make_shared_prefix_batch).
+    shared_spans = kwargs.get(PREFIX_SPANS) or [None] * (len(bounds) - 1)
+    attend = functools.partial(_attend_samples, bounds=bounds, shared_spans=shared_spans, dropout=dropout if module.training else 0.0, scaling=scaling)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        # Backward recomputes the attention of each sample (a small share of a layer's work)
+        # instead of keeping its output and softmax statistics beside o_proj's copy of the output.
+        return checkpoint(attend, query, key, value, use_reentrant=False), None
+    return attend(query, key, value), None
+
+
+def _attend_samples(query, key, value, bounds: list[int], shared_spans: list, dropout: float, scaling) -> torch.Tensor:
+    """Causal attention within each sample of a packed row, as (1, tokens, heads, head_dim).
+    query: (1, heads, tokens, head_dim); key and value may have fewer (grouped) heads, and may
+    start with `prefix` entries every sample sees (prefix tuning's virtual keys, in the cache).
+    A sample may also see a shared span of the row before it (its prompt, computed once:
+    data/batching.py's make_shared_prefix_batch)."""
     grouped = query.shape[1] != key.shape[1]
     prefix = key.shape[2] - query.shape[2]
-    shared_spans = kwargs.get(PREFIX_SPANS) or [None] * (len(bounds) - 1)
     outputs = []
     for start, end, shared in zip(bounds[:-1], bounds[1:], shared_spans):
         seen = ([(0, prefix)] if prefix else []) + ([(prefix + shared[0], prefix + shared[1])] if shared else [])
@@ -46,18 +59,9 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
             causal = torch.ones(end - start, end - start, dtype=torch.bool, device=query.device).tril()
             mask = torch.cat([causal.new_ones(end - start, keys.shape[2] - (end - start)), causal], dim=1)
         outputs.append(
-            F.scaled_dot_product_attention(
-                query[:, :, start:end],
-                keys,
-                values,
-                attn_mask=mask,
-                dropout_p=dropout if module.training else 0.0,
-                is_causal=mask is None,
-                scale=scaling,
-                enable_gqa=grouped,
-            )
+            F.scaled_dot_product_attention(query[:, :, start:end], keys, values, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling, enable_gqa=grouped)
         )
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
 
 
 def _sample_bounds(query, attention_mask, kwargs) -> list[int] | None:

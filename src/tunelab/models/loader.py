@@ -21,6 +21,7 @@ from tunelab.config.schema import ModelConfig
 from tunelab.console import console
 from tunelab.errors import TunelabError
 from tunelab.models.attention import enable_packed_attention
+from tunelab.models.swiglu import enable_swiglu
 from tunelab.models.tiny import tiny_llama, tiny_tokenizer
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -75,6 +76,7 @@ def load_model(config: ModelConfig) -> tuple[PreTrainedModel, object]:
     model.to(device=device, dtype=dtype)
     model.eval()
     enable_packed_attention(model)
+    enable_swiglu(model)
     return model, tokenizer
 
 

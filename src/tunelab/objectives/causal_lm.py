@@ -15,6 +15,9 @@ from tunelab.methods.base import visible_targets
 # a 49k vocabulary), small enough (30 MB) to stay under glibc's 32 MiB mmap threshold, so each
 # chunk reuses heap memory instead of faulting in fresh pages (see train/allocator.py).
 CHUNK_ELEMENTS = 7_500_000
+# TokenLogProbs holds four tensors of a chunk's size at once (logits, log-probabilities and the
+# entropy's two temporaries), cross-entropy one or two: a third of the chunk keeps its peak alike.
+TOKEN_CHUNK_ELEMENTS = CHUNK_ELEMENTS // 3
 
 
 def causal_lm_loss(model, batch: Batch) -> torch.Tensor:
@@ -175,8 +178,8 @@ class TokenLogProbs(torch.autograd.Function):
 
 
 def _chunks(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
-    """(row slice, hidden rows, labels) chunks of about CHUNK_ELEMENTS logits each."""
-    step = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    """(row slice, hidden rows, labels) chunks of about TOKEN_CHUNK_ELEMENTS logits each."""
+    step = max(1, TOKEN_CHUNK_ELEMENTS // weight.shape[0])
     for start in range(0, hidden.shape[0], step):
         rows = slice(start, start + step)
         yield rows, hidden[rows], labels[rows]

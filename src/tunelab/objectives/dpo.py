@@ -52,13 +52,11 @@ class Dpo(PairwiseObjective):
         return not self.options.reference_free
 
     def output(self, model, batch: PairBatch, reference=None) -> ObjectiveOutput:
-        policy = pair_log_probs(model, batch)
         n = batch.n_pairs
-        if self.options.reference_free:
-            ref_chosen = ref_rejected = torch.zeros_like(policy.chosen)
-        else:
-            ref = reference.log_probs(batch)
-            ref_chosen, ref_rejected = ref[:n], ref[n:]
+        # The reference's no-grad forward first, while no activations are held for backward.
+        ref = torch.zeros(2 * n) if self.options.reference_free else reference.log_probs(batch)
+        policy = pair_log_probs(model, batch)
+        ref_chosen, ref_rejected = ref[:n].to(policy.chosen), ref[n:].to(policy.chosen)
         chosen_ratio, rejected_ratio = policy.chosen - ref_chosen, policy.rejected - ref_rejected
         losses = self.pair_losses(chosen_ratio, rejected_ratio, policy.chosen_lengths, policy.rejected_lengths)
         beta = self.options.beta

@@ -111,13 +111,15 @@ class Kto(Objective):
 
     def output(self, model, batch: KtoBatch, reference=None) -> ObjectiveOutput:
         opts, n = self.options, batch.n_examples
+        # The no-grad forwards (reference, KL point) first, while no activations are held for backward.
         reference_values = reference.log_probs(batch)
+        if opts.loss_type == "kto":
+            with torch.no_grad():
+                kl_log_probs = target_log_probs(model, batch.kl_sequences).sums(n)
         policy = target_log_probs(model, batch.examples)
         log_probs = policy.sums(n)
         ratio = log_probs - reference_values[:n]
         if opts.loss_type == "kto":
-            with torch.no_grad():
-                kl_log_probs = target_log_probs(model, batch.kl_sequences).sums(n)
             kl = (kl_log_probs - reference_values[n:]).mean().clamp(min=0)
             desirable_losses = 1 - torch.sigmoid(opts.beta * (ratio - kl))
             undesirable_losses = 1 - torch.sigmoid(opts.beta * (kl - ratio))
