@@ -22,7 +22,7 @@ from tunelab.data.tokenize import tokenize_example
 from tunelab.errors import TunelabError
 from tunelab.models import load_model, load_tokenizer
 from tunelab.models.tiny import tiny_tokenizer
-from tunelab.objectives import causal_lm_loss
+from tunelab.objectives.causal_lm import causal_lm_loss
 
 TINY = "tiny-random-llama"
 

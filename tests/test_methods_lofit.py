@@ -13,7 +13,7 @@ from helpers import assert_tensors_equal, load_adapter, read_metrics, tiny_run_c
 from peft_oracle import assert_close, attach, forbid_prepare, fresh_base, prepare_batches, probe_ids, randomize, smollm2_skeleton, train_tiny_run, trainable_count
 from tunelab.errors import TunelabError
 from tunelab.methods.lofit import Lofit
-from tunelab.objectives import causal_lm_loss
+from tunelab.objectives.causal_lm import causal_lm_loss
 from tunelab.runs import ADAPTER_FILE, load_run
 
 HEADS, HEAD_DIM, LAYERS = 4, 16, 2  # the tiny model's

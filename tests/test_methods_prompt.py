@@ -14,7 +14,7 @@ from tunelab.errors import TunelabError
 from tunelab.export import export_run, import_peft
 from tunelab.models.attention import enable_packed_attention
 from tunelab.models.tiny import tiny_tokenizer
-from tunelab.objectives import causal_lm_loss
+from tunelab.objectives.causal_lm import causal_lm_loss
 from tunelab.runs import load_run
 
 N = 5

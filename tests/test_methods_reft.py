@@ -20,7 +20,7 @@ from tunelab.eval.loss import evaluate_loss
 from tunelab.methods.reft import ROTATION_TENSOR, LoreftIntervention, Reft, prompt_positions
 from tunelab.models.attention import enable_packed_attention
 from tunelab.models.tiny import tiny_tokenizer
-from tunelab.objectives import causal_lm_loss
+from tunelab.objectives.causal_lm import causal_lm_loss
 from tunelab.runs import load_run
 
 
