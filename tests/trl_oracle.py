@@ -228,7 +228,7 @@ def ours(
     if lora is not None:
         method, model = _our_lora_model()
         method.peft_import(model, lora, source="test")
-        reference = LiveReference(model, lambda: method.adapter_disabled(model), kind="adapter off", is_policy=True)
+        reference = LiveReference.adapter_off(method, model)
         params = {PEFT_PREFIX + n: p for n, p in model.named_parameters() if p.requires_grad}
     else:
         model, _ = load_model(ModelConfig(name="tiny-random-llama", dtype="float32", device="cpu"))

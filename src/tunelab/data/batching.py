@@ -99,7 +99,7 @@ def make_batch(samples: list[dict], max_length: int, packing: bool, pad_id: int,
             mask = torch.tensor(samples[i]["target_mask"], dtype=torch.bool)
             n = len(ids)
             input_ids[r, start : start + n] = ids
-            labels[r, start : start + n - 1] = torch.where(mask[1:], ids[1:], IGNORE)
+            labels[r, start : start + n - 1] = next_token_labels(ids, mask)
             position_ids[r, start : start + n] = torch.arange(n)
             segment[r, start : start + n] = k
             sample_index[r, start : start + n] = i
@@ -136,9 +136,9 @@ def make_shared_prefix_batch(samples: list[dict], groups: list[tuple[int, list[i
     `n_tokens` counts each sample whole, as if laid out alone."""
     input_ids, labels, position_ids, sample_index, bounds, spans = [], [], [], [], [0], []
 
-    def add_segment(ids: torch.Tensor, targets: torch.Tensor, first_position: int, owner: int, span) -> None:
+    def add_segment(ids: torch.Tensor, segment_labels: torch.Tensor, first_position: int, owner: int, span) -> None:
         input_ids.append(ids)
-        labels.append(torch.cat([torch.where(targets[1:], ids[1:], IGNORE), torch.tensor([IGNORE])]))
+        labels.append(segment_labels)
         position_ids.append(torch.arange(first_position, first_position + len(ids)))
         sample_index.append(torch.full((len(ids),), owner))
         bounds.append(bounds[-1] + len(ids))
@@ -151,14 +151,13 @@ def make_shared_prefix_batch(samples: list[dict], groups: list[tuple[int, list[i
             owner = samples[members[0]]
             if any(any(samples[i]["target_mask"][1 : shared + 1]) for i in members[1:]) or any(samples[i]["input_ids"][:prefix] != owner["input_ids"][:prefix] for i in members):
                 raise ValueError("shared-prefix members must start with the same prefix and have no targets in it but the first's")
+            # The shared part predicts up to the prefix's last token, which its members repeat.
             ids = torch.tensor(owner["input_ids"][: shared + 1])
-            targets = torch.tensor(owner["target_mask"][: shared + 1], dtype=torch.bool)
-            add_segment(ids[:shared], targets[:shared], 0, members[0], None)
-            # The shared part's last target (the prefix's last token) sits on its last position.
-            labels[-1][-1] = ids[shared] if targets[shared] else IGNORE
+            add_segment(ids[:shared], next_token_labels(ids, torch.tensor(owner["target_mask"][: shared + 1], dtype=torch.bool)), 0, members[0], None)
         for i in members:
             ids = torch.tensor(samples[i]["input_ids"][shared:])
-            add_segment(ids, torch.tensor(samples[i]["target_mask"][shared:], dtype=torch.bool), shared, i, span)
+            own_labels = next_token_labels(ids, torch.tensor(samples[i]["target_mask"][shared:], dtype=torch.bool))
+            add_segment(ids, torch.cat([own_labels, torch.tensor([IGNORE])]), shared, i, span)
     label_row = torch.cat(labels)[None]
     return Batch(
         input_ids=torch.cat(input_ids)[None],
@@ -171,6 +170,11 @@ def make_shared_prefix_batch(samples: list[dict], groups: list[tuple[int, list[i
         sample_index=torch.cat(sample_index)[None],
         prefix_spans=spans,
     )
+
+
+def next_token_labels(ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """What each position but the last predicts: the next token where it is a target, else IGNORE."""
+    return torch.where(targets[1:], ids[1:], IGNORE)
 
 
 def split_by_tokens(samples: list, max_tokens: int, length: Callable[[dict], int] | None = None) -> list[list]:

@@ -275,7 +275,7 @@ def _base_reference(run):
 
     method, model = run.method, run.model
     if method.adapter_disabled(model) is not None and method.adapter_off_is_initial:
-        return LiveReference(model, lambda: method.adapter_disabled(model), kind="adapter off", is_policy=True)
+        return LiveReference.adapter_off(method, model)
     return LiveReference(load_model(run.config.model)[0].requires_grad_(False), kind="base model")
 
 

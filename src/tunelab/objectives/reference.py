@@ -54,6 +54,11 @@ class LiveReference:
         # fast bf16 matmuls); a separate model runs in eval mode.
         self.is_policy = is_policy
 
+    @classmethod
+    def adapter_off(cls, method, model) -> LiveReference:
+        """The policy itself with its adapter switched off (no second copy of the weights)."""
+        return cls(model, lambda: method.adapter_disabled(model), kind="adapter off", is_policy=True)
+
     def for_split(self, split: str) -> LiveReference:
         return self
 
@@ -96,7 +101,7 @@ def choose_reference(options, method, model, load_reference_model, starts_traine
         reference_model.requires_grad_(False)
         return LiveReference(reference_model, kind=f"model {options.reference}"), options.precompute_reference
     if method.adapter_disabled(model) is not None and method.adapter_off_is_initial and not starts_trained:
-        return LiveReference(model, lambda: method.adapter_disabled(model), kind="adapter off", is_policy=True), options.precompute_reference
+        return LiveReference.adapter_off(method, model), options.precompute_reference
     if method.artifact == "model":  # the method trains the base's own weights
         frozen = copy.deepcopy(model)
         frozen.requires_grad_(False)
