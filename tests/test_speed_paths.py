@@ -584,6 +584,33 @@ def test_bf16_training_copy_leaves_weights_and_evaluation_exact():
     assert norm_rel_error(trained_view, before) < 2e-2
 
 
+def test_bf16_head_copy_serves_training_only_while_the_head_is_frozen_and_unchanged():
+    """The output head computes on its bf16 training copy in training; evaluation, a head that
+    trains and a head whose weight changed after the copy use the weight itself."""
+    torch.manual_seed(0)
+    model = tiny_llama(64)
+    model.requires_grad_(False)
+    samples = [{"input_ids": torch.randint(0, 64, (n,)).tolist(), "target_mask": [0] * 3 + [1] * (n - 3)} for n in (9, 14)]
+    batch = make_batch(samples, 64, packing=False, pad_id=0)
+
+    def loss(training: bool) -> torch.Tensor:
+        model.train(training)
+        with torch.no_grad():
+            return causal_lm_loss(model, batch)
+
+    exact = loss(False)
+    assert causal_lm_module.store_head_weight(model, torch.bfloat16)
+    assert loss(False) == exact, "evaluation uses the fp32 head"
+    assert loss(True) != exact and norm_rel_error(loss(True), exact) < 2e-2, "training uses the bf16 copy"
+    model.lm_head.weight.requires_grad_(True)
+    assert loss(True) == exact, "a head that trains is never replaced by a copy"
+    model.lm_head.weight.requires_grad_(False)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)
+    changed = loss(False)
+    assert loss(True) == changed, "a copy older than the weight is not used"
+
+
 def test_bf16_frozen_weights_train_like_fp32(tmp_path, records):
     train_file, _ = records
     fp32_metrics, fp32_adapter = run_once(tmp_path / "fp32", train_file, {"frozen_dtype": "float32"})

@@ -10,11 +10,8 @@ with this attention set behaves exactly as with `sdpa` everywhere else.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -32,12 +29,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     shared_spans = kwargs.get(PREFIX_SPANS) or [None] * (len(bounds) - 1)
-    attend = functools.partial(_attend_samples, bounds=bounds, shared_spans=shared_spans, dropout=dropout if module.training else 0.0, scaling=scaling)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-        # Backward recomputes the attention of each sample (a small share of a layer's work)
-        # instead of keeping its output and softmax statistics beside o_proj's copy of the output.
-        return checkpoint(attend, query, key, value, use_reentrant=False), None
-    return attend(query, key, value), None
+    return _attend_samples(query, key, value, bounds, shared_spans, dropout if module.training else 0.0, scaling), None
 
 
 def _attend_samples(query, key, value, bounds: list[int], shared_spans: list, dropout: float, scaling) -> torch.Tensor:

@@ -94,7 +94,26 @@ def _at_targets(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None,
     with visible_targets(targets):
         if backbone is None or backbone is model or head is None or head.bias is not None or _has_logit_postprocessing(model.config):
             return model(**inputs, use_cache=False).logits[targets], None, labels
-        return backbone(**inputs, use_cache=False).last_hidden_state[targets], head.weight, labels
+        return backbone(**inputs, use_cache=False).last_hidden_state[targets], _head_weight(head), labels
+
+
+def store_head_weight(model, dtype: torch.dtype) -> bool:
+    """Give training a copy of the output head's weight in `dtype` (a faster matmul dtype: the
+    frozen layers' training copies, Method.store_frozen_weights), if the head is frozen; True if
+    done. Evaluation, and training once the weight trains or changes, use the weight itself."""
+    head = model.get_output_embeddings()
+    if head is None or head.weight.requires_grad or head.weight.dtype == dtype:
+        return False
+    head.compute_weight = (head.weight.detach().to(dtype), head.weight._version)
+    return True
+
+
+def _head_weight(head) -> torch.Tensor:
+    weight = head.weight
+    copy, version = getattr(head, "compute_weight", (None, None))
+    if head.training and copy is not None and not weight.requires_grad and weight._version == version:
+        return copy
+    return weight
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -115,7 +134,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             h, y = hidden[start : start + rows], labels[start : start + rows]
             picked = (torch.arange(len(y), device=y.device), y)
-            log_probs = torch.log_softmax((h @ weight.t()).float(), dim=-1)
+            log_probs = torch.log_softmax((h.to(weight.dtype) @ weight.t()).float(), dim=-1)
             total -= log_probs[picked].sum()
             if want_grad_hidden or want_grad_weight:
                 grad_logits = log_probs.exp_()  # softmax - one_hot(y): d(loss)/d(logits)
@@ -151,7 +170,7 @@ class TokenLogProbs(torch.autograd.Function):
         log_probs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         stats = torch.empty(hidden.shape[0], len(TOKEN_STATS), dtype=torch.float32, device=hidden.device)
         for rows, h, y in _chunks(hidden, weight, labels):
-            logits = (h @ weight.t()).float()
+            logits = (h.to(weight.dtype) @ weight.t()).float()
             chunk_log_probs = torch.log_softmax(logits, dim=-1)
             log_probs[rows] = chunk_log_probs.gather(1, y[:, None]).squeeze(1)
             stats[rows] = _token_stats(logits, chunk_log_probs, y)
@@ -167,7 +186,7 @@ class TokenLogProbs(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
         for rows, h, y in _chunks(hidden, weight, labels):
             # d log p(y) / d logits = one_hot(y) - softmax, times each row's upstream gradient
-            grad_logits = torch.softmax((h @ weight.t()).float(), dim=-1).neg_()
+            grad_logits = torch.softmax((h.to(weight.dtype) @ weight.t()).float(), dim=-1).neg_()
             grad_logits[torch.arange(len(y), device=y.device), y] += 1
             grad_logits *= grad_log_probs[rows, None]
             if want_hidden:

@@ -30,7 +30,7 @@ from tunelab.methods.peft_io import read_peft_adapter
 from tunelab.models import load_model
 from tunelab.models.attention import uses_packed_attention
 from tunelab.objectives.base import StepTotals, eval_batches, evaluate_objective, step_loss
-from tunelab.objectives.causal_lm import causal_lm_loss
+from tunelab.objectives.causal_lm import causal_lm_loss, store_head_weight
 from tunelab.objectives.reference import PRECOMPUTED_FILE, choose_reference, load_precomputed, precompute, save_precomputed
 from tunelab.objectives.registry import build_objective
 from tunelab.runs import save_artifacts
@@ -192,6 +192,7 @@ def set_up(config: RunConfig, resume: bool, overwrite: bool) -> tuple[Run, list[
     device = next(iter(params.values())).device
     frozen_dtype = resolve_frozen_dtype(tcfg.frozen_dtype, model.dtype, device)
     if frozen_dtype != model.dtype and method.store_frozen_weights(model, frozen_dtype):
+        store_head_weight(model, frozen_dtype)  # the output head is ours to compute (objectives/causal_lm.py)
         console.print(f"frozen weights compute in {str(frozen_dtype).removeprefix('torch.')} (train.frozen_dtype)")
     data = build_datasets(dcfg, tokenizer, tcfg.seed, objective.rows)
     _report_data(data.stats)
