@@ -33,6 +33,7 @@ from tunelab.methods import build_method
 from tunelab.models.loader import load_model_skeleton, load_tokenizer, local_source
 from tunelab.objectives.registry import build_objective
 from tunelab.train.loop import planned_sample_order
+from tunelab.train.precision import resolve_frozen_dtype
 
 # The trainer tunelab is compared with, by objective, and the packages it needs.
 PEERS = {"sft": "hf_peft", "dpo": "trl"}
@@ -70,6 +71,8 @@ def run_bench(workload: Workload, out: Path, repeats: int = 1, long_context_mb: 
     seen = [sequence for i in planned_sample_order(len(sequences), config.train) for sequence in sequences[i]]
     flops = _useful_flops(config, seen, reference_forward=objective.needs_reference)
     sides = {name: _summary(results, flops) for name, results in runs.items()}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mfu_peak = bf16_peak if resolve_frozen_dtype(config.train.frozen_dtype, torch.float32, device) == torch.bfloat16 else peak
     ours, theirs = sides["tunelab"], sides[peer]
     result = {
         "workload": workload.as_dict() | {"train_tokens": ours["tokens"], "device": _device_name()},
@@ -82,7 +85,9 @@ def run_bench(workload: Workload, out: Path, repeats: int = 1, long_context_mb: 
         "matmul_peak_gflops": peak,  # fp32, the dtype both sides' activations and adapters use
         "matmul_peak_bf16_gflops": bf16_peak,  # tunelab's frozen-weight matmuls may run in bf16 (train.frozen_dtype)
         "tunelab_useful_gflops": ours["useful_gflops"],
-        "tunelab_mfu": ours["useful_gflops"] / peak,
+        # Against the peak of the dtype tunelab's frozen-weight matmuls (most of its FLOPs) run in.
+        "tunelab_mfu_peak_gflops": mfu_peak,
+        "tunelab_mfu": ours["useful_gflops"] / mfu_peak,
     }
     if long_context_mb:
         result["long_context"] = longest_trainable(workload, long_context_mb)

@@ -276,7 +276,7 @@ def bench_command(
             f"[bold green]speedup {result['speedup']:.2f}x[/], memory ratio {result['memory_ratio']:.2f}, "
             f"step-1 loss {ours['step1_loss']:.6f} vs {theirs['step1_loss']:.6f}, "
             f"eval loss {ours['eval_loss']:.4f} vs {theirs['eval_loss']:.4f}, "
-            f"useful {result['tunelab_useful_gflops']:.0f} of {result['matmul_peak_gflops']:.0f} GFLOP/s peak -> {out}"
+            f"useful {result['tunelab_useful_gflops']:.0f} of {result['tunelab_mfu_peak_gflops']:.0f} GFLOP/s peak -> {out}"
         )
 
     _run(action)
