@@ -5,6 +5,7 @@ reads text, and metrics reach the trackers. TRL equality lives in test_objective
 from __future__ import annotations
 
 import json
+import math
 import sys
 import types
 
@@ -174,6 +175,23 @@ def test_reference_choices_follow_the_method(data, tmp_path):
         config["objective"] = {**config["objective"], **objective}
         kinds[label] = tunelab.train(config).report["reference"]
     assert kinds == {"lora": "adapter off", "pissa": "precomputed", "named": "model tiny-random-llama"}
+
+
+def test_a_named_reference_without_packed_attention_gets_whole_pairs(data, tmp_path, monkeypatch):
+    """Shared prompts need the reference to read `shared_prefix_spans`: a reference model without
+    tunelab's packed attention makes the run lay pairs out whole, and the reference still equals
+    the policy at step 0 (same weights: the DPO loss is ln 2)."""
+    packed = loop.uses_packed_attention
+    seen = []
+    monkeypatch.setattr(loop, "uses_packed_attention", lambda model: packed(model) and (seen.append(model) or len(seen) == 1))
+    layouts = []
+    train_step = loop.train_step
+    monkeypatch.setattr(loop, "train_step", lambda run, step: layouts.append(run.layout.share_prefixes) or train_step(run, step))
+    config = objective_config(tmp_path / "run", data, "dpo", train={"max_steps": 1})
+    config["objective"] = {**config["objective"], "reference": "tiny-random-llama"}
+    tunelab.train(config)
+    assert len(seen) == 2 and layouts == [False]
+    assert read_metrics(config["output"])[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
 def test_pretrain_targets_every_token_and_splits_long_texts(data, tmp_path):
