@@ -20,10 +20,10 @@ from tunelab.data.dataset import build_datasets
 from tunelab.data.formats import load_examples
 from tunelab.errors import TunelabError
 from tunelab.eval.evaluate import evaluate, generation_cases
-from tunelab.eval.scoring import exact_match, json_scores, normalize_text, parse_json_object, score_prediction
 from tunelab.generation import generate
 from tunelab.models import load_model
 from tunelab.runs import load_run
+from tunelab.scoring.answers import exact_match, json_scores, normalize_text, parse_json_object, score_prediction
 
 # The module, not the function `tunelab.eval.evaluate` that shadows it as a package attribute.
 evaluate_module = importlib.import_module("tunelab.eval.evaluate")

@@ -23,9 +23,9 @@ from tunelab.cli.main import app
 from tunelab.errors import TunelabError
 from tunelab.eval import harness
 from tunelab.eval.harness import evaluate_task, load_target, run_task
-from tunelab.eval.scoring import fenced_code, final_number, macro_f1, numbers_equal
 from tunelab.eval.tasks import BUILTIN, load_task, read_task_rows, task_samples
 from tunelab.models.tiny import tiny_llama, tiny_tokenizer
+from tunelab.scoring.answers import fenced_code, final_number, macro_f1, numbers_equal
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 EVAL_KEYS = {"task", "type", "n", "metrics", "samples_file", "seconds"}
@@ -532,7 +532,7 @@ def test_code_pass_at_k_equals_the_closed_form(tmp_path, tiny, monkeypatch):
 
 
 def test_a_kernel_without_namespaces_or_landlock_gets_a_warning(tmp_path, tiny, monkeypatch, capsys):
-    from tunelab.eval.sandbox import SandboxResult
+    from tunelab.scoring.sandbox import SandboxResult
 
     data = write_jsonl(tmp_path / "code.jsonl", CODE_ROWS)
     task = load_task(write_yaml(tmp_path / "code.yaml", {"type": "code_pass_at_k", "data": str(data), "prompt": "{prompt}", "chat": False}))

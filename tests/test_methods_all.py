@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import tunelab
-from helpers import assert_tensors_equal, load_adapter, read_metrics, read_report, tiny_run_config, write_preference_data, write_records_data
+from helpers import assert_tensors_equal, load_adapter, read_metrics, read_report, tiny_run_config, write_jsonl, write_preference_data, write_records_data
 from peft_oracle import train_tiny_run_checked
 from tunelab.errors import TunelabError
 from tunelab.eval.likelihood import continuation_logprobs
@@ -144,3 +144,23 @@ def test_trains_under_dpo_with_a_reference_equal_to_the_policy_at_step_0(name, p
         assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert report["reference"] in ("adapter off", "frozen copy", "precomputed")
     assert math.isfinite(report["eval_loss"])
+
+
+@pytest.fixture(scope="module")
+def prompt_rows(module_cache, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prompts")
+    rows = [{"prompt": f"Name {i}:", "answer": str(i)} for i in range(8)]
+    return write_jsonl(folder / "train.jsonl", rows), write_jsonl(folder / "eval.jsonl", rows[:2])
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_trains_under_grpo_on_its_own_samples(name, prompt_rows, tmp_path):
+    """Sampling in eval mode between training steps, the log-probs of the sampling policy kept for a
+    second step (num_iterations 2), and a greedy held-out pass: every method goes through them."""
+    train_file, eval_file = prompt_rows
+    objective = {"name": "grpo", "num_generations": 2, "max_completion_length": 4, "num_iterations": 2, "rewards": [{"name": "format", "pattern": "[a-z]"}]}
+    config = tiny_run_config(tmp_path / "run", train_file, eval_file, method=options(name), objective=objective, train={"max_steps": 2, "batch_size": 2, "lr": 1e-2})
+    report = tunelab.train(config).report
+    first, second = read_metrics(config["output"])
+    assert first["generated_tokens"] > 0 and second["generated_tokens"] == 0
+    assert math.isfinite(first["loss"]) and math.isfinite(second["loss"]) and 0.0 <= report["eval_reward"] <= 1.0

@@ -44,6 +44,8 @@ OBJECTIVES = {
     # test takes the variant without it; test_kto_kl_point_is_the_micro_batches covers the point.
     "kto": {"name": "kto", "loss_type": "apo_zero_unpaired"},
     "reward": {"name": "reward"},
+    # Two steps per batch of samples, so the second trains with importance ratios off 1.
+    "grpo": {"name": "grpo", "num_generations": 4, "max_completion_length": 8, "num_iterations": 2, "rewards": [{"name": "format", "pattern": "[a-m]"}]},
 }
 
 
@@ -53,7 +55,18 @@ def data(module_cache, tmp_path_factory):
     records, _ = write_records_data(folder, n_train=16)
     pairs, pairs_eval = write_preference_data(folder, n_train=16, n_eval=4)
     text = write_jsonl(folder / "text.jsonl", [{"text": json.loads(line)["messages"][1]["content"] * 3} for line in records.read_text().splitlines()])
-    return {"sft": records, "text": text, "preference": pairs, "preference_eval": pairs_eval, "unpaired": pairs, "unpaired_eval": pairs_eval}
+    prompts = write_jsonl(folder / "prompts.jsonl", [{"prompt": f"Question {i}:", "answer": str(i)} for i in range(16)])
+    prompts_eval = write_jsonl(folder / "prompts_eval.jsonl", [{"prompt": f"Question {i}:", "answer": str(i)} for i in range(16, 20)])
+    return {
+        "sft": records,
+        "text": text,
+        "preference": pairs,
+        "preference_eval": pairs_eval,
+        "unpaired": pairs,
+        "unpaired_eval": pairs_eval,
+        "prompt": prompts,
+        "prompt_eval": prompts_eval,
+    }
 
 
 def objective_config(tmp_path, files, case: str, **sections) -> dict:
@@ -72,14 +85,16 @@ def test_every_registered_objective_is_covered():
 def test_grad_accumulation_matches_one_big_batch(case, data, tmp_path):
     """batch 8 x accum 1 == batch 2 x accum 4, step by step: every loss term is divided by its unit's
     count over the whole step, so how the step is cut into micro-batches does not matter."""
-    losses = {}
+    losses, norms = {}, {}
     for batch_size, accum in [(8, 1), (2, 4)]:
         config = objective_config(tmp_path / f"bs{batch_size}", data, case, train={"batch_size": batch_size, "grad_accum": accum, "max_steps": 3, "lr": 1e-2})
         tunelab.train(config)
         losses[batch_size] = [m["loss"] for m in read_metrics(config["output"])]
+        norms[batch_size] = [m["grad_norm"] for m in read_metrics(config["output"])]
     assert len(losses[8]) == 3
-    assert losses[2] == pytest.approx(losses[8], rel=1e-5)
-    assert losses[8][0] != losses[8][-1]  # the steps trained: equal losses are not equal no-ops
+    assert losses[2] == pytest.approx(losses[8], rel=1e-5, abs=1e-7)
+    assert norms[2] == pytest.approx(norms[8], rel=1e-5)
+    assert norms[8][0] != norms[8][-1]  # the steps trained: equal figures are not equal no-ops
 
 
 def test_kto_kl_point_is_the_micro_batches(data, tmp_path):

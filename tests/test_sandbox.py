@@ -1,4 +1,4 @@
-"""The code sandbox (`tunelab.eval.sandbox.run_python`): untrusted programs are scored as failures
+"""The code sandbox (`tunelab.scoring.sandbox.run_python`): untrusted programs are scored as failures
 and contained, and well-behaved programs pass.
 
 Every containment test asserts the isolation layers it relies on (`SandboxResult.layers`), so a
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.eval.sandbox import OUTPUT_LIMIT, SandboxLimits, SandboxResult, run_python
+from tunelab.scoring.sandbox import OUTPUT_LIMIT, SandboxLimits, SandboxResult, run_python
 
 FAST = SandboxLimits(timeout_s=10.0)
 SECRET = "tunelab-sandbox-secret-7f3a9c"

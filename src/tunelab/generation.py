@@ -80,3 +80,63 @@ def generate(
             if progress is not None:
                 progress(len(chunk))
     return outputs
+
+
+@torch.no_grad()
+def sample_completions(
+    model,
+    prompts: list[list[int]],
+    n: int,
+    max_new_tokens: int,
+    stop_ids: list[int],
+    pad_id: int,
+    seed: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop: list[str] | None = None,
+    tokenizer=None,
+) -> tuple[list[list[int]], list[bool]]:
+    """`n` sampled completions of each prompt (token ids), grouped by prompt: prompt i's are at
+    i·n … i·n + n − 1. Each runs to its first stop token (kept) or a `stop` string, else to
+    max_new_tokens (then it is `truncated`). One batch, left-padded, with the KV cache, in eval
+    mode (no dropout), seeded: the same weights and seed give the same completions. Temperature 0
+    is greedy decoding."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, width - len(ids) :] = 1
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k or None} if temperature > 0 else {"do_sample": False}
+    if stop:
+        sampling.update(stop_strings=stop, tokenizer=tokenizer)
+    with torch.random.fork_rng(devices=[]):  # sampling must not move the caller's RNG
+        torch.manual_seed(seed)
+        generated = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=n,
+            eos_token_id=stop_ids,
+            pad_token_id=pad_id,
+            **sampling,
+        )
+    model.train(was_training)
+    completions, truncated = [], []
+    stops = torch.tensor(stop_ids)
+    for row in generated[:, width:].cpu():
+        ended = torch.isin(row, stops).nonzero()
+        if len(ended):
+            completions.append(row[: int(ended[0]) + 1].tolist())
+            truncated.append(False)
+        else:
+            kept = row.tolist()
+            while stop and kept and kept[-1] == pad_id:  # a row a stop string ended is padded to the longest
+                kept.pop()
+            completions.append(kept)
+            truncated.append(len(kept) == max_new_tokens)
+    return completions, truncated

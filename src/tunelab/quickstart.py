@@ -182,9 +182,9 @@ def on_policy_pairs(model_name: str, splits: dict[str, list[dict]], seed: int) -
     import random
 
     from tunelab.config import ModelConfig
-    from tunelab.eval.scoring import json_scores
     from tunelab.generation import generate
     from tunelab.models import load_model
+    from tunelab.scoring.answers import json_scores
 
     model, tokenizer = load_model(ModelConfig(name=model_name))
     rng = random.Random(f"{seed}-rejected")

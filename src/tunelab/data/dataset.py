@@ -12,6 +12,7 @@ from datasets import Dataset, disable_progress_bars
 from tunelab.config.schema import DataConfig
 from tunelab.data.formats import load_examples
 from tunelab.data.preference import fit_to_length, load_preference_examples, tokenize_preference
+from tunelab.data.prompts import load_prompt_examples, tokenize_prompt
 from tunelab.data.tokenize import tokenize_example
 from tunelab.errors import TunelabError
 from tunelab.models.loader import cache_dir
@@ -65,7 +66,8 @@ def tokenized_split(path: str, config: DataConfig, tokenizer, rows: str = "sft")
 
     `rows`: "sft" (token ids and a target mask per row, truncated to max_length), "text" (every
     token a target; a longer text becomes several max_length pieces), "preference" or "unpaired"
-    (prompt ids shared by the completions' ids, see data/preference.py). The cache holds every row
+    (prompt ids shared by the completions' ids, see data/preference.py), "prompt" (prompt ids and
+    the row's other fields, for objectives that sample completions: data/prompts.py). The cache holds every row
     tokenized; which rows train, and the counts of cut and dropped ones, are worked out from it on
     each run.
     """
@@ -129,6 +131,14 @@ def _reader(path: str, config: DataConfig, tokenizer, rows: str):
             return fitted | extra | {"full_length": full_length, "row": row}
 
         return data_format, examples, tokenize_pair
+
+    if rows == "prompt":
+        data_format, examples = load_prompt_examples(path)
+
+        def tokenize_row(example: dict, row: int) -> dict:
+            return tokenize_prompt(example, tokenizer, max_length) | {"row": row}
+
+        return data_format, examples, tokenize_row
 
     data_format, examples = load_examples(path, "text" if rows == "text" else config.format)
     if rows == "text":

@@ -52,7 +52,7 @@ def _paired(row: dict, where: str) -> dict:
         if not (isinstance(row["chosen"], list) and isinstance(row["rejected"], list)):
             raise TunelabError(f"{where}: missing field 'prompt' (only message-list rows may leave the prompt implicit)")
         return _split_shared_prompt(row, where)
-    prompt = _prompt(row["prompt"], where)
+    prompt = parse_prompt(row["prompt"], where)
     return {"prompt": prompt, **{key: _completion(row[key], key, prompt, where) for key in ("chosen", "rejected")}}
 
 
@@ -62,7 +62,7 @@ def _unpaired(row: dict, where: str) -> dict:
             raise TunelabError(f"{where}: missing field '{key}' (unpaired rows are {{prompt, completion, label}})")
     if not isinstance(row["label"], bool):
         raise TunelabError(f"{where}: field 'label' must be true or false, got {row['label']!r}")
-    prompt = _prompt(row["prompt"], where)
+    prompt = parse_prompt(row["prompt"], where)
     return {"prompt": prompt, "completion": _completion(row["completion"], "completion", prompt, where), "label": row["label"]}
 
 
@@ -70,7 +70,7 @@ def _unpaired_from(pair: dict, key: str) -> dict:
     return {"prompt": pair["prompt"], "completion": pair[key], "label": key == "chosen"}
 
 
-def _prompt(value, where: str) -> str | list[dict]:
+def parse_prompt(value, where: str) -> str | list[dict]:
     if isinstance(value, str):
         return value
     if isinstance(value, list) and value:
@@ -121,13 +121,13 @@ def _split_shared_prompt(row: dict, where: str) -> dict:
 
 def tokenize_preference(example: dict, tokenizer, kind: str) -> dict:
     """`prompt_ids` and one id list per completion (`chosen_ids`, `rejected_ids` or `completion_ids`)."""
-    tokens = {"prompt_ids": _prompt_ids(example["prompt"], tokenizer)}
+    tokens = {"prompt_ids": prompt_ids(example["prompt"], tokenizer)}
     for key in COMPLETIONS[kind]:
         tokens[f"{key}_ids"] = _completion_ids(example["prompt"], example[key], tokenizer)
     return tokens
 
 
-def _prompt_ids(prompt, tokenizer) -> list[int]:
+def prompt_ids(prompt, tokenizer) -> list[int]:
     if isinstance(prompt, str):
         return tokenizer(prompt)["input_ids"]  # with the tokenizer's BOS, if it adds one
     return tokenizer(render_prompt(prompt, tokenizer), add_special_tokens=False)["input_ids"]

@@ -1,4 +1,4 @@
 from tunelab.eval.evaluate import evaluate
-from tunelab.eval.scoring import score_prediction
+from tunelab.scoring.answers import score_prediction
 
 __all__ = ["evaluate", "score_prediction"]

@@ -14,11 +14,11 @@ from tunelab.data.dataset import build_datasets
 from tunelab.data.formats import load_examples
 from tunelab.errors import TunelabError
 from tunelab.eval.loss import evaluate_loss
-from tunelab.eval.scoring import score_prediction
 from tunelab.files import write_json_atomic
 from tunelab.generation import generate
 from tunelab.models import load_model
 from tunelab.runs import load_run
+from tunelab.scoring.answers import score_prediction
 
 
 def generation_cases(examples: list[dict]) -> list[tuple[list[dict] | str, str]]:

@@ -22,17 +22,17 @@ from tunelab.config.schema import ModelConfig
 from tunelab.console import console
 from tunelab.errors import TunelabError
 from tunelab.eval.likelihood import continuation_logprobs, prompt_ids, sequence_logprobs
-from tunelab.eval.sandbox import SandboxLimits, run_python
-from tunelab.eval.scoring import (
+from tunelab.eval.tasks import Sample, TaskConfig, code_program, task_samples
+from tunelab.files import write_json_atomic, write_text_atomic
+from tunelab.generation import generate
+from tunelab.scoring.answers import (
     exact_match,
     final_number,
     json_scores,
     macro_f1,
     numbers_equal,
 )
-from tunelab.eval.tasks import Sample, TaskConfig, code_program, task_samples
-from tunelab.files import write_json_atomic, write_text_atomic
-from tunelab.generation import generate
+from tunelab.scoring.sandbox import SandboxLimits, run_python
 
 SAMPLES_FILE = "eval_samples.jsonl"
 

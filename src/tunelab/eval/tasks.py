@@ -29,7 +29,7 @@ from pydantic import Field, model_validator
 from tunelab.config import load_config
 from tunelab.config.schema import Strict
 from tunelab.errors import TunelabError
-from tunelab.eval.scoring import fenced_code
+from tunelab.scoring.answers import fenced_code
 
 TaskType = Literal["math_exact", "multiple_choice", "classification", "code_pass_at_k", "json_fields", "exact_match", "perplexity", "preference"]
 GENERATION_TYPES = ("math_exact", "code_pass_at_k", "json_fields", "exact_match")

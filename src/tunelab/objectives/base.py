@@ -52,10 +52,14 @@ class Objective(ABC):
     name: ClassVar[str]
     Options: ClassVar[type[ObjectiveOptions]]
     # Which rows data/ builds for it: "sft" (chat / prompt-completion / text), "text" (every token a
-    # target), "preference" ({prompt, chosen, rejected}), "unpaired" ({prompt, completion, label}).
+    # target), "preference" ({prompt, chosen, rejected}), "unpaired" ({prompt, completion, label}),
+    # "prompt" ({prompt, ...fields its rewards read}).
     rows: ClassVar[str] = "sft"
     # Metrics shown on the progress bar besides the loss (all of them go to metrics.jsonl).
     progress_metrics: ClassVar[tuple[str, ...]] = ()
+    # Whether it trains on completions the policy samples during training (GRPO): then each step's
+    # samples are its prompts' completions, scored by `scored_samples` (train/rollout.py).
+    samples_completions: ClassVar[bool] = False
 
     def __init__(self, options: ObjectiveOptions):
         self.options = options

@@ -57,10 +57,13 @@ class TargetLogProbs:
         return {name: sums[:, k] for k, name in enumerate(TOKEN_STATS)}
 
 
-def target_log_probs(model, batch: Batch) -> TargetLogProbs:
+def target_log_probs(model, batch: Batch, temperature: float = 1.0) -> TargetLogProbs:
     """The log-probabilities of the batch's target tokens, chunked like `causal_lm_loss`: the
-    (tokens x vocabulary) logits never exist at once."""
+    (tokens x vocabulary) logits never exist at once. `temperature` divides the logits first (the
+    distribution completions were sampled from, as GRPO reads it)."""
     hidden, head_weight, labels = _at_targets(model, batch)
+    if temperature != 1.0:
+        hidden = hidden / temperature  # (h/T)·W = (h·W)/T, and logits/T when `hidden` holds them
     if head_weight is None:  # `hidden` holds the logits
         log_probs = torch.log_softmax(hidden.float(), dim=-1)
         token_log_probs = log_probs.gather(1, labels[:, None]).squeeze(1)

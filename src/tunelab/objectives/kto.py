@@ -64,7 +64,7 @@ class KtoBatch:
     def sequence_keys(self) -> list[str]:
         return [f"{row}" for row in self.rows] + [f"{row}:kl:{other}" for row, other in zip(self.rows, self.kl_rows)]
 
-    def sequence_log_probs(self, model) -> torch.Tensor:
+    def reference_log_probs(self, model) -> torch.Tensor:
         """Each example's completion log-probability, then each KL sequence's."""
         n = self.n_examples
         return torch.cat([target_log_probs(model, self.examples).sums(n), target_log_probs(model, self.kl_sequences).sums(n)])

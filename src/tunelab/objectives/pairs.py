@@ -55,7 +55,7 @@ class PairBatch:
         """Names of the sequences (precomputed reference log-probabilities are stored by them)."""
         return [f"{row}:chosen" for row in self.rows] + [f"{row}:rejected" for row in self.rows]
 
-    def sequence_log_probs(self, model) -> torch.Tensor:
+    def reference_log_probs(self, model) -> torch.Tensor:
         """What a reference policy gives for this batch: each sequence's completion log-probability."""
         return self.completion_log_probs(target_log_probs(model, self.sequences))
 

@@ -67,9 +67,9 @@ class LiveReference:
         """The reference's log-probability of each of the batch's sequences (`batch.sequence_keys`)."""
         if not self.is_policy:
             with _mode(self.model, training=False):
-                return batch.sequence_log_probs(self.model)
-        with self.context() if self.context else nullcontext(), _without_randomness(self.model):
-            return batch.sequence_log_probs(self.model)
+                return batch.reference_log_probs(self.model)
+        with self.context() if self.context else nullcontext(), without_randomness(self.model):
+            return batch.reference_log_probs(self.model)
 
 
 class PrecomputedReference:
@@ -140,7 +140,7 @@ def load_precomputed(output: Path) -> PrecomputedReference | None:
 
 
 @contextmanager
-def _without_randomness(model):
+def without_randomness(model):
     """Dropout (modules, and attention's own `attention_dropout`) and NEFTune's noise off, every
     other layer in its mode. NEFTune's hook (train/neftune.py) reads the backbone's flag."""
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), model)

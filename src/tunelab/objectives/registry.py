@@ -18,6 +18,7 @@ OBJECTIVES = {
     "orpo": "orpo:Orpo",
     "kto": "kto:Kto",
     "reward": "reward:Reward",
+    "grpo": "grpo:Grpo",
 }
 REGISTRY = LazyRegistry("objective", "tunelab.objectives", OBJECTIVES)
 

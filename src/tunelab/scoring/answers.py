@@ -31,7 +31,11 @@ def parse_json_object(text: str) -> dict | None:
 
 def fenced_code(text: str) -> str:
     """The first fenced code block's content (```python, ```py or a bare fence; an unclosed one runs
-    to the end), or the whole text when it has no fence."""
+    to the end), or the whole text when it has no fence. A reply that opens with code and only
+    closes a fence (common from small instruct models) is the code before that fence."""
+    fences = list(re.finditer(r"^[ \t]*```[ \t]*(\w*)[ \t]*$", text, re.MULTILINE))
+    if len(fences) == 1 and not fences[0].group(1) and text[: fences[0].start()].strip() and not text[fences[0].end() :].strip():
+        return text[: fences[0].start()].rstrip("\n")
     match = re.search(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:\n[ \t]*```|\Z)", text, re.DOTALL)
     return match.group(1) if match else text
 

@@ -1,4 +1,4 @@
-"""The sandbox's child process (standard library only; run as a script by `tunelab.eval.sandbox`).
+"""The sandbox's child process (standard library only; run as a script by `tunelab.scoring.sandbox`).
 
     python -I sandbox_child.py LIMITS_JSON PROGRAM_FILE
 

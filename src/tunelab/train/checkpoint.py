@@ -35,6 +35,8 @@ class TrainState:
     # The choice a method makes from training data before step 1 (LoFiT's heads, SubTuning's layers),
     # and precomputing the reference policy's log-probabilities.
     prepare_seconds: float = 0.0
+    # Sampled completions that later steps still train on (GRPO's num_iterations: train/rollout.py).
+    rollout: dict | None = None
 
 
 def save_checkpoint(checkpoints_dir: Path, state: TrainState, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, keep: int) -> Path:

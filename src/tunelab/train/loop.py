@@ -40,6 +40,7 @@ from tunelab.train.galore import GaLoreAdamW, galore_param_groups
 from tunelab.train.neftune import add_embedding_noise
 from tunelab.train.precision import resolve_frozen_dtype
 from tunelab.train.reporting import MetricsSink, check_trackers
+from tunelab.train.rollout import Rollouts, evaluate_rewards
 from tunelab.train.schedule import lr_at, warmup_steps
 
 # What a run directory may hold; `overwrite` removes exactly these and nothing else.
@@ -92,6 +93,7 @@ class Run:
     reference_logps_computed: int = 0
     optimizer: torch.optim.Optimizer | None = None
     params: dict = field(default_factory=dict)
+    rollouts: Rollouts | None = None  # completions sampled in training (objective.samples_completions)
 
     def micro_batches(self, step: int) -> list[list[dict]]:
         """The step's samples, one list per micro-batch. They follow from the step number alone, so
@@ -100,10 +102,17 @@ class Run:
         indices = step_sample_indices(step, len(self.data.train), tcfg.batch_size * tcfg.grad_accum, self.epoch_steps, tcfg.seed)
         return [[self.data.train[i] for i in indices[k : k + tcfg.batch_size]] for k in range(0, len(indices), tcfg.batch_size)]
 
-    def forward_batches(self, step: int) -> list:
+    def step_samples(self, step: int) -> tuple[list[list[dict]], dict]:
+        """What the step trains on, by micro-batch: the data's samples, or, for an objective that
+        samples completions, those of the data's prompts (train/rollout.py) with the sampling's metrics."""
+        if self.rollouts is None:
+            return self.micro_batches(step), {}
+        return self.rollouts.step_samples(self, step)
+
+    def forward_batches(self, micro_batches: list[list[dict]]) -> list:
         """Each micro-batch runs as one or more forward passes of at most tokens_per_forward tokens:
         that bounds activation memory, and the loss does not depend on it."""
-        return [batch for samples in self.micro_batches(step) for batch in self.objective.forward_batches(samples, self.layout, self.tokens_per_forward)]
+        return [batch for samples in micro_batches for batch in self.objective.forward_batches(samples, self.layout, self.tokens_per_forward)]
 
 
 def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
@@ -136,11 +145,16 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
             last_loss = record["loss"]
             if run.data.eval is not None and ((tcfg.eval_every and step % tcfg.eval_every == 0) or step == run.total_steps):
                 eval_reference = run.reference.for_split("eval") if run.reference is not None else None
-                eval_metrics = evaluate_objective(run.objective, run.model, run.data.eval, tcfg.batch_size, run.layout, eval_reference)
+                if run.rollouts is not None:  # the objective's own samples: score held-out completions
+                    eval_metrics = evaluate_rewards(run)
+                else:
+                    eval_metrics = evaluate_objective(run.objective, run.model, run.data.eval, tcfg.batch_size, run.layout, eval_reference)
                 record.update(eval_metrics)
             if step % tcfg.log_every == 0 or "eval_loss" in record or step == run.total_steps:
                 sink.log(record)
             if tcfg.save_every and step % tcfg.save_every == 0 and step < run.total_steps:
+                if run.rollouts is not None:
+                    state = replace(state, rollout=run.rollouts.checkpoint_state(step, config.objective.num_iterations))
                 save_checkpoint(output / "checkpoints", state, checkpoint_tensors(run), run.optimizer, tcfg.keep_checkpoints)
             shown = "  ".join(f"{key} {record[key]:.3f}" for key in run.objective.progress_metrics if key in record)
             progress.update(bar, completed=step, loss=f"{record['loss']:.4f}", speed=f"{record['tokens_per_s']:.0f}", extra=shown)
@@ -216,6 +230,7 @@ def set_up(config: RunConfig, resume: bool, overwrite: bool) -> tuple[Run, list[
         epoch_steps=epoch_steps,
         tokens_per_forward=resolve_tokens_per_forward(tcfg.max_tokens_per_forward, device),
         params=params,
+        rollouts=Rollouts() if objective.samples_completions else None,
     )
     return run, replaced
 
@@ -261,6 +276,8 @@ def restore_or_prepare(run: Run, output: Path, resume: bool, replaced: list[str]
             restored = run.optimizer.state_dict()
             run.optimizer = build_optimizer(tcfg, model, param_groups(run))
             run.optimizer.load_state_dict(restored)
+        if run.rollouts is not None:
+            run.rollouts.restore(state.rollout)
         console.print(f"Resuming from {checkpoint} (step {state.step} of {run.total_steps})")
     return checkpoint, state
 
@@ -285,7 +302,13 @@ def set_up_reference(run: Run, output: Path, resumed: bool) -> tuple[object, int
     if not precompute_now:
         console.print(f"reference policy: {live.kind}")
         return live, 0
-    batches = {"train": (batch for step in range(1, run.total_steps + 1) for batch in run.forward_batches(step))}
+    if run.objective.samples_completions:
+        raise TunelabError(
+            f"objective '{run.objective.name}' compares completions sampled during training with its reference, so the "
+            f"reference must run live; method '{run.method.name}' switched off is not its initial policy: name a model "
+            "in objective.reference, or set objective.beta: 0"
+        )
+    batches = {"train": (batch for step in range(1, run.total_steps + 1) for batch in run.forward_batches(run.micro_batches(step)))}
     if run.data.eval is not None:
         batches["eval"] = eval_batches(run.objective, run.data.eval, run.config.train.batch_size, run.layout)
     with console.status(f"reference policy ({live.kind}): computing its log-probabilities once"):
@@ -307,7 +330,8 @@ def train_step(run: Run, step: int) -> dict:
 
     # Forward and backward, batch by batch. Each loss term is divided by its unit's count over the
     # whole accumulated step, not per batch: then batch 8 x accum 1 and batch 1 x accum 8 agree.
-    batches = run.forward_batches(step)
+    micro_batches, sampling = run.step_samples(step)
+    batches = run.forward_batches(micro_batches)
     totals = StepTotals()
     for batch in batches:
         totals.add_counts(batch.counts)
@@ -349,6 +373,7 @@ def train_step(run: Run, step: int) -> dict:
         **totals.counts,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
+        **sampling,
         **figures,
     }
 
