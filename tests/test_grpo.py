@@ -273,7 +273,7 @@ def grpo_config(output, prompts, objective: dict | None = None, **sections) -> d
 
 def test_the_tiny_model_learns_a_checkable_reward(prompts, tmp_path):
     """From near 0 (the share of one byte in random text) to above 0.5 in a few seconds."""
-    config = grpo_config(tmp_path / "run", prompts, {"loss_type": "grpo"}, method={"name": "full"}, train={"max_steps": 20, "batch_size": 4, "lr": 1e-2})
+    config = grpo_config(tmp_path / "run", prompts, {"loss_type": "grpo"}, method={"name": "full"}, train={"max_steps": 30, "batch_size": 4, "lr": 1e-2})
     report = tunelab.train(config).report
     rewards = [m["reward"] for m in read_metrics(config["output"])]
     assert rewards[0] < 0.05 and max(rewards[-3:]) > 0.5
@@ -341,3 +341,22 @@ def test_a_reward_that_fails_mid_run_stops_it_naming_the_reward_and_row(prompts,
     config = grpo_config(tmp_path / "run", {**prompts, "reward": f"{broken}:half"}, train={"max_steps": 2, "batch_size": 4})
     with pytest.raises(TunelabError, match=r"reward 'half' returned None for the completion of .*prompts.jsonl:\d+"):
         tunelab.train(config)
+
+
+def test_inverse_cdf_sampling_draws_from_the_tempered_truncated_distribution():
+    from tunelab.generation import InverseCdfSampling
+
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).expand(20000, 5).contiguous()
+    cases = [
+        (0.7, 1.0, 0, torch.softmax(logits[0] / 0.7, dim=-1)),
+        (1.0, 1.0, 2, torch.softmax(logits[0, :2], dim=-1).tolist() + [0.0] * 3),
+        (1.0, 0.8, 0, None),  # the smallest most-likely set reaching 0.8: tokens 0, 1 and 2
+    ]
+    for temperature, top_p, top_k, expected in cases:
+        chosen = InverseCdfSampling(temperature, top_p, top_k)(None, logits).argmax(dim=-1)
+        frequencies = torch.bincount(chosen, minlength=5).float() / len(chosen)
+        if expected is None:
+            kept = torch.softmax(logits[0], dim=-1)[:3]
+            expected = (kept / kept.sum()).tolist() + [0.0, 0.0]
+        assert torch.allclose(frequencies, torch.as_tensor(expected, dtype=torch.float32), atol=0.012), (temperature, top_p, top_k, frequencies)

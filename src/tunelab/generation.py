@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from tunelab.data.tokenize import render_prompt
 
@@ -111,18 +112,29 @@ def sample_completions(
     for row, ids in enumerate(prompts):
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
         attention_mask[row, width - len(ids) :] = 1
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k or None} if temperature > 0 else {"do_sample": False}
+    sampling = {"do_sample": False}
+    if temperature > 0:
+        sampling["logits_processor"] = LogitsProcessorList([InverseCdfSampling(temperature, top_p, top_k)])
     if stop:
         sampling.update(stop_strings=stop, tokenizer=tokenizer)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    shared = {}
+    if n > 1 and width > 1:
+        # A group's prompt is the same tokens n times: compute it once (but its last token, which
+        # generate needs to start from), then give each of the n completions a copy of its cache.
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1], use_cache=True).past_key_values
+        cache.batch_repeat_interleave(n)
+        shared = {"past_key_values": cache}
     with torch.random.fork_rng(devices=[]):  # sampling must not move the caller's RNG
         torch.manual_seed(seed)
         generated = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
+            input_ids=input_ids.repeat_interleave(n, dim=0),
+            attention_mask=attention_mask.repeat_interleave(n, dim=0),
             max_new_tokens=max_new_tokens,
-            num_return_sequences=n,
             eos_token_id=stop_ids,
             pad_token_id=pad_id,
+            **shared,
             **sampling,
         )
     model.train(was_training)
@@ -140,3 +152,30 @@ def sample_completions(
             completions.append(kept)
             truncated.append(len(kept) == max_new_tokens)
     return completions, truncated
+
+
+class InverseCdfSampling(LogitsProcessor):
+    """Sampling with temperature, top-k and top-p as a logits processor for greedy decoding: it
+    draws the next token by the inverse CDF (one uniform number per row) and leaves only that token
+    possible, so generate's argmax takes it. HF's sampler (torch.multinomial) draws a random number
+    per vocabulary entry: ~60 ms a step for 64 rows of a 49k vocabulary on 2 CPU cores, a fifth of
+    the sampling time."""
+
+    def __init__(self, temperature: float, top_p: float = 1.0, top_k: int = 0):
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = scores.float() / self.temperature
+        if self.top_k and self.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if self.top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            # keep the smallest set of most likely tokens whose mass reaches top_p (always the first)
+            outside = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p
+            probs = probs.scatter(1, order, sorted_probs.masked_fill(outside, 0.0))
+        cdf = probs.cumsum(dim=-1)
+        draw = (1.0 - torch.rand(cdf.shape[0], 1, device=cdf.device)) * cdf[:, -1:]  # > 0: never a token of probability 0
+        token = torch.searchsorted(cdf, draw).clamp(max=cdf.shape[-1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
