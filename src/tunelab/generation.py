@@ -123,9 +123,9 @@ def sample_completions(
         # A group's prompt is the same tokens n times: compute it once (but its last token, which
         # generate needs to start from), then give each of the n completions a copy of its cache.
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        cache = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1], use_cache=True).past_key_values
+        cache = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1], use_cache=True).cache
         cache.batch_repeat_interleave(n)
-        shared = {"past_key_values": cache}
+        shared = {"cache": cache}
     with torch.random.fork_rng(devices=[]):  # sampling must not move the caller's RNG
         torch.manual_seed(seed)
         generated = model.generate(

@@ -17,14 +17,20 @@ def metric_records(metrics_path: Path) -> list[dict]:
 
 
 def plot_loss(metrics_path: Path, out_path: Path, title: str = "training loss") -> Path:
+    return plot_metric(metrics_path, out_path, "loss", "loss (nats / target token)", title)
+
+
+def plot_metric(metrics_path: Path, out_path: Path, metric: str, ylabel: str, title: str) -> Path:
+    """A logged metric by step, with its eval points (`eval_<metric>`) where there are any."""
     records = metric_records(metrics_path)
+    trained = [r for r in records if metric in r]
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss", lw=1.2)
-    evals = [r for r in records if "eval_loss" in r]
+    ax.plot([r["step"] for r in trained], [r[metric] for r in trained], label=f"train {metric}", lw=1.2)
+    evals = [r for r in records if f"eval_{metric}" in r]
     if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+        ax.plot([r["step"] for r in evals], [r[f"eval_{metric}"] for r in evals], "o-", label=f"eval {metric}")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / target token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
