@@ -57,8 +57,8 @@ class Objective(ABC):
     rows: ClassVar[str] = "sft"
     # Metrics shown on the progress bar besides the loss (all of them go to metrics.jsonl).
     progress_metrics: ClassVar[tuple[str, ...]] = ()
-    # Whether it trains on completions the policy samples during training (GRPO): then each step's
-    # samples are its prompts' completions, scored by `scored_samples` (train/rollout.py).
+    # Whether it trains on completions the policy samples during training (GRPO, RAFT): then the
+    # steps' samples come from its `round_batches` (objectives/sampled.py, train/rollout.py).
     samples_completions: ClassVar[bool] = False
 
     def __init__(self, options: ObjectiveOptions):

@@ -30,22 +30,14 @@ import torch
 from pydantic import Field, model_validator
 
 from tunelab.data.batching import Batch, BatchLayout, split_by_tokens
-from tunelab.data.prompts import row_fields, row_prompt
-from tunelab.objectives.base import Objective, ObjectiveOutput, Summed
+from tunelab.objectives.base import ObjectiveOutput, Summed
 from tunelab.objectives.causal_lm import TargetLogProbs, target_log_probs
 from tunelab.objectives.reference import ReferenceOptions
-from tunelab.scoring.rewards import Rewards, RewardSpec
+from tunelab.objectives.sampled import SampledObjective, SamplingOptions, completion_metrics
 
 
-class GrpoOptions(ReferenceOptions):
+class GrpoOptions(SamplingOptions, ReferenceOptions):
     name: Literal["grpo"] = "grpo"
-    rewards: list[RewardSpec] = Field(min_length=1, description="the weighted reward functions (scoring/rewards.py)")
-    num_generations: int = Field(default=8, ge=2, description="completions sampled per prompt (G)")
-    max_completion_length: int = Field(default=256, ge=1)
-    temperature: float = Field(default=1.0, gt=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=0, description="0: no top-k cut")
-    stop: list[str] = Field(default_factory=list, description="strings that end a completion (besides the EOS tokens)")
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     epsilon: float = Field(default=0.2, gt=0)
@@ -131,16 +123,18 @@ def completion_batches(samples: list[dict], layout: BatchLayout, max_tokens: int
     return batches
 
 
-class Grpo(Objective):
+class Grpo(SampledObjective):
     name = "grpo"
     Options = GrpoOptions
-    rows = "prompt"
-    samples_completions = True
     progress_metrics = ("reward", "reward_std")
 
-    def __init__(self, options: GrpoOptions):
-        super().__init__(options)
-        self.rewards = Rewards(options.rewards)  # a user's function that does not import fails here
+    @property
+    def needs_sampling_log_probs(self) -> bool:
+        return self.options.num_iterations > 1
+
+    @property
+    def round_steps(self) -> int:
+        return self.options.num_iterations
 
     @property
     def needs_reference(self) -> bool:
@@ -149,42 +143,26 @@ class Grpo(Objective):
     def forward_batches(self, samples: list[dict], layout, max_tokens: int) -> list[CompletionBatch]:
         return completion_batches(samples, layout, max_tokens, self.options.temperature)
 
-    # ---- The samples: scored completions with their advantages (train/rollout.py calls these)
+    # ---- The samples: scored completions with their advantages (train/rollout.py calls this)
 
-    def scored_samples(self, prompts: list[dict], completions: list[list[int]], texts: list[str], truncated: list[bool]) -> tuple[list[dict], dict[str, float]]:
-        """The completions of `prompts` (num_generations each, grouped by prompt) as training
-        samples with their advantages, and the step's reward and completion metrics (TRL's names)."""
+    def round_batches(self, prompt_steps, completions, texts, truncated):
+        """The completions (num_generations per prompt, grouped by prompt) with their advantages, in
+        their prompts' micro-batches, for each of the num_iterations steps; TRL's rollout metrics."""
         group = self.options.num_generations
-        rows = [p for p in prompts for _ in range(group)]
+        prompt_batches = prompt_steps[0]
+        rows = [p for batch in prompt_batches for p in batch for _ in range(group)]
         rewards, per_function = self.score(rows, completions, texts)
         advantages, std = group_advantages(rewards, group, self.options.scale_rewards)
         samples = [
-            {
-                "prompt_ids": row["prompt_ids"],
-                "completion_ids": ids,
-                "advantage": float(a),
-                "trained": not (self.options.mask_truncated_completions and cut),
-            }
+            {"prompt_ids": row["prompt_ids"], "completion_ids": ids, "advantage": float(a), "trained": not (self.options.mask_truncated_completions and cut)}
             for row, ids, a, cut in zip(rows, completions, advantages.tolist(), truncated)
         ]
-        return samples, rollout_metrics(rewards, per_function, self.rewards.labels, std, completions, truncated)
-
-    def score(self, rows: list[dict], completions: list[list[int]], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weighted reward, each function's reward) of each completion of its row."""
-        scores = self.rewards.score([row_prompt(r) for r in rows], texts, completions, [row_fields(r) for r in rows], [r["where"] for r in rows])
-        per_function = torch.tensor(scores, dtype=torch.float64).T  # (completions, functions)
-        weights = torch.tensor([s.weight for s in self.rewards.specs], dtype=torch.float64)
-        return per_function @ weights, per_function
-
-    def eval_figures(self, rows: list[dict], completions: list[list[int]], texts: list[str]) -> dict[str, float]:
-        """The held-out figures of one greedy completion per prompt: rewards and lengths."""
-        rewards, per_function = self.score(rows, completions, texts)
-        figures = {"reward": rewards.mean().item(), "completions/mean_length": sum(len(c) for c in completions) / len(completions)}
-        return figures | {f"rewards/{label}/mean": per_function[:, k].mean().item() for k, label in enumerate(self.rewards.labels)}
-
-    def language_model_samples(self, samples: list[dict]) -> list[dict]:
-        """The prompts, every token a target (what a method's data-driven choice reads: Method.prepare)."""
-        return [{"input_ids": s["prompt_ids"], "target_mask": [1] * len(s["prompt_ids"])} for s in samples]
+        micro_batches, start = [], 0
+        for batch in prompt_batches:
+            micro_batches.append(samples[start : start + len(batch) * group])
+            start += len(batch) * group
+        metrics = reward_metrics(rewards, per_function, self.rewards.labels, std) | completion_metrics(completions, truncated)
+        return [micro_batches] * self.options.num_iterations, metrics, []
 
     # ---- The loss
 
@@ -238,20 +216,13 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: str) -> tuple[tor
     return (centered if scale == "none" else centered / (std + 1e-4)), std
 
 
-def rollout_metrics(rewards, per_function, labels: list[str], std, completions: list[list[int]], truncated: list[bool]) -> dict[str, float]:
-    lengths = torch.tensor([len(c) for c in completions], dtype=torch.float64)
-    ended = lengths[~torch.tensor(truncated)]
+def reward_metrics(rewards, per_function, labels: list[str], std) -> dict[str, float]:
+    """TRL's reward metrics of a round's samples: the weighted reward, each function's, and the
+    share of groups whose completions all scored alike (no signal)."""
     metrics = {
         "reward": rewards.mean().item(),
         "reward_std": rewards.std().item(),
         "frac_reward_zero_std": torch.isclose(std, torch.zeros_like(std)).double().mean().item(),
-        "completions/mean_length": lengths.mean().item(),
-        "completions/min_length": lengths.min().item(),
-        "completions/max_length": lengths.max().item(),
-        "completions/clipped_ratio": sum(truncated) / len(truncated),
-        "completions/mean_terminated_length": ended.mean().item() if len(ended) else 0.0,
-        "completions/min_terminated_length": ended.min().item() if len(ended) else 0.0,
-        "completions/max_terminated_length": ended.max().item() if len(ended) else 0.0,
     }
     for k, label in enumerate(labels):
         metrics[f"rewards/{label}/mean"] = per_function[:, k].mean().item()

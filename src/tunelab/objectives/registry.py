@@ -19,6 +19,7 @@ OBJECTIVES = {
     "kto": "kto:Kto",
     "reward": "reward:Reward",
     "grpo": "grpo:Grpo",
+    "raft": "raft:Raft",
 }
 REGISTRY = LazyRegistry("objective", "tunelab.objectives", OBJECTIVES)
 

@@ -40,7 +40,7 @@ from tunelab.train.galore import GaLoreAdamW, galore_param_groups
 from tunelab.train.neftune import add_embedding_noise
 from tunelab.train.precision import resolve_frozen_dtype
 from tunelab.train.reporting import MetricsSink, check_trackers
-from tunelab.train.rollout import Rollouts, evaluate_rewards
+from tunelab.train.rollout import ROUNDS_DIR, Rollouts, evaluate_rewards
 from tunelab.train.schedule import lr_at, warmup_steps
 
 # What a run directory may hold; `overwrite` removes exactly these and nothing else.
@@ -57,6 +57,7 @@ RUN_FILES = (
     "loss.png",
     "tensorboard",
     PRECOMPUTED_FILE,
+    ROUNDS_DIR,
 )
 # Config keys that may change between a run and its resumption without breaking exactness.
 RESUMABLE_CHANGES = {"save_every", "eval_every", "keep_checkpoints", "log_every", "report_to"}  # under train.
@@ -154,7 +155,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
                 sink.log(record)
             if tcfg.save_every and step % tcfg.save_every == 0 and step < run.total_steps:
                 if run.rollouts is not None:
-                    state = replace(state, rollout=run.rollouts.checkpoint_state(step, config.objective.num_iterations))
+                    state = replace(state, rollout=run.rollouts.checkpoint_state(step, run.objective.round_steps))
                 save_checkpoint(output / "checkpoints", state, checkpoint_tensors(run), run.optimizer, tcfg.keep_checkpoints)
             shown = "  ".join(f"{key} {record[key]:.3f}" for key in run.objective.progress_metrics if key in record)
             progress.update(bar, completed=step, loss=f"{record['loss']:.4f}", speed=f"{record['tokens_per_s']:.0f}", extra=shown)

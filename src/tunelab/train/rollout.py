@@ -1,29 +1,36 @@
-"""Completions sampled during training, for the objectives that learn from them (GRPO).
+"""Completions sampled during training, for the objectives that learn from them (GRPO, RAFT).
 
-At the first step of each round (a round is `objective.num_iterations` steps), the round's prompts
-(the data's samples of step `round`, in their micro-batches) get `num_generations` completions
-each, sampled under the current weights (generation.sample_completions, seeded by the run's seed
-and the step, so a resumed run samples the same ones), scored by the objective's rewards. The
-round's steps all train on them; with more than one step per round, the sampling policy's
-log-probabilities are computed once, before the first update, for the importance ratio.
+Training runs in rounds of `objective.round_steps` steps. At a round's first step, the prompts of
+its `objective.prompt_steps` data steps (in their micro-batches) get `num_generations` completions
+each, sampled at once under the current weights (generation.sample_completions, seeded by the run's
+seed and the step, so a resumed run samples the same ones) and scored by the objective, which
+turns them into the round's training samples (`round_batches`). Where the loss reads the sampling
+policy's log-probabilities (GRPO reusing samples), they are computed once, before the first update.
+A checkpoint inside a round keeps the round's samples (TrainState.rollout).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from tunelab.files import write_text_atomic
 from tunelab.generation import sample_completions, stop_token_ids
 from tunelab.objectives.reference import without_randomness
+
+# Where a run keeps what each round chose to train on (RAFT's kept completions), one file a round.
+ROUNDS_DIR = "rounds"
 
 
 @dataclass
 class Rollout:
     round: int
-    micro_batches: list[list[dict]]  # the scored completion samples, by micro-batch
+    steps: list[list[list[dict]]]  # for each step of the round, its micro-batches of samples
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -33,28 +40,31 @@ class Rollouts:
     def __init__(self) -> None:
         self.current: Rollout | None = None
 
-    def checkpoint_state(self, step: int, iterations: int) -> dict | None:
+    def checkpoint_state(self, step: int, round_steps: int) -> dict | None:
         """What a checkpoint after `step` keeps: the round's samples, if later steps train on them."""
-        if self.current is None or step % iterations == 0:
+        if self.current is None or step % round_steps == 0:
             return None
-        return {"round": self.current.round, "micro_batches": self.current.micro_batches, "metrics": self.current.metrics}
+        return {"round": self.current.round, "steps": self.current.steps, "metrics": self.current.metrics}
 
     def restore(self, saved: dict | None) -> None:
-        self.current = None if saved is None else Rollout(saved["round"], saved["micro_batches"], saved["metrics"])
+        self.current = None if saved is None else Rollout(saved["round"], saved["steps"], saved["metrics"])
 
     def step_samples(self, run, step: int) -> tuple[list[list[dict]], dict[str, float]]:
         """The step's micro-batches, and the sampling metrics when this step sampled them."""
-        round_ = (step - 1) // run.objective.options.num_iterations + 1
-        if self.current is not None and self.current.round == round_:
-            return self.current.micro_batches, {"generation_seconds": 0.0, "generated_tokens": 0}
-        self.current = sample_round(run, round_, step)
-        return self.current.micro_batches, self.current.metrics
+        round_steps = run.objective.round_steps
+        round_, position = divmod(step - 1, round_steps)
+        if self.current is not None and self.current.round == round_ + 1:
+            return self.current.steps[position], {"generation_seconds": 0.0, "generated_tokens": 0}
+        self.current = sample_round(run, round_ + 1, step)
+        return self.current.steps[position], self.current.metrics
 
 
 def sample_round(run, round_: int, step: int) -> Rollout:
-    options, tokenizer = run.objective.options, run.tokenizer
-    prompt_batches = run.micro_batches(round_)
-    prompts = [p for batch in prompt_batches for p in batch]
+    objective, tokenizer = run.objective, run.tokenizer
+    options = objective.options
+    first = (round_ - 1) * objective.prompt_steps + 1
+    prompt_steps = [run.micro_batches(data_step) for data_step in range(first, first + objective.prompt_steps)]
+    prompts = [p for batches in prompt_steps for batch in batches for p in batch]
     started = time.perf_counter()
     completions, truncated = sample_completions(
         run.model,
@@ -72,15 +82,14 @@ def sample_round(run, round_: int, step: int) -> Rollout:
     )
     seconds = time.perf_counter() - started
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    samples, metrics = run.objective.scored_samples(prompts, completions, texts, truncated)
-    group = options.num_generations
-    micro_batches, start = [], 0
-    for batch in prompt_batches:
-        micro_batches.append(samples[start : start + len(batch) * group])
-        start += len(batch) * group
-    if options.num_iterations > 1:
-        keep_sampling_log_probs(run, micro_batches)
-    return Rollout(round_, micro_batches, metrics | {"generation_seconds": seconds, "generated_tokens": sum(len(c) for c in completions)})
+    steps, metrics, records = objective.round_batches(prompt_steps, completions, texts, truncated)
+    if records:
+        folder = Path(run.config.output) / ROUNDS_DIR
+        folder.mkdir(exist_ok=True)
+        write_text_atomic(folder / f"round-{round_}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    if objective.needs_sampling_log_probs:
+        keep_sampling_log_probs(run, steps[0])
+    return Rollout(round_, steps, metrics | {"generation_seconds": seconds, "generated_tokens": sum(len(c) for c in completions)})
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
-"""GRPO (objectives/grpo.py, train/rollout.py): TRL 1.16's loss as the oracle, advantages, the
-completion mask, rewards, gradient-accumulation invariance, exact resume, and learning a reward."""
+"""The objectives that train on their own samples (train/rollout.py): GRPO (objectives/grpo.py:
+TRL 1.16's loss as the oracle, advantages, the completion mask, gradient-accumulation invariance)
+and RAFT (objectives/raft.py: the kept set), rewards, exact resume, and learning a reward."""
 
 from __future__ import annotations
 
@@ -299,16 +300,21 @@ def test_grad_accumulation_keeps_groups_whole_and_the_update_equal(loss_type, pr
     assert any(t.abs().max() > 0 for name, t in adapters[8].items() if "lora_B" in name)
 
 
-def test_resume_after_sigkill_mid_round_is_exact(prompts, tmp_path):
-    """Killed after step 3 of rounds of 2 steps: the resumed run trains step 4 on the samples of
-    step 3 (kept with the checkpoint), and samples step 5's as the uninterrupted run does."""
-    config = grpo_config(
-        tmp_path / "run",
-        prompts,
-        {"num_iterations": 2, "beta": 0.04},
-        method={"dropout": 0.1},
-        train={"max_steps": 6, "batch_size": 4, "save_every": 1, "keep_checkpoints": 2, "lr": 1e-2},
-    )
+ROUND_CASES = {
+    # killed after step 3 of rounds of 2: the resumed run trains step 4 on step 3's samples
+    "grpo": ({"num_iterations": 2, "beta": 0.04}, [True, False] * 3),
+    # killed after step 3 of rounds of 2 steps: the same, on RAFT's kept set
+    "raft": ({"name": "raft", "num_generations": 4, "steps_per_round": 2, "threshold": 0.05}, [True, False] * 3),
+}
+
+
+@pytest.mark.parametrize("case", ROUND_CASES)
+def test_resume_after_sigkill_mid_round_is_exact(case, prompts, tmp_path):
+    """The samples of a round that later steps still train on are kept with the checkpoint; the
+    next round samples as the uninterrupted run does (same weights, same seed)."""
+    objective, sampled = ROUND_CASES[case]
+    method = {"dropout": 0.1} if case == "grpo" else {}
+    config = grpo_config(tmp_path / "run", prompts, objective, method=method, train={"max_steps": 6, "batch_size": 4, "save_every": 1, "keep_checkpoints": 2, "lr": 1e-2})
     run_dir, reference_dir = kill_and_resume(tmp_path, config, kill_after=3)
     assert_tensors_equal(load_adapter(run_dir), load_adapter(reference_dir))
 
@@ -316,7 +322,7 @@ def test_resume_after_sigkill_mid_round_is_exact(prompts, tmp_path):
         return [{k: v for k, v in m.items() if "seconds" not in k and "per_s" not in k} for m in read_metrics(run)]
 
     assert untimed(run_dir) == untimed(reference_dir)
-    assert [m["generated_tokens"] > 0 for m in read_metrics(reference_dir)] == [True, False] * 3
+    assert [m["generated_tokens"] > 0 for m in read_metrics(reference_dir)] == sampled
 
 
 def test_bad_inputs_fail_before_any_write(prompts, tmp_path):
@@ -360,3 +366,38 @@ def test_inverse_cdf_sampling_draws_from_the_tempered_truncated_distribution():
             kept = torch.softmax(logits[0], dim=-1)[:3]
             expected = (kept / kept.sum()).tolist() + [0.0, 0.0]
         assert torch.allclose(frequencies, torch.as_tensor(expected, dtype=torch.float32), atol=0.012), (temperature, top_p, top_k, frequencies)
+
+
+# ---- RAFT
+
+
+def test_raft_keeps_each_prompts_best_completion_above_the_threshold():
+    from tunelab.objectives.raft import Raft, RaftOptions
+
+    objective = Raft(RaftOptions(rewards=[{"name": "format", "pattern": "yes"}], num_generations=2, steps_per_round=2, threshold=0.5))
+    rows = [{"prompt_ids": [1, i], "prompt": json.dumps(f"q{i}"), "fields": "{}", "where": f"f:{i}"} for i in range(4)]
+    prompt_steps = [[[rows[0]], [rows[1]]], [[rows[2], rows[3]]]]  # two data steps: 2 micro-batches, then 1
+    texts = ["no", "yes", "no", "no", "yes", "yes!", "no", "nope"]
+    completions = [[10 + i] for i in range(8)]
+    steps, metrics, records = objective.round_batches(prompt_steps, completions, texts, [False] * 8)
+    assert [[len(batch) for batch in step] for step in steps] == [[1, 0], [1]]
+    assert steps[0][0][0] == {"input_ids": [1, 0, 11], "target_mask": [0, 0, 1]}  # the first prompt's best is its second
+    assert steps[1][0][0]["input_ids"] == [1, 2, 14]  # ties: the first best
+    assert [r["kept"] for r in records] == [True, False, True, False] and records[0]["completion"] == "yes"
+    assert metrics["raft/acceptance"] == 0.5 and metrics["reward"] == 3 / 8
+
+
+def test_raft_learns_from_its_kept_completions_and_writes_each_round(prompts, tmp_path):
+    config = grpo_config(
+        tmp_path / "run", prompts, {"name": "raft", "num_generations": 8, "steps_per_round": 2}, method={"name": "full"}, train={"max_steps": 16, "batch_size": 4, "lr": 3e-2}
+    )
+    report = tunelab.train(config).report
+    records = read_metrics(config["output"])
+    rewards = [r["reward"] for r in records if "reward" in r]  # logged by the steps that sampled
+    assert len(rewards) == 8 and rewards[0] < 0.05 and max(rewards[-2:]) > 0.25  # measured: 0.003 -> 0.53
+    rounds = sorted((tmp_path / "run" / "rounds").iterdir())
+    assert [p.name for p in rounds] == [f"round-{i}.jsonl" for i in range(1, 9)]
+    kept = [json.loads(line) for line in rounds[0].read_text().splitlines()]
+    assert len(kept) == 8 and all(set(k) == {"where", "prompt", "completion", "reward", "kept"} for k in kept)
+    assert records[0]["raft/acceptance"] == sum(k["kept"] for k in kept) / 8
+    assert 0.0 <= report["eval_reward"] <= 1.0

@@ -1,0 +1,91 @@
+"""What the objectives that train on their own samples share (GRPO, RAFT): prompt rows, the
+sampling options, the reward functions, and the held-out figures.
+
+A round of training (train/rollout.py) samples `num_generations` completions for the prompts of
+`prompt_steps` data steps at once, under the current weights; the objective's `round_batches`
+turns the scored completions into the samples of the round's `round_steps` training steps.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import Field
+
+from tunelab.data.prompts import row_fields, row_prompt
+from tunelab.objectives.base import Objective, ObjectiveOptions
+from tunelab.scoring.rewards import Rewards, RewardSpec
+
+
+class SamplingOptions(ObjectiveOptions):
+    rewards: list[RewardSpec] = Field(min_length=1, description="the weighted reward functions (scoring/rewards.py)")
+    num_generations: int = Field(default=8, ge=2, description="completions sampled per prompt")
+    max_completion_length: int = Field(default=256, ge=1)
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0, description="0: no top-k cut")
+    stop: list[str] = Field(default_factory=list, description="strings that end a completion (besides the EOS tokens)")
+
+
+class SampledObjective(Objective):
+    rows = "prompt"
+    samples_completions = True
+    # Whether the loss reads the sampling policy's log-probabilities (kept once, before the first
+    # update of the round: train/rollout.py).
+    needs_sampling_log_probs: ClassVar[bool] = False
+
+    def __init__(self, options: SamplingOptions):
+        super().__init__(options)
+        self.rewards = Rewards(options.rewards)  # a user's function that does not import fails here
+
+    @property
+    def round_steps(self) -> int:
+        """Training steps each round of samples serves."""
+        return 1
+
+    @property
+    def prompt_steps(self) -> int:
+        """Data steps whose prompts a round samples completions for."""
+        return 1
+
+    def round_batches(
+        self, prompt_steps: list[list[list[dict]]], completions: list[list[int]], texts: list[str], truncated: list[bool]
+    ) -> tuple[list[list[list[dict]]], dict[str, float], list[dict]]:
+        """The round's training samples: for each of its `round_steps` steps, the step's micro-batches.
+        `prompt_steps`: the prompts of each data step by micro-batch; completions, their texts and
+        whether max_completion_length cut them: num_generations per prompt, in prompt order.
+        Also the round's metrics and records to keep (RAFT's kept set)."""
+        raise NotImplementedError
+
+    def score(self, rows: list[dict], completions: list[list[int]], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weighted reward, each function's reward) of each completion of its row."""
+        scores = self.rewards.score([row_prompt(r) for r in rows], texts, completions, [row_fields(r) for r in rows], [r["where"] for r in rows])
+        per_function = torch.tensor(scores, dtype=torch.float64).T  # (completions, functions)
+        weights = torch.tensor([s.weight for s in self.rewards.specs], dtype=torch.float64)
+        return per_function @ weights, per_function
+
+    def eval_figures(self, rows: list[dict], completions: list[list[int]], texts: list[str]) -> dict[str, float]:
+        """The held-out figures of one greedy completion per prompt: rewards and lengths."""
+        rewards, per_function = self.score(rows, completions, texts)
+        figures = {"reward": rewards.mean().item(), "completions/mean_length": sum(len(c) for c in completions) / len(completions)}
+        return figures | {f"rewards/{label}/mean": per_function[:, k].mean().item() for k, label in enumerate(self.rewards.labels)}
+
+    def language_model_samples(self, samples: list[dict]) -> list[dict]:
+        """The prompts, every token a target (what a method's data-driven choice reads: Method.prepare)."""
+        return [{"input_ids": s["prompt_ids"], "target_mask": [1] * len(s["prompt_ids"])} for s in samples]
+
+
+def completion_metrics(completions: list[list[int]], truncated: list[bool]) -> dict[str, float]:
+    """TRL's completions/* metrics of a round's samples."""
+    lengths = torch.tensor([len(c) for c in completions], dtype=torch.float64)
+    ended = lengths[~torch.tensor(truncated)]
+    return {
+        "completions/mean_length": lengths.mean().item(),
+        "completions/min_length": lengths.min().item(),
+        "completions/max_length": lengths.max().item(),
+        "completions/clipped_ratio": sum(truncated) / len(truncated),
+        "completions/mean_terminated_length": ended.mean().item() if len(ended) else 0.0,
+        "completions/min_terminated_length": ended.min().item() if len(ended) else 0.0,
+        "completions/max_terminated_length": ended.max().item() if len(ended) else 0.0,
+    }
