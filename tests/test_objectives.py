@@ -46,6 +46,8 @@ OBJECTIVES = {
     "reward": {"name": "reward"},
     # Two steps per batch of samples, so the second trains with importance ratios off 1.
     "grpo": {"name": "grpo", "num_generations": 4, "max_completion_length": 8, "num_iterations": 2, "rewards": [{"name": "format", "pattern": "[a-m]"}]},
+    # The teacher is the student's base: the SFT half moves the student, the divergence then grows.
+    "distill": {"name": "distill", "teacher": "tiny-random-llama", "alpha": 0.5},
     "raft": {"name": "raft", "num_generations": 4, "max_completion_length": 8, "steps_per_round": 2, "rewards": [{"name": "format", "pattern": "[a-m]"}]},
 }
 

@@ -26,7 +26,7 @@ def causal_lm_loss(model, batch: Batch) -> torch.Tensor:
     The output head runs only on target positions (on chat data most positions are prompt
     tokens), a chunk at a time, so the full (tokens x vocabulary) logits never exist.
     """
-    hidden, head_weight, labels = _at_targets(model, batch)
+    hidden, head_weight, labels = at_targets(model, batch)
     if head_weight is None:  # `hidden` holds the logits
         return F.cross_entropy(hidden.float(), labels, reduction="sum")
     return LinearCrossEntropy.apply(hidden, head_weight, labels)
@@ -61,7 +61,7 @@ def target_log_probs(model, batch: Batch, temperature: float = 1.0) -> TargetLog
     """The log-probabilities of the batch's target tokens, chunked like `causal_lm_loss`: the
     (tokens x vocabulary) logits never exist at once. `temperature` divides the logits first (the
     distribution completions were sampled from, as GRPO reads it)."""
-    hidden, head_weight, labels = _at_targets(model, batch)
+    hidden, head_weight, labels = at_targets(model, batch)
     if temperature != 1.0:
         hidden = hidden / temperature  # (h/T)·W = (h·W)/T, and logits/T when `hidden` holds them
     if head_weight is None:  # `hidden` holds the logits
@@ -84,7 +84,7 @@ def _token_stats(logits: torch.Tensor, log_probs: torch.Tensor, labels: torch.Te
     return torch.stack([logits.mean(dim=-1), entropy, top1], dim=1)
 
 
-def _at_targets(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+def at_targets(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The forward every objective's loss runs: (final hidden states at target positions, the
     output head's weight, labels), or, for models whose logits are not just head(hidden) (a head
     bias, softcapping, scaling), (logits at target positions, None, labels). Method hooks inside the
@@ -172,7 +172,7 @@ class TokenLogProbs(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
         log_probs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         stats = torch.empty(hidden.shape[0], len(TOKEN_STATS), dtype=torch.float32, device=hidden.device)
-        for rows, h, y in _chunks(hidden, weight, labels):
+        for rows, h, y in row_chunks(hidden, weight, labels):
             logits = (h.to(weight.dtype) @ weight.t()).float()
             chunk_log_probs = torch.log_softmax(logits, dim=-1)
             log_probs[rows] = chunk_log_probs.gather(1, y[:, None]).squeeze(1)
@@ -187,7 +187,7 @@ class TokenLogProbs(torch.autograd.Function):
         want_hidden, want_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
-        for rows, h, y in _chunks(hidden, weight, labels):
+        for rows, h, y in row_chunks(hidden, weight, labels):
             # d log p(y) / d logits = one_hot(y) - softmax, times each row's upstream gradient
             grad_logits = torch.softmax((h.to(weight.dtype) @ weight.t()).float(), dim=-1).neg_()
             grad_logits[torch.arange(len(y), device=y.device), y] += 1
@@ -199,7 +199,7 @@ class TokenLogProbs(torch.autograd.Function):
         return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None
 
 
-def _chunks(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
+def row_chunks(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
     """(row slice, hidden rows, labels) chunks of about TOKEN_CHUNK_ELEMENTS logits each."""
     step = max(1, TOKEN_CHUNK_ELEMENTS // weight.shape[0])
     for start in range(0, hidden.shape[0], step):

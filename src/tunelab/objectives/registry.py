@@ -20,6 +20,7 @@ OBJECTIVES = {
     "reward": "reward:Reward",
     "grpo": "grpo:Grpo",
     "raft": "raft:Raft",
+    "distill": "distill:Distill",
 }
 REGISTRY = LazyRegistry("objective", "tunelab.objectives", OBJECTIVES)
 

@@ -33,7 +33,7 @@ from tunelab.objectives.base import StepTotals, eval_batches, evaluate_objective
 from tunelab.objectives.causal_lm import causal_lm_loss, store_head_weight
 from tunelab.objectives.reference import PRECOMPUTED_FILE, choose_reference, load_precomputed, precompute, save_precomputed
 from tunelab.objectives.registry import build_objective
-from tunelab.runs import save_artifacts
+from tunelab.runs import load_run, save_artifacts
 from tunelab.train.allocator import keep_freed_memory, peak_memory_mb, reset_peak_memory
 from tunelab.train.checkpoint import TrainState, clean_staging, list_checkpoints, load_checkpoint, save_checkpoint
 from tunelab.train.galore import GaLoreAdamW, galore_param_groups
@@ -199,6 +199,8 @@ def set_up(config: RunConfig, resume: bool, overwrite: bool) -> tuple[Run, list[
     method.attach(model)
     objective = build_objective(config.objective)
     objective.attach(model)
+    if getattr(config.objective, "teacher", None):  # distillation
+        objective.teacher = load_teacher(config.objective.teacher, config.objective.teacher_dtype, config.model, tokenizer)
     if tcfg.neftune_alpha:
         add_embedding_noise(model, tcfg.neftune_alpha)  # training forwards only: model.eval() turns it off
     params = trainable_tensors(method, objective, model)
@@ -281,6 +283,22 @@ def restore_or_prepare(run: Run, output: Path, resume: bool, replaced: list[str]
             run.rollouts.restore(state.rollout)
         console.print(f"Resuming from {checkpoint} (step {state.step} of {run.total_steps})")
     return checkpoint, state
+
+
+def load_teacher(name: str, dtype: str, student_config, student_tokenizer):
+    """A frozen teacher for distillation: a tunelab run directory (its trained model) or a model
+    (alias | local dir | hub id), in `dtype`; its vocabulary must be the student's."""
+    if (Path(name) / "config.yaml").is_file():
+        loaded = load_run(name, dtype=dtype)
+        teacher, tokenizer = loaded.model, loaded.tokenizer
+    else:
+        teacher, tokenizer = load_model(student_config.model_copy(update={"name": name, "dtype": dtype}))
+    if tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise TunelabError(
+            f"objective.teacher {name} has another vocabulary ({len(tokenizer)} tokens) than the student {student_config.name} ({len(student_tokenizer)}): distillation compares their distributions token by token"
+        )
+    teacher.requires_grad_(False)
+    return teacher.eval()
 
 
 def set_up_reference(run: Run, output: Path, resumed: bool) -> tuple[object, int]:

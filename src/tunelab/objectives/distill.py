@@ -1,0 +1,138 @@
+"""Knowledge distillation: the student matches a frozen teacher's next-token distribution on the
+data's target tokens (sequence-level KD on the data's completions; Hinton et al. 2015, Kim & Rush
+2016), as TRL 1.16's GKDTrainer measures it (Agarwal et al. 2024, generalized JSD).
+
+On each target token, with the student's and the teacher's log-probabilities s and t of the
+logits divided by `temperature`:
+- forward_kl: KL(teacher ‖ student) = Σ pₜ (t − s)            (GKD's beta = 0)
+- reverse_kl: KL(student ‖ teacher) = Σ pₛ (s − t)            (GKD's beta = 1)
+- jsd:        β·KL(teacher ‖ m) + (1 − β)·KL(student ‖ m),  m = (1 − β)·pₛ + β·pₜ
+The loss is `alpha` × the divergence + (1 − alpha) × the SFT cross-entropy of the data's targets,
+each summed over the target tokens and divided by the step's target tokens.
+
+The teacher (train/loop.py loads it: a model, or a run directory) must share the student's
+vocabulary. The divergence runs on target rows in chunks, like the SFT head (causal_lm.py): the
+(tokens × vocabulary) logits of neither model ever exist at once, and the gradient is worked out in
+the forward pass, chunk by chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from tunelab.data.batching import Batch, BatchLayout, split_by_tokens
+from tunelab.objectives.base import Objective, ObjectiveOptions, ObjectiveOutput, Summed
+from tunelab.objectives.causal_lm import LinearCrossEntropy, at_targets, row_chunks
+
+
+class DistillOptions(ObjectiveOptions):
+    name: Literal["distill"] = "distill"
+    teacher: str = Field(description="the teacher: a model (alias | local dir | hub id) or a tunelab run directory")
+    teacher_dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="the teacher's weights (bf16 halves its memory)")
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "jsd"
+    beta: float = Field(default=0.5, gt=0, lt=1, description="jsd only: the teacher's share of the mixture")
+    temperature: float = Field(default=1.0, gt=0)
+    alpha: float = Field(default=1.0, ge=0, le=1, description="the divergence's weight; 1 − alpha weighs the SFT loss")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistillOptions:
+        if self.loss != "jsd" and "beta" in self.model_fields_set:
+            raise ValueError("objective.beta applies to loss: jsd only (forward_kl is GKD's beta 0, reverse_kl its beta 1)")
+        return self
+
+
+class Distill(Objective):
+    name = "distill"
+    Options = DistillOptions
+    progress_metrics = ("divergence",)
+
+    def __init__(self, options: DistillOptions):
+        super().__init__(options)
+        self.teacher = None  # set by the loop before training (train/loop.py)
+
+    @property
+    def beta(self) -> float:
+        """GKD's beta of the chosen divergence."""
+        return {"forward_kl": 0.0, "reverse_kl": 1.0}.get(self.options.loss, self.options.beta)
+
+    def forward_batches(self, samples: list[dict], layout: BatchLayout, max_tokens: int) -> list[Batch]:
+        return [layout.batch(group) for group in split_by_tokens(samples, max_tokens)]
+
+    def output(self, model, batch: Batch, reference=None) -> ObjectiveOutput:
+        o = self.options
+        with torch.no_grad():
+            teacher_hidden, teacher_weight, _ = at_targets(self.teacher, batch)
+        hidden, weight, labels = at_targets(model, batch)
+        if weight is None or teacher_weight is None:
+            raise NotImplementedError("distillation needs models whose logits are their output head's product (no softcapping or head bias)")
+        divergence = LinearDivergence.apply(hidden, weight, teacher_hidden, teacher_weight, self.beta, o.temperature)
+        terms = {"distill_loss": Summed(o.alpha * divergence, "target_tokens")}
+        if o.alpha < 1:
+            terms["nll_loss"] = Summed((1 - o.alpha) * LinearCrossEntropy.apply(hidden, weight, labels), "target_tokens")
+        return ObjectiveOutput(terms=terms, metrics={"divergence": Summed(divergence.detach(), "target_tokens")})
+
+    def eval_summary(self, means: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
+        return {"target_tokens": counts["target_tokens"]}
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per row: KL(teacher ‖ student) at beta 0, KL(student ‖ teacher) at 1, else the generalized
+    JSD β·KL(teacher ‖ m) + (1 − β)·KL(student ‖ m), m = (1 − β)·student + β·teacher."""
+    s, t = torch.log_softmax(student_logits, dim=-1), torch.log_softmax(teacher_logits, dim=-1)
+    if beta == 0:
+        return (t.exp() * (t - s)).sum(-1)
+    if beta == 1:
+        return (s.exp() * (s - t)).sum(-1)
+    m = torch.logaddexp(s + torch.log1p(torch.tensor(-beta)), t + torch.log(torch.tensor(beta)))
+    return beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
+
+
+class LinearDivergence(torch.autograd.Function):
+    """Σ over rows of generalized_jsd(student_hidden·Wₛᵀ / T, teacher_hidden·Wₜᵀ / T), in row chunks,
+    the gradient of the student's side worked out in the forward pass:
+    d/ds = pₛ ⊙ (g − Σ pₛ g) with g = (1 − β)(log pₛ − log m) (jsd), log pₛ − log pₜ (reverse KL),
+    and d/ds = pₛ − pₜ (forward KL)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, beta: float, temperature: float):
+        want_hidden, want_weight = hidden.requires_grad, weight.requires_grad
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for rows, h, h_teacher in row_chunks(hidden, weight, teacher_hidden):
+            student = (h.to(weight.dtype) @ weight.t()).float() / temperature
+            teacher = (h_teacher.to(teacher_weight.dtype) @ teacher_weight.t()).float() / temperature
+            s, t = torch.log_softmax(student, dim=-1), torch.log_softmax(teacher, dim=-1)
+            p_s = s.exp()
+            if beta == 0:
+                total += (t.exp() * (t - s)).sum()
+                grad = p_s - t.exp()
+            else:
+                if beta == 1:
+                    g = s - t
+                    total += (p_s * g).sum()
+                else:
+                    m = torch.logaddexp(s + torch.log1p(torch.tensor(-beta)), t + torch.log(torch.tensor(beta)))
+                    total += beta * (t.exp() * (t - m)).sum() + (1 - beta) * (p_s * (s - m)).sum()
+                    g = (1 - beta) * (s - m)
+                grad = p_s * (g - (p_s * g).sum(-1, keepdim=True))
+            grad /= temperature  # d/d(raw logits)
+            if want_hidden:
+                grad_hidden[rows] = grad.to(weight.dtype) @ weight
+            if want_weight:
+                grad_weight.addmm_(grad.t(), h.float())
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None
