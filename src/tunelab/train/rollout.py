@@ -107,22 +107,25 @@ def keep_sampling_log_probs(run, micro_batches: list[list[dict]]) -> None:
                     batch.samples[i]["old_log_probs"][j] = value
 
 
-def evaluate_rewards(run) -> dict[str, float]:
-    """One greedy completion per held-out prompt, scored by the run's rewards: `eval_reward`,
-    `eval_rewards/<function>/mean`, `eval_completions/mean_length`."""
+def evaluate_rewards(run, batch_size: int = 64) -> dict[str, float]:
+    """One greedy completion per held-out prompt (in batches of `batch_size` prompts), scored by the
+    run's rewards: `eval_reward`, `eval_rewards/<function>/mean`, `eval_completions/mean_length`."""
     options, tokenizer = run.objective.options, run.tokenizer
     rows = [run.data.eval[i] for i in range(len(run.data.eval))]
-    completions, _ = sample_completions(
-        run.model,
-        [r["prompt_ids"] for r in rows],
-        1,
-        options.max_completion_length,
-        stop_token_ids(run.model, tokenizer),
-        tokenizer.pad_token_id,
-        seed=0,
-        temperature=0.0,
-        stop=options.stop,
-        tokenizer=tokenizer,
-    )
+    completions = []
+    for start in range(0, len(rows), batch_size):
+        prompts = [r["prompt_ids"] for r in rows[start : start + batch_size]]
+        completions += sample_completions(
+            run.model,
+            prompts,
+            1,
+            options.max_completion_length,
+            stop_token_ids(run.model, tokenizer),
+            tokenizer.pad_token_id,
+            seed=0,
+            temperature=0.0,
+            stop=options.stop,
+            tokenizer=tokenizer,
+        )[0]
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     return {f"eval_{name}": value for name, value in run.objective.eval_figures(rows, completions, texts).items()}
