@@ -1,8 +1,11 @@
-"""GRPO on the built-in arithmetic task (data/arithmetic_task.py) with SmolLM2-135M-Instruct and
-LoRA: held-out greedy accuracy before and after, the reward curve, the share of groups with no
-reward spread, and seconds per step split into sampling and update.
+"""GRPO or RAFT on the built-in arithmetic task (data/arithmetic_task.py) with
+SmolLM2-135M-Instruct and LoRA: held-out greedy accuracy before and after, the reward curve, the
+share of groups with no reward spread (GRPO) or the acceptance rate (RAFT), and seconds per step
+split into sampling and update. Both sample 8 completions for 8 prompts a step by default, so the
+same --steps is the same sample budget.
 
-    python benchmarks/grpo_arithmetic.py --out runs/grpo-arithmetic [--steps 100]
+    python benchmarks/reward_learning.py --objective grpo --out runs/grpo-arithmetic [--steps 130]
+    python benchmarks/reward_learning.py --objective raft --out runs/raft-arithmetic [--steps 130]
 
 Writes OUT/summary.json, OUT/reward.png and the run directory OUT/run (an ordinary tunelab run).
 """
@@ -35,6 +38,7 @@ def greedy_accuracy(model_name: str, rows: list[dict], max_new_tokens: int) -> f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--objective", choices=("grpo", "raft"), default="grpo")
     parser.add_argument("--out", type=Path, default=Path("runs/grpo-arithmetic"))
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--steps", type=int, default=100)
@@ -57,7 +61,8 @@ def main() -> None:
         "model": {"name": args.model},
         "data": {"train": str(files["train"]), "eval": str(files["eval"]), "max_length": 256},
         "method": {"name": "lora", "r": 16, "alpha": 32.0, "dropout": 0.0},
-        "objective": {"name": "grpo", "num_generations": args.generations, "max_completion_length": args.max_completion, "rewards": [{"name": "math_exact"}]},
+        "objective": {"name": args.objective, "num_generations": args.generations, "max_completion_length": args.max_completion, "rewards": [{"name": "math_exact"}]}
+        | ({"steps_per_round": 1} if args.objective == "raft" else {}),
         "train": {"max_steps": args.steps, "batch_size": args.prompts_per_step, "lr": args.lr, "warmup": 0, "scheduler": "constant", "save_every": 0, "seed": args.seed},
         "output": str(args.out / "run"),
     }
@@ -73,12 +78,12 @@ def main() -> None:
         "train_seconds": time.perf_counter() - started,
         "sampling_seconds_per_step": sum(r["generation_seconds"] for r in records) / len(records),
         "update_seconds_per_step": sum(r["seconds"] - r["generation_seconds"] for r in records) / len(records),
-        "frac_reward_zero_std": sum(r["frac_reward_zero_std"] for r in records) / len(records),
+        **{key: sum(r[key] for r in records) / len(records) for key in ("frac_reward_zero_std", "raft/acceptance") if key in records[0]},
         "reward_by_step": [r["reward"] for r in records],
         "config": config,
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_metric(result.output_dir / "metrics.jsonl", args.out / "reward.png", "reward", "mean reward (math_exact)", "GRPO on arithmetic: reward by step")
+    plot_metric(result.output_dir / "metrics.jsonl", args.out / "reward.png", "reward", "mean reward (math_exact)", f"{args.objective.upper()} on arithmetic: reward by step")
     print(json.dumps({k: v for k, v in summary.items() if k not in ("reward_by_step", "config")}, indent=2))
 
 
