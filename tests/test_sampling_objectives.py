@@ -401,3 +401,18 @@ def test_raft_learns_from_its_kept_completions_and_writes_each_round(prompts, tm
     assert len(kept) == 8 and all(set(k) == {"where", "prompt", "completion", "reward", "kept"} for k in kept)
     assert records[0]["raft/acceptance"] == sum(k["kept"] for k in kept) / 8
     assert 0.0 <= report["eval_reward"] <= 1.0
+
+
+def test_a_stop_string_ends_a_completion():
+    from tunelab.models.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(len(tokenizer))
+    prompts = [tokenizer("Hello")["input_ids"], tokenizer("Hi there")["input_ids"]]
+    completions, truncated = sample_completions(model, prompts, 4, 24, [tokenizer.eos_token_id], tokenizer.pad_token_id, seed=0, stop=["e", "a"], tokenizer=tokenizer)
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    ended_by_string = [t for t, ids, cut in zip(texts, completions, truncated) if not cut and ids[-1] != tokenizer.eos_token_id]
+    assert ended_by_string and all(t.endswith(("e", "a")) for t in ended_by_string)
+    for text, ids, cut in zip(texts, completions, truncated):
+        assert "e" not in text[:-1] and "a" not in text[:-1], "nothing after the first stop string"
+        assert not cut or len(ids) == 24

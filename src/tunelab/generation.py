@@ -147,11 +147,20 @@ def sample_completions(
             truncated.append(False)
         else:
             kept = row.tolist()
-            while stop and kept and kept[-1] == pad_id:  # a row a stop string ended is padded to the longest
-                kept.pop()
-            completions.append(kept)
-            truncated.append(len(kept) == max_new_tokens)
+            end = _stop_string_end(kept, tokenizer, stop) if stop else None
+            completions.append(kept[:end])
+            truncated.append(end is None)  # no stop token and no stop string: it ran to max_new_tokens
     return completions, truncated
+
+
+def _stop_string_end(ids: list[int], tokenizer, stop: list[str]) -> int | None:
+    """The number of tokens up to the one that completes the first stop string, if one occurs (the
+    row is padded after it; the padding can hold any token, so it is cut by text, not by id)."""
+    for end in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:end], skip_special_tokens=True)
+        if any(s in text for s in stop):
+            return end
+    return None
 
 
 class InverseCdfSampling(LogitsProcessor):
