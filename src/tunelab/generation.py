@@ -27,6 +27,18 @@ def cut_at_stop(text: str, stop: list[str] | None) -> str:
     return text[: min(ends)] if ends else text
 
 
+def left_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token sequences padded on the left to the longest, as
+    generation needs them (every row's next token goes at the same position)."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, width - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -60,13 +72,8 @@ def generate(
         torch.manual_seed(seed)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in chunk)
-            input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                ids = encoded[i]
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                attention_mask[row, width - len(ids) :] = 1
+            input_ids, attention_mask = left_padded([encoded[i] for i in chunk], tokenizer.pad_token_id)
+            width = input_ids.shape[1]
             generated = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
@@ -106,12 +113,8 @@ def sample_completions(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids)
-        attention_mask[row, width - len(ids) :] = 1
+    input_ids, attention_mask = left_padded(prompts, pad_id)
+    width = input_ids.shape[1]
     sampling = {"do_sample": False}
     if temperature > 0:
         sampling["logits_processor"] = LogitsProcessorList([InverseCdfSampling(temperature, top_p, top_k)])

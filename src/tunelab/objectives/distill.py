@@ -78,23 +78,30 @@ class Distill(Objective):
         return {"target_tokens": counts["target_tokens"]}
 
 
-def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float) -> torch.Tensor:
+def divergence_and_gradient(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: KL(teacher ‖ student) at beta 0, KL(student ‖ teacher) at 1, else the generalized
-    JSD β·KL(teacher ‖ m) + (1 − β)·KL(student ‖ m), m = (1 − β)·student + β·teacher."""
+    JSD β·KL(teacher ‖ m) + (1 − β)·KL(student ‖ m), m = (1 − β)·student + β·teacher; and its
+    gradient with respect to the student's logits: pₛ − pₜ (forward KL), else pₛ ⊙ (g − Σ pₛ g)
+    with g = log pₛ − log pₜ (reverse KL) or (1 − β)(log pₛ − log m) (jsd)."""
     s, t = torch.log_softmax(student_logits, dim=-1), torch.log_softmax(teacher_logits, dim=-1)
+    p_s = s.exp()
     if beta == 0:
-        return (t.exp() * (t - s)).sum(-1)
+        p_t = t.exp()
+        return (p_t * (t - s)).sum(-1), p_s - p_t
     if beta == 1:
-        return (s.exp() * (s - t)).sum(-1)
-    m = torch.logaddexp(s + torch.log1p(torch.tensor(-beta)), t + torch.log(torch.tensor(beta)))
-    return beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
+        g = s - t
+        value = (p_s * g).sum(-1)
+    else:
+        m = torch.logaddexp(s + torch.log1p(torch.tensor(-beta)), t + torch.log(torch.tensor(beta)))
+        value = beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (p_s * (s - m)).sum(-1)
+        g = (1 - beta) * (s - m)
+    return value, p_s * (g - (p_s * g).sum(-1, keepdim=True))
 
 
 class LinearDivergence(torch.autograd.Function):
-    """Σ over rows of generalized_jsd(student_hidden·Wₛᵀ / T, teacher_hidden·Wₜᵀ / T), in row chunks,
-    the gradient of the student's side worked out in the forward pass:
-    d/ds = pₛ ⊙ (g − Σ pₛ g) with g = (1 − β)(log pₛ − log m) (jsd), log pₛ − log pₜ (reverse KL),
-    and d/ds = pₛ − pₜ (forward KL)."""
+    """Σ over rows of the divergence of the student's logits hidden·Wₛᵀ / T from the teacher's
+    (divergence_and_gradient), in row chunks, the student's gradient worked out in the forward pass
+    (backward scales it, as LinearCrossEntropy's does)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, beta: float, temperature: float):
@@ -105,20 +112,8 @@ class LinearDivergence(torch.autograd.Function):
         for rows, h, h_teacher in row_chunks(hidden, weight, teacher_hidden):
             student = (h.to(weight.dtype) @ weight.t()).float() / temperature
             teacher = (h_teacher.to(teacher_weight.dtype) @ teacher_weight.t()).float() / temperature
-            s, t = torch.log_softmax(student, dim=-1), torch.log_softmax(teacher, dim=-1)
-            p_s = s.exp()
-            if beta == 0:
-                total += (t.exp() * (t - s)).sum()
-                grad = p_s - t.exp()
-            else:
-                if beta == 1:
-                    g = s - t
-                    total += (p_s * g).sum()
-                else:
-                    m = torch.logaddexp(s + torch.log1p(torch.tensor(-beta)), t + torch.log(torch.tensor(beta)))
-                    total += beta * (t.exp() * (t - m)).sum() + (1 - beta) * (p_s * (s - m)).sum()
-                    g = (1 - beta) * (s - m)
-                grad = p_s * (g - (p_s * g).sum(-1, keepdim=True))
+            value, grad = divergence_and_gradient(student, teacher, beta)
+            total += value.sum()
             grad /= temperature  # d/d(raw logits)
             if want_hidden:
                 grad_hidden[rows] = grad.to(weight.dtype) @ weight
@@ -130,9 +125,5 @@ class LinearDivergence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
-        if grad_weight is not None:
-            grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+        grad_hidden, grad_weight, _ = LinearCrossEntropy.backward(ctx, grad_total)  # the same saved gradients
         return grad_hidden, grad_weight, None, None, None, None

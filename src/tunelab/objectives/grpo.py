@@ -33,7 +33,7 @@ from tunelab.data.batching import Batch, BatchLayout, split_by_tokens
 from tunelab.objectives.base import ObjectiveOutput, Summed
 from tunelab.objectives.causal_lm import TargetLogProbs, target_log_probs
 from tunelab.objectives.reference import ReferenceOptions
-from tunelab.objectives.sampled import SampledObjective, SamplingOptions, completion_metrics
+from tunelab.objectives.sampled import SampledObjective, SamplingOptions, completion_metrics, reward_metrics
 
 
 class GrpoOptions(SamplingOptions, ReferenceOptions):
@@ -161,7 +161,9 @@ class Grpo(SampledObjective):
         for batch in prompt_batches:
             micro_batches.append(samples[start : start + len(batch) * group])
             start += len(batch) * group
-        metrics = reward_metrics(rewards, per_function, self.rewards.labels, std) | completion_metrics(completions, truncated)
+        metrics = reward_metrics(rewards, per_function, self.rewards.labels) | completion_metrics(completions, truncated)
+        # the share of groups whose completions all scored alike: they teach nothing
+        metrics["frac_reward_zero_std"] = torch.isclose(std, torch.zeros_like(std)).double().mean().item()
         return [micro_batches] * self.options.num_iterations, metrics, []
 
     # ---- The loss
@@ -178,7 +180,8 @@ class Grpo(SampledObjective):
             old = batch.old_log_probs[owner, batch.completion_index(targets)]
         advantages = batch.advantages[owner]
         ratio = torch.exp(log_probs - old)
-        clipped = torch.clamp(ratio, 1 - o.epsilon, 1 + (o.epsilon_high or o.epsilon))
+        high = o.epsilon_high or o.epsilon
+        clipped = torch.clamp(ratio, 1 - o.epsilon, 1 + high)
         token_loss = -torch.min(ratio * advantages, clipped * advantages)
         metrics = {"entropy": Summed(targets.stats[:, 1].sum(), "completion_tokens")}
         if o.beta:
@@ -188,11 +191,11 @@ class Grpo(SampledObjective):
                 kl = kl * ratio
             token_loss = token_loss + o.beta * kl
             metrics["kl"] = Summed(kl.detach().sum(), "completion_tokens")
-        metrics.update(clip_metrics(ratio.detach(), advantages, o.epsilon, o.epsilon_high or o.epsilon))
+        metrics.update(clip_metrics(ratio.detach(), advantages, o.epsilon, high))
         n = len(batch.prompt_lengths)
         if o.loss_type == "grpo":
             per_completion = token_loss.new_zeros(n).index_add(0, owner, token_loss)
-            lengths = torch.bincount(owner, minlength=n).clamp(min=1)
+            lengths = targets.counts(n).clamp(min=1)
             term = Summed((per_completion / lengths).sum(), "completions")
         elif o.loss_type == "bnpo":
             term = Summed(token_loss.sum() / max(1, batch.micro_batch_tokens), "micro_batches")
@@ -214,20 +217,6 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: str) -> tuple[tor
     else:
         std = grouped.std(dim=1).repeat_interleave(group)
     return (centered if scale == "none" else centered / (std + 1e-4)), std
-
-
-def reward_metrics(rewards, per_function, labels: list[str], std) -> dict[str, float]:
-    """TRL's reward metrics of a round's samples: the weighted reward, each function's, and the
-    share of groups whose completions all scored alike (no signal)."""
-    metrics = {
-        "reward": rewards.mean().item(),
-        "reward_std": rewards.std().item(),
-        "frac_reward_zero_std": torch.isclose(std, torch.zeros_like(std)).double().mean().item(),
-    }
-    for k, label in enumerate(labels):
-        metrics[f"rewards/{label}/mean"] = per_function[:, k].mean().item()
-        metrics[f"rewards/{label}/std"] = per_function[:, k].std().item()
-    return metrics
 
 
 def clip_metrics(ratio: torch.Tensor, advantages: torch.Tensor, low: float, high: float) -> dict[str, Summed]:

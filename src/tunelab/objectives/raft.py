@@ -20,7 +20,7 @@ from tunelab.data.batching import Batch, BatchLayout, split_by_tokens
 from tunelab.data.prompts import row_prompt
 from tunelab.objectives.base import ObjectiveOutput, Summed
 from tunelab.objectives.causal_lm import causal_lm_loss
-from tunelab.objectives.sampled import SampledObjective, SamplingOptions, completion_metrics
+from tunelab.objectives.sampled import SampledObjective, SamplingOptions, completion_metrics, reward_metrics
 
 
 class RaftOptions(SamplingOptions):
@@ -63,10 +63,7 @@ class Raft(SampledObjective):
         )
         steps = [[[s for s in (next(samples) for _ in batch) if s is not None] for batch in batches] for batches in prompt_steps]
         metrics = {
-            "reward": rewards.mean().item(),
-            "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
             "raft/acceptance": sum(kept) / len(kept),
             "raft/kept_reward": best.values[torch.tensor(kept)].mean().item() if any(kept) else 0.0,
-            **{f"rewards/{label}/mean": per_function[:, k].mean().item() for k, label in enumerate(self.rewards.labels)},
         }
-        return steps, metrics | completion_metrics(completions, truncated), records
+        return steps, reward_metrics(rewards, per_function, self.rewards.labels) | metrics | completion_metrics(completions, truncated), records

@@ -76,6 +76,20 @@ class SampledObjective(Objective):
         return [{"input_ids": s["prompt_ids"], "target_mask": [1] * len(s["prompt_ids"])} for s in samples]
 
 
+def reward_metrics(rewards: torch.Tensor, per_function: torch.Tensor, labels: list[str]) -> dict[str, float]:
+    """TRL's reward metrics of a round's samples: the weighted reward's and each function's mean
+    and std (unbiased; 0 for a single completion)."""
+
+    def std(values: torch.Tensor) -> float:
+        return values.std().item() if len(values) > 1 else 0.0
+
+    metrics = {"reward": rewards.mean().item(), "reward_std": std(rewards)}
+    for k, label in enumerate(labels):
+        metrics[f"rewards/{label}/mean"] = per_function[:, k].mean().item()
+        metrics[f"rewards/{label}/std"] = std(per_function[:, k])
+    return metrics
+
+
 def completion_metrics(completions: list[list[int]], truncated: list[bool]) -> dict[str, float]:
     """TRL's completions/* metrics of a round's samples."""
     lengths = torch.tensor([len(c) for c in completions], dtype=torch.float64)
