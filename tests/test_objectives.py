@@ -239,6 +239,13 @@ def test_objective_options_are_validated_by_the_objective(data, tmp_path):
         ({"name": "dpo", "betta": 0.1}, "objective.betta"),
         ({"name": "orpo-typo"}, "unknown objective"),
         ({"name": "dpo", "reference_free": True, "precompute_reference": True}, "reference_free"),
+        ({"name": "distill", "teacher": "tiny-random-llama", "loss": "forward_kl", "beta": 0.3}, "loss: jsd only"),
+        ({"name": "distill"}, "objective.teacher"),
+        ({"name": "grpo", "rewards": [{"name": "format"}]}, "needs a 'pattern'"),
+        ({"name": "grpo", "rewards": [{"name": "length", "function": "m:f"}]}, "exactly one of 'name'"),
+        ({"name": "grpo", "rewards": []}, "objective.rewards"),
+        ({"name": "grpo", "rewards": [{"name": "math_exact"}], "reference": "tiny-random-llama"}, "beta > 0 only"),
+        ({"name": "raft", "rewards": [{"function": "no_colon"}]}, "module:function"),
     ]:
         config = objective_config(tmp_path / "run", data, "dpo")
         config["objective"] = objective
