@@ -1,5 +1,5 @@
 """`tunelab bench`: both sides train the same samples (SFT against HF Trainer + peft, DPO against
-TRL's DPOTrainer + peft), the JSON has the contract's keys, and the FLOP count follows its formula.
+TRL's DPOTrainer + peft, GRPO against TRL's GRPOTrainer + peft), the JSON has the contract's keys, and the FLOP count follows its formula.
 Speed itself is measured by running the bench, never asserted here.
 """
 
@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from tunelab.bench import Workload, run_bench, runner
 from tunelab.bench.flops import training_flops
 from tunelab.bench.runner import longest_trainable
-from tunelab.bench.workload import RECORD_PAIRS, SYNTHETIC, run_config, write_splits
+from tunelab.bench.workload import ARITHMETIC, RECORD_PAIRS, SYNTHETIC, run_config, write_splits
 from tunelab.cli.main import app
 from tunelab.methods.lora import Lora, LoraOptions
 from tunelab.models.tiny import tiny_llama
@@ -86,6 +86,25 @@ def test_dpo_bench_trains_the_same_pairs_as_trl(dpo_result):
     assert saved["memory_ratio"] == pytest.approx(tunelab["peak_rss_mb"] / trl["peak_rss_mb"])
 
 
+def test_grpo_bench_trains_trl_on_the_same_completions(tmp_path, module_cache):
+    """TRL's GRPOTrainer samples its own completions (timed) and trains on tunelab's: the same
+    completions each step, the same step-1 loss."""
+    out = tmp_path / "bench.json"
+    grpo = {"objective": "grpo", "data": None, "batch_size": 2, "frozen_dtype": "float32"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "matmul_peak_gflops", lambda dtype=None: 1.0)
+        run_bench(Workload(**(TINY.as_dict() | grpo)), out)
+    saved = json.loads(out.read_text())
+    tunelab, trl = saved["tunelab"], saved["trl_grpo"]
+    assert saved["workload"]["data"] == ARITHMETIC
+    assert tunelab["completion_mean_lengths"] == trl["completion_mean_lengths"] and len(trl["completion_mean_lengths"]) == 2
+    assert len(trl["train_losses"]) == 2 and saved["step1_loss_diff"] == abs(tunelab["step1_loss"] - trl["step1_loss"]) < 1e-6
+    for side in (tunelab, trl):
+        assert side["seconds_per_step"] == pytest.approx(side["sampling_seconds_per_step"] + side["update_seconds_per_step"])
+        assert side["sampling_seconds_per_step"] > 0 and side["update_seconds_per_step"] > 0
+    assert saved["speedup"] == pytest.approx(trl["seconds_per_step"] / tunelab["seconds_per_step"])
+
+
 def test_dpo_workload_writes_preference_rows(tmp_path):
     for data, kind in ((RECORD_PAIRS, list), (SYNTHETIC, str)):
         workload = Workload(**(TINY.as_dict() | {"objective": "dpo", "data": data}))
@@ -141,7 +160,7 @@ def test_bench_command_rejects_methods_without_an_hf_counterpart(tmp_path):
 
 @pytest.mark.parametrize(
     "options, message",
-    [(["--objective", "kto"], "one of sft, dpo"), (["--objective", "dpo", "--long-context"], "--objective sft only")],
+    [(["--objective", "kto"], "one of sft, dpo, grpo"), (["--objective", "dpo", "--long-context"], "--objective sft only")],
 )
 def test_bench_command_rejects_objectives_without_a_peer(tmp_path, options, message):
     result = CliRunner().invoke(app, ["bench", *options, "--out", str(tmp_path / "b.json")])

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import tunelab
-from helpers import read_metrics, tiny_run_config, write_records_data
+from helpers import read_metrics, tiny_run_config, write_jsonl, write_records_data
 from tunelab.errors import TunelabError
-from tunelab.objectives.distill import LinearDivergence, divergence_and_gradient
+from tunelab.export.exporters import export_run
+from tunelab.objectives.distill import LinearDivergence, completion_prompt, divergence_and_gradient, on_policy_step
 
 ROWS, HIDDEN, VOCAB = 37, 16, 300
 pytestmark = pytest.mark.filterwarnings("ignore:You are importing from 'trl.experimental'")
@@ -102,3 +103,70 @@ def test_a_teacher_with_another_vocabulary_is_refused(records, tmp_path, monkeyp
     with pytest.raises(TunelabError, match=r"objective.teacher teacher-model has another vocabulary \(\d+ tokens\) than the student tiny-random-llama"):
         tunelab.train(config)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_on_policy_steps_are_the_exact_share_spread_evenly():
+    steps = range(1, 9)
+    assert [k for k in steps if on_policy_step(k, 0.0)] == []
+    assert [k for k in steps if on_policy_step(k, 0.25)] == [4, 8]
+    assert [k for k in steps if on_policy_step(k, 0.5)] == [2, 4, 6, 8]
+    assert [k for k in steps if on_policy_step(k, 1.0)] == list(steps)
+    assert sum(on_policy_step(k, 0.3) for k in range(1, 101)) == 30
+
+
+def test_a_rows_prompt_is_what_precedes_its_last_completion():
+    chat = {"input_ids": list(range(10)), "target_mask": [0, 0, 0, 1, 1, 0, 0, 1, 1, 1]}
+    assert completion_prompt(chat) == list(range(7))
+    assert completion_prompt({"prompt_ids": [5, 6], "where": "f:1"}) == [5, 6]
+
+
+def distill_config(output, train_file, eval_file, objective: dict, **train) -> dict:
+    options = {"name": "distill", "max_completion_length": 8, **objective}
+    return tiny_run_config(output, train_file, eval_file, objective=options, train={"max_steps": 4, "lr": 1e-2, **train})
+
+
+@pytest.fixture(scope="module")
+def teacher_run(records, tmp_path_factory):
+    """A LoRA teacher trained on the records, and its peft export."""
+    folder = tmp_path_factory.mktemp("teacher")
+    tunelab.train(tiny_run_config(folder / "run", records[0], train={"max_steps": 8, "lr": 1e-2}))
+    return folder / "run", export_run(folder / "run", "peft", folder / "peft")
+
+
+def test_on_policy_steps_train_on_the_students_own_completions(records, teacher_run, tmp_path):
+    """Half the steps (2 and 4) sample the student's completions of the rows' prompts: the loss
+    falls on exactly the generated tokens; the others train on the data's completions."""
+    config = distill_config(tmp_path / "run", *records, {"teacher": str(teacher_run[0]), "on_policy_fraction": 0.5})
+    tunelab.train(config)
+    metrics = read_metrics(config["output"])
+    assert [m["on_policy"] for m in metrics] == [0.0, 1.0, 0.0, 1.0]
+    for m in metrics:
+        if m["on_policy"]:
+            assert m["target_tokens"] == m["generated_tokens"] > 0 and m["completions/max_length"] <= 8
+        else:
+            assert m["generated_tokens"] == 0 and m["target_tokens"] > 8 * 4
+
+
+def test_label_free_distillation_trains_on_the_teachers_completions(tmp_path):
+    """Prompt-only rows: off-policy steps train on the teacher's sampled completions, held-out
+    prompts are scored on its greedy ones. The teacher is the student's base, so the LoRA student
+    starts as the teacher: its first divergence is zero."""
+    train_file = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about {i}:"} for i in range(16)])
+    eval_file = write_jsonl(tmp_path / "held_out.jsonl", [{"prompt": f"About {i}:"} for i in range(3)])
+    config = distill_config(tmp_path / "run", train_file, eval_file, {"teacher": "tiny-random-llama", "loss": "forward_kl", "on_policy_fraction": 0.5, "alpha": 0.5})
+    report = tunelab.train(config).report
+    metrics = read_metrics(config["output"])
+    assert [m["on_policy"] for m in metrics] == [0.0, 1.0, 0.0, 1.0]
+    assert all(m["target_tokens"] == m["generated_tokens"] > 0 for m in metrics)
+    assert metrics[0]["divergence"] == pytest.approx(0.0, abs=1e-6) and metrics[-1]["divergence"] > 1e-4
+    assert report["eval_divergence"] > 0 and report["eval_target_tokens"] > 0
+
+
+def test_a_peft_adapter_teacher_is_the_run_it_was_exported_from(records, teacher_run, tmp_path):
+    """The teacher as a run directory or as its peft export (on the student's base): the same run."""
+    losses = {}
+    for kind, teacher in zip(("run", "peft"), teacher_run):
+        config = distill_config(tmp_path / kind, *records, {"teacher": str(teacher)}, max_steps=2)
+        tunelab.train(config)
+        losses[kind] = [(m["loss"], m["grad_norm"]) for m in read_metrics(config["output"])]
+    assert losses["peft"] == pytest.approx(losses["run"], rel=1e-5) and losses["run"][0][0] > 0

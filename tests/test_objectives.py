@@ -48,6 +48,10 @@ OBJECTIVES = {
     "grpo": {"name": "grpo", "num_generations": 4, "max_completion_length": 8, "num_iterations": 2, "rewards": [{"name": "format", "pattern": "[a-m]"}]},
     # The teacher is the student's base: the SFT half moves the student, the divergence then grows.
     "distill": {"name": "distill", "teacher": "tiny-random-llama", "alpha": 0.5},
+    # Steps 2, 4, ... train on the student's own completions, the others on the data's.
+    "distill-on-policy": {"name": "distill", "teacher": "tiny-random-llama", "alpha": 0.5, "on_policy_fraction": 0.5, "max_completion_length": 8},
+    # Prompt-only rows: the teacher samples the completions of the steps that are not on-policy.
+    "distill-prompts": {"name": "distill", "teacher": "tiny-random-llama", "alpha": 0.5, "on_policy_fraction": 0.5, "max_completion_length": 8},
     "raft": {"name": "raft", "num_generations": 4, "max_completion_length": 8, "steps_per_round": 2, "rewards": [{"name": "format", "pattern": "[a-m]"}]},
 }
 
@@ -55,7 +59,7 @@ OBJECTIVES = {
 @pytest.fixture(scope="module")
 def data(module_cache, tmp_path_factory):
     folder = tmp_path_factory.mktemp("data")
-    records, _ = write_records_data(folder, n_train=16)
+    records, records_eval = write_records_data(folder, n_train=16, n_eval=4)
     pairs, pairs_eval = write_preference_data(folder, n_train=16, n_eval=4)
     text = write_jsonl(folder / "text.jsonl", [{"text": json.loads(line)["messages"][1]["content"] * 3} for line in records.read_text().splitlines()])
     prompts = write_jsonl(folder / "prompts.jsonl", [{"prompt": f"Question {i}:", "answer": str(i)} for i in range(16)])
@@ -69,13 +73,19 @@ def data(module_cache, tmp_path_factory):
         "unpaired_eval": pairs_eval,
         "prompt": prompts,
         "prompt_eval": prompts_eval,
+        "sft_or_prompt": records,
+        "sft_or_prompt_eval": records_eval,
     }
+
+
+# The cases whose data is not the kind of rows their objective reads first.
+ROWS = {"distill-prompts": "prompt"}
 
 
 def objective_config(tmp_path, files, case: str, **sections) -> dict:
     """A tiny run of objective `case` on the rows it reads."""
     options = OBJECTIVES[case]
-    rows = get_objective_class(options["name"]).rows
+    rows = ROWS.get(case) or get_objective_class(options["name"]).rows
     train_file, eval_file = files[rows], files.get(f"{rows}_eval")
     return tiny_run_config(tmp_path, train_file, eval_file, objective=options, **sections)
 
@@ -116,8 +126,9 @@ def test_kto_kl_point_is_the_micro_batches(data, tmp_path):
     assert first["kto_batches"] == 2 and first["examples"] == 8 and first["desirable"] + first["undesirable"] == 8
 
 
-@pytest.mark.parametrize("case", ["dpo", "dpo-precomputed"])
-def test_dpo_resume_after_sigkill_is_bitwise_exact(case, data, tmp_path):
+@pytest.mark.parametrize("case", ["dpo", "dpo-precomputed", "distill-on-policy", "distill-prompts"])
+def test_resume_after_sigkill_is_bitwise_exact(case, data, tmp_path):
+    """Also where steps train on sampled completions: a resumed step samples what it sampled before."""
     config = objective_config(tmp_path / "run", data, case, method={"dropout": 0.1}, train={"max_steps": 10, "batch_size": 8, "save_every": 2, "keep_checkpoints": 2})
     run_dir, reference_dir = kill_and_resume(tmp_path, config, kill_after=4)
     assert_tensors_equal(load_adapter(run_dir), load_adapter(reference_dir))

@@ -379,7 +379,7 @@ def test_raft_keeps_each_prompts_best_completion_above_the_threshold():
     prompt_steps = [[[rows[0]], [rows[1]]], [[rows[2], rows[3]]]]  # two data steps: 2 micro-batches, then 1
     texts = ["no", "yes", "no", "no", "yes", "yes!", "no", "nope"]
     completions = [[10 + i] for i in range(8)]
-    steps, metrics, records = objective.round_batches(prompt_steps, completions, texts, [False] * 8)
+    steps, metrics, records = objective.round_batches(prompt_steps, objective.round_request(prompt_steps, 1), completions, texts, [False] * 8)
     assert [[len(batch) for batch in step] for step in steps] == [[1, 0], [1]]
     assert steps[0][0][0] == {"input_ids": [1, 0, 11], "target_mask": [0, 0, 1]}  # the first prompt's best is its second
     assert steps[1][0][0]["input_ids"] == [1, 2, 14]  # ties: the first best

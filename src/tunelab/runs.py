@@ -19,6 +19,8 @@ from safetensors.torch import load_file, save_file
 from tunelab.config import RunConfig, load_config
 from tunelab.errors import TunelabError
 from tunelab.methods import Method, build_method
+from tunelab.methods.peft_io import method_options_from_peft, read_peft_adapter
+from tunelab.methods.registry import method_options_model
 from tunelab.models import load_model
 from tunelab.objectives.base import Objective
 from tunelab.objectives.registry import build_objective
@@ -83,3 +85,14 @@ def load_run(run_dir: str | Path, device: str | None = None, dtype: str | None =
         objective.attach(model)
         objective.load_state_dict(load_file(weights / OBJECTIVE_FILE))
     return LoadedRun(model, tokenizer, method, config, objective)
+
+
+def load_peft_model(peft_dir: str | Path, model_config) -> tuple[object, object, Method]:
+    """(model, tokenizer, method): the base model of `model_config` (a config.ModelConfig) with the
+    peft adapter at `peft_dir`, applied by the tunelab method of its peft_type."""
+    options = method_options_from_peft(peft_dir)
+    method = build_method(method_options_model(options["name"]).model_validate(options))
+    model, tokenizer = load_model(model_config)
+    method.attach(model)
+    method.peft_import(model, *read_peft_adapter(peft_dir))
+    return model, tokenizer, method

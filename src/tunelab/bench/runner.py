@@ -1,5 +1,5 @@
-"""`tunelab bench`: tunelab's trainer against HF Trainer + peft (SFT) or TRL's DPOTrainer + peft
-(DPO), side by side in one invocation."""
+"""`tunelab bench`: tunelab's trainer against HF Trainer + peft (SFT), TRL's DPOTrainer + peft (DPO)
+or TRL's GRPOTrainer + peft (GRPO), side by side in one invocation."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch
 
 from tunelab.bench.flops import matmul_peak_gflops, training_flops
 from tunelab.bench.workload import (
+    OBJECTIVES,
     Workload,
     default_data,
     run_config,
@@ -31,13 +32,13 @@ from tunelab.errors import TunelabError
 from tunelab.files import write_json_atomic
 from tunelab.methods import build_method
 from tunelab.models.loader import load_model_skeleton, load_tokenizer, local_source
-from tunelab.objectives.registry import build_objective
+from tunelab.objectives.registry import build_objective, get_objective_class
 from tunelab.train.loop import planned_sample_order
 from tunelab.train.precision import resolve_frozen_dtype
 
 # The trainer tunelab is compared with, by objective, and the packages it needs.
-PEERS = {"sft": "hf_peft", "dpo": "trl"}
-PEER_PACKAGES = {"hf_peft": ("peft", "accelerate"), "trl": ("peft", "accelerate", "trl")}
+PEERS = {"sft": "hf_peft", "dpo": "trl", "grpo": "trl_grpo"}
+PEER_PACKAGES = {"hf_peft": ("peft", "accelerate"), "trl": ("peft", "accelerate", "trl"), "trl_grpo": ("peft", "accelerate", "trl")}
 
 
 def run_bench(workload: Workload, out: Path, repeats: int = 1, long_context_mb: float | None = None) -> dict:
@@ -50,23 +51,37 @@ def run_bench(workload: Workload, out: Path, repeats: int = 1, long_context_mb: 
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-") as tmp:
         tmp = Path(tmp)
         train_path, eval_path = write_splits(workload, tmp / "data")
-        config = load_config(run_config(workload, train_path, eval_path, tmp / "tunelab-run"))
+        sampled = get_objective_class(OBJECTIVES[workload.objective]["name"]).samples_completions
+        # GRPO's eval scores generations, which the peer has no counterpart of here: no eval split.
+        config = load_config(run_config(workload, train_path, None if sampled else eval_path, tmp / "tunelab-run"))
         objective = build_objective(config.objective)
         # Done here, once, so that neither side pays for model conversion or tokenizing in its memory.
         local_source(config.model.name)
         data = build_datasets(config.data, load_tokenizer(config.model), config.train.seed, objective.rows)
-        sequences = [_sequences(row) for row in data.train]
+        spec = {"config": config.to_dict()}
         spec_path = tmp / "spec.json"
-        spec_path.write_text(json.dumps({"config": config.to_dict()}))
+        spec_path.write_text(json.dumps(spec))
 
         console.print("measuring the matmul peak ...")
         peak = matmul_peak_gflops()
         bf16_peak = matmul_peak_gflops(dtype=torch.bfloat16)
         runs: dict[str, list[dict]] = {name: [] for name in side_names}
-        # Alternate (A B, B A, ...) so that drift of the machine falls on both sides alike.
+        # Alternate (A B, B A, ...) so that drift of the machine falls on both sides alike. The
+        # tunelab side runs first: a GRPO peer trains on its completions.
         for repeat in range(repeats):
             for side in side_names if repeat % 2 == 0 else reversed(side_names):
                 runs[side].append(_run_side(side, spec_path, tmp / f"{side}-{repeat}.json"))
+                if side == "tunelab" and "completions" not in spec and "completions" in runs[side][-1]:
+                    spec["completions"] = runs[side][-1].pop("completions")
+                    spec_path.write_text(json.dumps(spec))
+        for result in runs["tunelab"]:
+            result.pop("completions", None)
+
+    if sampled:
+        result = sampled_result(workload, runs, peer)
+        write_json_atomic(out, result)
+        return result
+    sequences = [_sequences(row) for row in data.train]
 
     seen = [sequence for i in planned_sample_order(len(sequences), config.train) for sequence in sequences[i]]
     flops = _useful_flops(config, seen, reference_forward=objective.needs_reference)
@@ -93,6 +108,33 @@ def run_bench(workload: Workload, out: Path, repeats: int = 1, long_context_mb: 
         result["long_context"] = longest_trainable(workload, long_context_mb)
     write_json_atomic(out, result)
     return result
+
+
+def sampled_result(workload: Workload, runs: dict[str, list[dict]], peer: str) -> dict:
+    """An objective that samples completions (GRPO): seconds per step, sampling and update apart
+    (the median over repeats of each side's total), and the step-1 losses of the same completions."""
+
+    def side(results: list[dict]) -> dict:
+        steps = len(results[0]["step_seconds"])
+        step = statistics.median(sum(r["step_seconds"]) for r in results) / steps
+        sampling = statistics.median(sum(r["sampling_seconds"]) for r in results) / steps
+        figures = {"seconds_per_step": step, "sampling_seconds_per_step": sampling, "update_seconds_per_step": step - sampling}
+        figures |= {key: results[0][key] for key in ("step1_loss", "train_losses", "completion_mean_lengths")} | {"peak_rss_mb": max(r["peak_rss_mb"] for r in results)}
+        if len(results) > 1:
+            figures["repeats"] = [{"seconds_per_step": sum(r["step_seconds"]) / steps, "sampling_seconds": sum(r["sampling_seconds"]) / steps} for r in results]
+        return figures
+
+    ours, theirs = side(runs["tunelab"]), side(runs[peer])
+    return {
+        "workload": workload.as_dict() | {"device": _device_name()},
+        "tunelab": ours,
+        peer: theirs,
+        "speedup": theirs["seconds_per_step"] / ours["seconds_per_step"],
+        "sampling_speedup": theirs["sampling_seconds_per_step"] / ours["sampling_seconds_per_step"],
+        "update_speedup": theirs["update_seconds_per_step"] / ours["update_seconds_per_step"],
+        "memory_ratio": ours["peak_rss_mb"] / theirs["peak_rss_mb"],
+        "step1_loss_diff": abs(ours["step1_loss"] - theirs["step1_loss"]),
+    }
 
 
 def longest_trainable(workload: Workload, budget_mb: float, start: int = 1024, limit: int = 65536, refine: int = 2) -> dict:

@@ -6,7 +6,9 @@ SPEC holds a tunelab run config. The tunelab side runs `tunelab.train.train` on 
 `tunelab train` would. A peer trains the same samples, in the same order, from the same LoRA init,
 with the same settings: SFT through `transformers.Trainer` + `peft` (padding each batch to its
 longest sample, the HF default), DPO through TRL's `DPOTrainer` with a `peft_config` (its reference
-policy is the base with the adapter off, as tunelab's is). Every side reports its loss at each step.
+policy is the base with the adapter off, as tunelab's is), GRPO through TRL's `GRPOTrainer` with a
+`peft_config` (sampling its own completions, timed, then training on the tunelab side's, which
+SPEC's `completions` holds). Every side reports its loss at each step.
 The SFT eval loss is measured by one function on both sides; TRL's by its own `evaluate`.
 """
 
@@ -31,21 +33,37 @@ from tunelab.objectives.registry import get_objective_class
 from tunelab.train.loop import planned_sample_order
 
 
-def run_tunelab(config) -> dict:
-    from tunelab.train import train
+def run_tunelab(config, spec: dict) -> dict:
+    from tunelab.train import rollout, train
 
+    sampled = []  # each round's completions, for the GRPO peer to train on
+
+    def recorded(*args, **kwargs):
+        completions, truncated = sampling(*args, **kwargs)
+        sampled.append(completions)
+        return completions, truncated
+
+    sampling, rollout.generate = rollout.generate, recorded
     report = train(config, overwrite=True).report
     records = [json.loads(line) for line in (Path(config.output) / "metrics.jsonl").read_text().splitlines()]
-    return {
+    result = {
         "tokens": report["tokens"],
         "train_seconds": report["train_seconds"],
         "train_losses": [r["loss"] for r in records],
         "eval_loss": report.get("eval_loss"),
         "trainable_params": report["trainable_params"],
     }
+    if sampled:
+        result |= {
+            "completions": sampled,
+            "step_seconds": [r["seconds"] for r in records],
+            "sampling_seconds": [r["generation_seconds"] for r in records],
+            "completion_mean_lengths": [r["completions/mean_length"] for r in records],
+        }
+    return result
 
 
-def run_hf_peft(config) -> dict:
+def run_hf_peft(config, spec: dict) -> dict:
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments
 
@@ -72,7 +90,7 @@ def run_hf_peft(config) -> dict:
     return result
 
 
-def run_trl(config) -> dict:
+def run_trl(config, spec: dict) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -107,6 +125,66 @@ def run_trl(config) -> dict:
     if data.eval is not None:
         result["eval_loss"] = trainer.evaluate()["eval_loss"]
     return result
+
+
+def run_trl_grpo(config, spec: dict) -> dict:
+    """TRL's GRPOTrainer on the same prompts, in the same order, with the same settings. Each step
+    samples its completions as TRL does (timed), then trains on the tunelab side's completions of
+    that step (`spec["completions"]`), so both sides' losses are of the same samples."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from tunelab.scoring.rewards import math_exact
+
+    model, tokenizer, data, rows, lora = _peer_start(config)
+    options, tcfg = config.objective, config.train
+    completions = spec["completions"]
+    sampling_seconds, step_seconds = [], []
+
+    class SameCompletionsGRPOTrainer(GRPOTrainer):
+        def _generate_single_turn(self, prompt_ids, *args, **kwargs):
+            started = time.perf_counter()
+            _, logprobs = super()._generate_single_turn(prompt_ids, *args, **kwargs)
+            sampling_seconds.append(time.perf_counter() - started)
+            return completions[len(sampling_seconds) - 1], logprobs
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step_seconds.append(time.perf_counter() - self.started)
+
+    def math_exact_reward(completions, answer, **_):
+        return math_exact([c[0]["content"] if isinstance(c, list) else c for c in completions], answer)
+
+    arguments = _peer_arguments(config, model) | {"per_device_train_batch_size": tcfg.batch_size * options.num_generations}
+    args = GRPOConfig(
+        **arguments,
+        num_generations=options.num_generations,
+        max_completion_length=options.max_completion_length,
+        temperature=options.temperature,
+        loss_type=options.loss_type,
+        beta=options.beta,
+        scale_rewards=options.scale_rewards,
+        shuffle_dataset=False,  # tunelab's order, as the rows are given
+        bf16=False,  # both sides keep fp32 weights
+        activation_checkpointing=False,  # TRL's default is on; tunelab's is off
+    )
+    # With a peft_config, TRL seeds (args.seed) right before get_peft_model: the same LoRA init as tunelab's.
+    trainer = SameCompletionsGRPOTrainer(
+        model=model,
+        reward_funcs=math_exact_reward,
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": json.loads(row["prompt"]), **json.loads(row["fields"])} for row in rows]),
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[StepTimer()],
+    )
+    result = _peer_train(trainer, tokens=sum(len(row["prompt_ids"]) * options.num_generations for row in rows) + sum(len(c) for step in completions for c in step))
+    lengths = [entry["completions/mean_length"] for entry in trainer.state.log_history if "completions/mean_length" in entry]
+    return result | {"step_seconds": step_seconds, "sampling_seconds": sampling_seconds, "completion_mean_lengths": lengths}
 
 
 def _peer_start(config):
@@ -163,7 +241,7 @@ def _peer_train(trainer, tokens: int) -> dict:
     }
 
 
-SIDES = {"tunelab": run_tunelab, "hf_peft": run_hf_peft, "trl": run_trl}
+SIDES = {"tunelab": run_tunelab, "hf_peft": run_hf_peft, "trl": run_trl, "trl_grpo": run_trl_grpo}
 
 
 def main(side: str, spec_path: str, result_path: str) -> None:
@@ -171,7 +249,7 @@ def main(side: str, spec_path: str, result_path: str) -> None:
 
     hf_logging.set_verbosity_error()
     spec = json.loads(Path(spec_path).read_text())
-    result = SIDES[side](load_config(spec["config"]))
+    result = SIDES[side](load_config(spec["config"]), spec)
     result["tokens_per_s"] = result["tokens"] / result["train_seconds"]
     losses = result["train_losses"]
     result["step1_loss"], result["final_train_loss"] = (losses[0], losses[-1]) if losses else (None, None)

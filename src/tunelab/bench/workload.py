@@ -1,8 +1,8 @@
 """The benchmark workload: which model, which samples, which settings both sides train with.
 
 Both sides read the same two files written here (Alpaca-format JSON for SFT, preference rows for
-DPO), tokenize them with tunelab's pipeline and see the training samples in the same order, so
-only the trainer differs.
+DPO, arithmetic prompts for GRPO), tokenize them with tunelab's pipeline and see the training
+samples in the same order, so only the trainer differs.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tunelab.data.arithmetic_task import make_splits as make_arithmetic_splits
 from tunelab.data.records_task import make_preference_splits
 from tunelab.errors import TunelabError
 from tunelab.models.loader import SMOLLM2
@@ -21,8 +22,16 @@ DEFAULT_DATA = Path("..") / "shared" / "data" / "alpaca_subsets" / "llamafactory
 SYNTHETIC = "synthetic"
 # The default DPO data: the quickstart's record-extraction task as pairs (data/records_task.py).
 RECORD_PAIRS = "record-pairs"
-# The objective's section of the run config; TRL's DPOTrainer defaults (sigmoid loss, beta 0.1).
-OBJECTIVES = {"sft": {"name": "sft"}, "dpo": {"name": "dpo", "beta": 0.1, "loss_type": "sigmoid"}}
+# The default GRPO data: the arithmetic questions of data/arithmetic_task.py, scored by math_exact.
+ARITHMETIC = "arithmetic"
+# The objective's section of the run config: TRL's DPOTrainer defaults (sigmoid loss, beta 0.1);
+# TRL's GRPOTrainer defaults (dapo loss, beta 0, temperature 1, rewards scaled by the group's std)
+# with 8 completions of at most 12 tokens per prompt.
+OBJECTIVES = {
+    "sft": {"name": "sft"},
+    "dpo": {"name": "dpo", "beta": 0.1, "loss_type": "sigmoid"},
+    "grpo": {"name": "grpo", "loss_type": "dapo", "beta": 0.0, "num_generations": 8, "max_completion_length": 12, "rewards": [{"name": "math_exact"}]},
+}
 
 
 @dataclass
@@ -54,6 +63,8 @@ class Workload:
 def default_data(objective: str = "sft") -> str:
     if objective == "dpo":
         return RECORD_PAIRS
+    if objective == "grpo":
+        return ARITHMETIC
     for base in (Path.cwd(), Path(__file__).resolve().parents[3]):  # the cwd, then the repository root
         if (base / DEFAULT_DATA).is_file():
             return str((base / DEFAULT_DATA).resolve())
@@ -61,10 +72,13 @@ def default_data(objective: str = "sft") -> str:
 
 
 def write_splits(workload: Workload, folder: Path) -> tuple[Path, Path]:
-    """train.json (train_samples records, cycled if the file is smaller) and eval.json (further records)."""
+    """train.json (train_samples records, cycled if the file is smaller) and eval.json (further
+    records; GRPO: held-out prompts)."""
     n = workload.train_samples + workload.eval_samples
     if workload.data == RECORD_PAIRS:
         records = make_preference_splits(n, 0, workload.seed)[0]
+    elif workload.data == ARITHMETIC:
+        records = make_arithmetic_splits(n, 0, workload.seed)[0]
     elif workload.data == SYNTHETIC:
         records = (synthetic_pairs if workload.objective == "dpo" else synthetic_records)(n, workload.seed)
     else:

@@ -228,15 +228,16 @@ def quickstart_command(
 @app.command("bench")
 def bench_command(
     model: str = typer.Option("smollm2-135m-instruct", help="model alias, directory, hub id or .gguf"),
-    objective: str = typer.Option("sft", help="sft (against HF Trainer + peft) | dpo (against TRL's DPOTrainer + peft)"),
+    objective: str = typer.Option("sft", help="sft (against HF Trainer + peft) | dpo (against TRL's DPOTrainer + peft) | grpo (against TRL's GRPOTrainer + peft)"),
     data: Optional[str] = typer.Option(
         None,
         help="sft: Alpaca-format JSON (default: ../shared Alpaca demo, else synthetic); dpo: a JSON array of "
-        "preference rows (default: record-extraction pairs); 'synthetic': random-length samples",
+        "preference rows (default: record-extraction pairs); grpo: a JSON array of prompt rows {prompt, answer} "
+        "scored by math_exact (default: arithmetic questions); 'synthetic': random-length samples",
     ),
     method: str = typer.Option("lora", help="the method both sides train (the peer side runs it through peft)"),
     steps: int = typer.Option(12, help="training steps of batch --batch-size"),
-    batch_size: int = typer.Option(8, help="samples (dpo: pairs) per step"),
+    batch_size: int = typer.Option(8, help="samples (dpo: pairs, grpo: prompts of 8 completions each) per step"),
     max_length: int = typer.Option(512, help="longest sample in tokens (longer ones are truncated)"),
     eval_samples: int = typer.Option(32, min=1, help="held-out samples (dpo: pairs) both sides take the eval loss on"),
     lr: float = typer.Option(1e-3, help="learning rate of both sides"),
@@ -272,11 +273,16 @@ def bench_command(
         )
         result = run_bench(workload, out, repeats=repeats, long_context_mb=memory_budget_mb if long_context else None)
         ours, theirs = result["tunelab"], result[PEERS[objective]]
+        if "seconds_per_step" in ours:  # an objective that samples: seconds per step, sampling and update apart
+            figures = (
+                f"{ours['seconds_per_step']:.1f} vs {theirs['seconds_per_step']:.1f} s/step (sampling {ours['sampling_seconds_per_step']:.1f} vs "
+                f"{theirs['sampling_seconds_per_step']:.1f}, update {ours['update_seconds_per_step']:.1f} vs {theirs['update_seconds_per_step']:.1f})"
+            )
+        else:
+            figures = f"eval loss {ours['eval_loss']:.4f} vs {theirs['eval_loss']:.4f}, useful {result['tunelab_useful_gflops']:.0f} of {result['tunelab_mfu_peak_gflops']:.0f} GFLOP/s peak"
         console.print(
             f"[bold green]speedup {result['speedup']:.2f}x[/], memory ratio {result['memory_ratio']:.2f}, "
-            f"step-1 loss {ours['step1_loss']:.6f} vs {theirs['step1_loss']:.6f}, "
-            f"eval loss {ours['eval_loss']:.4f} vs {theirs['eval_loss']:.4f}, "
-            f"useful {result['tunelab_useful_gflops']:.0f} of {result['tunelab_mfu_peak_gflops']:.0f} GFLOP/s peak -> {out}"
+            f"step-1 loss {ours['step1_loss']:.6f} vs {theirs['step1_loss']:.6f}, {figures} -> {out}"
         )
 
     _run(action)

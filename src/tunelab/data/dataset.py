@@ -10,7 +10,7 @@ from pathlib import Path
 from datasets import Dataset, disable_progress_bars
 
 from tunelab.config.schema import DataConfig
-from tunelab.data.formats import load_examples
+from tunelab.data.formats import load_examples, read_rows
 from tunelab.data.preference import fit_to_length, load_preference_examples, tokenize_preference
 from tunelab.data.prompts import load_prompt_examples, tokenize_prompt
 from tunelab.data.tokenize import tokenize_example
@@ -67,7 +67,8 @@ def tokenized_split(path: str, config: DataConfig, tokenizer, rows: str = "sft")
     `rows`: "sft" (token ids and a target mask per row, truncated to max_length), "text" (every
     token a target; a longer text becomes several max_length pieces), "preference" or "unpaired"
     (prompt ids shared by the completions' ids, see data/preference.py), "prompt" (prompt ids and
-    the row's other fields, for objectives that sample completions: data/prompts.py). The cache holds every row
+    the row's other fields, for objectives that sample completions: data/prompts.py), "sft_or_prompt"
+    (a file of prompt-only rows read as "prompt", any other as "sft"). The cache holds every row
     tokenized; which rows train, and the counts of cut and dropped ones, are worked out from it on
     each run.
     """
@@ -120,6 +121,8 @@ def _reader(path: str, config: DataConfig, tokenizer, rows: str):
     Each tokenized sample keeps `row` (its file row: eval generation needs the text, precomputed
     reference log-probs are keyed by it) and `full_length` (its length before any cut)."""
     max_length = config.max_length
+    if rows == "sft_or_prompt":
+        rows = "prompt" if _prompt_rows(path, config) else "sft"
     if rows in ("preference", "unpaired"):
         data_format, examples, _ = load_preference_examples(path, rows)
 
@@ -163,6 +166,12 @@ def _reader(path: str, config: DataConfig, tokenizer, rows: str):
         return truncated | {"full_length": len(tokens["input_ids"]), "row": row}
 
     return data_format, examples, tokenize
+
+
+def _prompt_rows(path: str, config: DataConfig) -> bool:
+    """Whether a file holds prompt-only rows (`{prompt, ...}` without a completion), judged by its first row."""
+    first = next(read_rows(path), (None, None))[1]
+    return config.format == "auto" and isinstance(first, dict) and "prompt" in first and "completion" not in first
 
 
 def _fingerprint(path: str, config: DataConfig, tokenizer, rows: str) -> str:

@@ -9,10 +9,8 @@ from pathlib import Path
 from tunelab.config import parse_config
 from tunelab.config.loader import dump_config
 from tunelab.errors import TunelabError
-from tunelab.methods import build_method
-from tunelab.methods.peft_io import read_peft_adapter, read_peft_config
-from tunelab.models import load_model
-from tunelab.runs import save_artifacts
+from tunelab.methods.peft_io import read_peft_config
+from tunelab.runs import load_peft_model, save_artifacts
 
 
 def import_peft(peft_dir: str | Path, output: str | Path, model: str | None = None, overwrite: bool = False) -> Path:
@@ -34,10 +32,7 @@ def import_peft(peft_dir: str | Path, output: str | Path, model: str | None = No
         },
         where=str(peft_dir / "adapter_config.json"),
     )
-    loaded, tokenizer = load_model(config.model)
-    method = build_method(config.method)
-    method.attach(loaded)
-    method.peft_import(loaded, *read_peft_adapter(peft_dir))
+    loaded, tokenizer, method = load_peft_model(peft_dir, config.model)
     # The run holds the weights itself: it must not depend on the peft directory staying around.
     config.method.from_peft = None
     if output.exists():

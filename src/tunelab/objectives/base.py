@@ -53,11 +53,11 @@ class Objective(ABC):
     Options: ClassVar[type[ObjectiveOptions]]
     # Which rows data/ builds for it: "sft" (chat / prompt-completion / text), "text" (every token a
     # target), "preference" ({prompt, chosen, rejected}), "unpaired" ({prompt, completion, label}),
-    # "prompt" ({prompt, ...fields its rewards read}).
+    # "prompt" ({prompt, ...fields its rewards read}), "sft_or_prompt" (a file of either).
     rows: ClassVar[str] = "sft"
     # Metrics shown on the progress bar besides the loss (all of them go to metrics.jsonl).
     progress_metrics: ClassVar[tuple[str, ...]] = ()
-    # Whether it trains on completions the policy samples during training (GRPO, RAFT): then the
+    # Whether it trains on completions sampled during training (GRPO, RAFT, distillation): then the
     # steps' samples come from its `round_batches` (objectives/sampled.py, train/rollout.py).
     samples_completions: ClassVar[bool] = False
 

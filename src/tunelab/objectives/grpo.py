@@ -145,7 +145,7 @@ class Grpo(SampledObjective):
 
     # ---- The samples: scored completions with their advantages (train/rollout.py calls this)
 
-    def round_batches(self, prompt_steps, completions, texts, truncated):
+    def round_batches(self, prompt_steps, request, completions, texts, truncated):
         """The completions (num_generations per prompt, grouped by prompt) with their advantages, in
         their prompts' micro-batches, for each of the num_iterations steps; TRL's rollout metrics."""
         group = self.options.num_generations

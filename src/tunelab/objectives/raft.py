@@ -49,7 +49,7 @@ class Raft(SampledObjective):
     def output(self, model, batch: Batch, reference=None) -> ObjectiveOutput:
         return ObjectiveOutput(terms={"nll_loss": Summed(causal_lm_loss(model, batch), "target_tokens")}, metrics={})
 
-    def round_batches(self, prompt_steps, completions, texts, truncated):
+    def round_batches(self, prompt_steps, request, completions, texts, truncated):
         group = self.options.num_generations
         prompts = [p for batches in prompt_steps for batch in batches for p in batch]
         rewards, per_function = self.score([p for p in prompts for _ in range(group)], completions, texts)

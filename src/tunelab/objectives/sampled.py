@@ -1,13 +1,16 @@
-"""What the objectives that train on their own samples share (GRPO, RAFT): prompt rows, the
-sampling options, the reward functions, and the held-out figures.
+"""What the objectives that train on completions sampled during training share (GRPO, RAFT,
+on-policy distillation): the sampling options and the round seam; and what the reward-driven ones
+(GRPO, RAFT) add: prompt rows, the reward functions, and the held-out figures.
 
-A round of training (train/rollout.py) samples `num_generations` completions for the prompts of
-`prompt_steps` data steps at once, under the current weights; the objective's `round_batches`
-turns the scored completions into the samples of the round's `round_steps` training steps.
+A round of training (train/rollout.py) asks the objective which prompts of its `prompt_steps` data
+steps need completions, how many and from which model (`round_request`), samples them at once, and
+has the objective's `round_batches` turn them into the samples of the round's `round_steps`
+training steps.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -18,9 +21,7 @@ from tunelab.objectives.base import Objective, ObjectiveOptions
 from tunelab.scoring.rewards import Rewards, RewardSpec
 
 
-class SamplingOptions(ObjectiveOptions):
-    rewards: list[RewardSpec] = Field(min_length=1, description="the weighted reward functions (scoring/rewards.py)")
-    num_generations: int = Field(default=8, ge=2, description="completions sampled per prompt")
+class GenerationOptions(ObjectiveOptions):
     max_completion_length: int = Field(default=256, ge=1)
     temperature: float = Field(default=1.0, gt=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
@@ -28,16 +29,29 @@ class SamplingOptions(ObjectiveOptions):
     stop: list[str] = Field(default_factory=list, description="strings that end a completion (besides the EOS tokens)")
 
 
-class SampledObjective(Objective):
-    rows = "prompt"
+class SamplingOptions(GenerationOptions):
+    rewards: list[RewardSpec] = Field(min_length=1, description="the weighted reward functions (scoring/rewards.py)")
+    num_generations: int = Field(default=8, ge=2, description="completions sampled per prompt")
+
+
+@dataclass
+class CompletionRequest:
+    """What a round samples: `num_generations` completions of each of `prompts` (token ids), from
+    the policy being trained or from the teacher (distillation), with the objective's options."""
+
+    prompts: list[list[int]]
+    num_generations: int
+    options: GenerationOptions
+    by_teacher: bool = False
+
+
+class GeneratingObjective(Objective):
+    """An objective whose steps train on completions sampled during training (see the module docstring)."""
+
     samples_completions = True
     # Whether the loss reads the sampling policy's log-probabilities (kept once, before the first
     # update of the round: train/rollout.py).
     needs_sampling_log_probs: ClassVar[bool] = False
-
-    def __init__(self, options: SamplingOptions):
-        super().__init__(options)
-        self.rewards = Rewards(options.rewards)  # a user's function that does not import fails here
 
     @property
     def round_steps(self) -> int:
@@ -49,14 +63,30 @@ class SampledObjective(Objective):
         """Data steps whose prompts a round samples completions for."""
         return 1
 
+    def round_request(self, prompt_steps: list[list[list[dict]]], round_: int) -> CompletionRequest:
+        """The completions round `round_` (1-based) samples for `prompt_steps`, the samples of each
+        of its data steps by micro-batch: by default num_generations for every prompt, from the policy."""
+        prompts = [p["prompt_ids"] for batches in prompt_steps for batch in batches for p in batch]
+        return CompletionRequest(prompts, self.options.num_generations, self.options)
+
     def round_batches(
-        self, prompt_steps: list[list[list[dict]]], completions: list[list[int]], texts: list[str], truncated: list[bool]
+        self, prompt_steps: list[list[list[dict]]], request: CompletionRequest, completions: list[list[int]], texts: list[str], truncated: list[bool]
     ) -> tuple[list[list[list[dict]]], dict[str, float], list[dict]]:
         """The round's training samples: for each of its `round_steps` steps, the step's micro-batches.
-        `prompt_steps`: the prompts of each data step by micro-batch; completions, their texts and
-        whether max_completion_length cut them: num_generations per prompt, in prompt order.
-        Also the round's metrics and records to keep (RAFT's kept set)."""
+        `completions` (their texts, and whether max_completion_length cut them): those `request`
+        asked for, num_generations per prompt, in prompt order. Also the round's metrics and the
+        records to keep (RAFT's kept set)."""
         raise NotImplementedError
+
+
+class SampledObjective(GeneratingObjective):
+    """GRPO and RAFT: completions of prompt rows, scored by reward functions."""
+
+    rows = "prompt"
+
+    def __init__(self, options: SamplingOptions):
+        super().__init__(options)
+        self.rewards = Rewards(options.rewards)  # a user's function that does not import fails here
 
     def score(self, rows: list[dict], completions: list[list[int]], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(weighted reward, each function's reward) of each completion of its row."""

@@ -8,6 +8,7 @@ with logging, evaluation and checkpoints in between, and finally writes the weig
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import shutil
@@ -26,21 +27,23 @@ from tunelab.data.dataset import build_datasets
 from tunelab.errors import TrainingDiverged, TunelabError
 from tunelab.files import write_json_atomic
 from tunelab.methods import build_method
-from tunelab.methods.peft_io import read_peft_adapter
+from tunelab.methods.peft_io import CONFIG_FILE as PEFT_CONFIG_FILE
+from tunelab.methods.peft_io import read_peft_adapter, read_peft_config
 from tunelab.models import load_model
 from tunelab.models.attention import uses_packed_attention
 from tunelab.objectives.base import StepTotals, eval_batches, evaluate_objective, step_loss
 from tunelab.objectives.causal_lm import causal_lm_loss, store_head_weight
 from tunelab.objectives.reference import PRECOMPUTED_FILE, choose_reference, load_precomputed, precompute, save_precomputed
 from tunelab.objectives.registry import build_objective
-from tunelab.runs import load_run, save_artifacts
+from tunelab.objectives.sampled import SampledObjective
+from tunelab.runs import load_peft_model, load_run, save_artifacts
 from tunelab.train.allocator import keep_freed_memory, peak_memory_mb, reset_peak_memory
 from tunelab.train.checkpoint import TrainState, clean_staging, list_checkpoints, load_checkpoint, save_checkpoint
 from tunelab.train.galore import GaLoreAdamW, galore_param_groups
 from tunelab.train.neftune import add_embedding_noise
 from tunelab.train.precision import resolve_frozen_dtype
 from tunelab.train.reporting import MetricsSink, check_trackers
-from tunelab.train.rollout import ROUNDS_DIR, Rollouts, evaluate_rewards
+from tunelab.train.rollout import ROUNDS_DIR, Rollouts, evaluate_rewards, teacher_completed
 from tunelab.train.schedule import lr_at, warmup_steps
 
 # What a run directory may hold; `overwrite` removes exactly these and nothing else.
@@ -146,7 +149,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
             last_loss = record["loss"]
             if run.data.eval is not None and ((tcfg.eval_every and step % tcfg.eval_every == 0) or step == run.total_steps):
                 eval_reference = run.reference.for_split("eval") if run.reference is not None else None
-                if run.rollouts is not None:  # the objective's own samples: score held-out completions
+                if isinstance(run.objective, SampledObjective):  # score the policy's held-out completions
                     eval_metrics = evaluate_rewards(run)
                 else:
                     eval_metrics = evaluate_objective(run.objective, run.model, run.data.eval, tcfg.batch_size, run.layout, eval_reference)
@@ -213,6 +216,9 @@ def set_up(config: RunConfig, resume: bool, overwrite: bool) -> tuple[Run, list[
         console.print(f"frozen weights compute in {str(frozen_dtype).removeprefix('torch.')} (train.frozen_dtype)")
     data = build_datasets(dcfg, tokenizer, tcfg.seed, objective.rows)
     _report_data(data.stats)
+    if data.eval is not None and "prompt_ids" in data.eval.column_names and objective.rows == "sft_or_prompt":
+        with console.status(f"teacher: completing the {len(data.eval)} held-out prompts (greedy)"):
+            data = replace(data, eval=teacher_completed(objective, tokenizer, data.eval))
 
     padding_free = dcfg.packing and uses_packed_attention(model)
     if dcfg.packing and not padding_free and not method.supports_mask_packing:
@@ -286,17 +292,26 @@ def restore_or_prepare(run: Run, output: Path, resume: bool, replaced: list[str]
 
 
 def load_teacher(name: str, dtype: str, student_config, student_tokenizer):
-    """A frozen teacher for distillation: a tunelab run directory (its trained model) or a model
-    (alias | local dir | hub id), in `dtype`; its vocabulary must be the student's."""
+    """A frozen teacher for distillation, in `dtype`: a tunelab run directory (its trained model), a
+    peft adapter directory (on the base it names, else the student's), or a model (alias | local
+    dir | hub id). An adapter is merged into its base where the method can be; the teacher's
+    vocabulary must be the student's."""
     if (Path(name) / "config.yaml").is_file():
         loaded = load_run(name, dtype=dtype)
-        teacher, tokenizer = loaded.model, loaded.tokenizer
+        teacher, tokenizer, method = loaded.model, loaded.tokenizer, loaded.method
+    elif (Path(name) / PEFT_CONFIG_FILE).is_file():
+        base = read_peft_config(name).get("base_model_name_or_path") or student_config.name
+        teacher, tokenizer, method = load_peft_model(name, student_config.model_copy(update={"name": base, "dtype": dtype}))
     else:
         teacher, tokenizer = load_model(student_config.model_copy(update={"name": name, "dtype": dtype}))
+        method = None
     if tokenizer.get_vocab() != student_tokenizer.get_vocab():
         raise TunelabError(
             f"objective.teacher {name} has another vocabulary ({len(tokenizer)} tokens) than the student {student_config.name} ({len(student_tokenizer)}): distillation compares their distributions token by token"
         )
+    if method is not None:
+        with contextlib.suppress(TunelabError):  # merged: one matmul per layer; a method that cannot merge runs as it is
+            method.merge(teacher)
     teacher.requires_grad_(False)
     return teacher.eval()
 

@@ -1,12 +1,15 @@
-"""Completions sampled during training, for the objectives that learn from them (GRPO, RAFT).
+"""Completions sampled during training, for the objectives that learn from them (GRPO, RAFT,
+on-policy distillation).
 
-Training runs in rounds of `objective.round_steps` steps. At a round's first step, the prompts of
-its `objective.prompt_steps` data steps (in their micro-batches) get `num_generations` completions
-each, sampled at once under the current weights (generation.sample_completions, seeded by the run's
-seed and the step, so a resumed run samples the same ones) and scored by the objective, which
-turns them into the round's training samples (`round_batches`). Where the loss reads the sampling
-policy's log-probabilities (GRPO reusing samples), they are computed once, before the first update.
-A checkpoint inside a round keeps the round's samples (TrainState.rollout).
+Training runs in rounds of `objective.round_steps` steps. At a round's first step, the objective
+says which prompts of its `objective.prompt_steps` data steps (in their micro-batches) need
+completions, how many and from which model (`round_request`: the policy, or a distillation's
+teacher); they are sampled at once under the current weights (generation.sample_completions, seeded
+by the run's seed and the step, so a resumed run samples the same ones), and the objective turns
+them into the round's training samples (`round_batches`: scored, filtered, given advantages).
+Where the loss reads the sampling policy's log-probabilities (GRPO reusing samples), they are
+computed once, before the first update. A checkpoint inside a round keeps the round's samples
+(TrainState.rollout).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from datasets import Dataset
 
 from tunelab.files import write_text_atomic
 from tunelab.generation import sample_completions, stop_token_ids
@@ -61,28 +65,18 @@ class Rollouts:
 
 def sample_round(run, round_: int, step: int) -> Rollout:
     objective, tokenizer = run.objective, run.tokenizer
-    options = objective.options
     first = (round_ - 1) * objective.prompt_steps + 1
     prompt_steps = [run.micro_batches(data_step) for data_step in range(first, first + objective.prompt_steps)]
-    prompts = [p for batches in prompt_steps for batch in batches for p in batch]
+    request = objective.round_request(prompt_steps, round_)
     started = time.perf_counter()
-    completions, truncated = sample_completions(
-        run.model,
-        [p["prompt_ids"] for p in prompts],
-        options.num_generations,
-        options.max_completion_length,
-        stop_token_ids(run.model, tokenizer),
-        tokenizer.pad_token_id,
-        seed=int(np.random.SeedSequence([run.config.train.seed, step]).generate_state(1)[0]),
-        temperature=options.temperature,
-        top_p=options.top_p,
-        top_k=options.top_k,
-        stop=options.stop,
-        tokenizer=tokenizer,
-    )
+    completions, truncated = [], []
+    if request.prompts:
+        model = objective.teacher if request.by_teacher else run.model
+        seed = int(np.random.SeedSequence([run.config.train.seed, step]).generate_state(1)[0])
+        completions, truncated = generate(model, tokenizer, request.prompts, request.num_generations, request.options, seed)
     seconds = time.perf_counter() - started
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    steps, metrics, records = objective.round_batches(prompt_steps, completions, texts, truncated)
+    steps, metrics, records = objective.round_batches(prompt_steps, request, completions, texts, truncated)
     if records:
         folder = Path(run.config.output) / ROUNDS_DIR
         folder.mkdir(exist_ok=True)
@@ -90,6 +84,24 @@ def sample_round(run, round_: int, step: int) -> Rollout:
     if objective.needs_sampling_log_probs:
         keep_sampling_log_probs(run, steps[0])
     return Rollout(round_, steps, metrics | {"generation_seconds": seconds, "generated_tokens": sum(len(c) for c in completions)})
+
+
+def generate(model, tokenizer, prompts: list[list[int]], n: int, options, seed: int, temperature: float | None = None) -> tuple[list[list[int]], list[bool]]:
+    """sample_completions with an objective's generation options (`temperature`: in their stead)."""
+    return sample_completions(
+        model,
+        prompts,
+        n,
+        options.max_completion_length,
+        stop_token_ids(model, tokenizer),
+        tokenizer.pad_token_id,
+        seed=seed,
+        temperature=options.temperature if temperature is None else temperature,
+        top_p=options.top_p,
+        top_k=options.top_k,
+        stop=options.stop,
+        tokenizer=tokenizer,
+    )
 
 
 @torch.no_grad()
@@ -107,25 +119,26 @@ def keep_sampling_log_probs(run, micro_batches: list[list[dict]]) -> None:
                     batch.samples[i]["old_log_probs"][j] = value
 
 
-def evaluate_rewards(run, batch_size: int = 64) -> dict[str, float]:
-    """One greedy completion per held-out prompt (in batches of `batch_size` prompts), scored by the
-    run's rewards: `eval_reward`, `eval_rewards/<function>/mean`, `eval_completions/mean_length`."""
-    options, tokenizer = run.objective.options, run.tokenizer
-    rows = [run.data.eval[i] for i in range(len(run.data.eval))]
+def greedy_completions(model, tokenizer, prompts: list[list[int]], options, batch_size: int = 64) -> list[list[int]]:
+    """One greedy completion of each prompt, in batches of `batch_size` prompts."""
     completions = []
-    for start in range(0, len(rows), batch_size):
-        prompts = [r["prompt_ids"] for r in rows[start : start + batch_size]]
-        completions += sample_completions(
-            run.model,
-            prompts,
-            1,
-            options.max_completion_length,
-            stop_token_ids(run.model, tokenizer),
-            tokenizer.pad_token_id,
-            seed=0,
-            temperature=0.0,
-            stop=options.stop,
-            tokenizer=tokenizer,
-        )[0]
-    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    for start in range(0, len(prompts), batch_size):
+        completions += generate(model, tokenizer, prompts[start : start + batch_size], 1, options, seed=0, temperature=0.0)[0]
+    return completions
+
+
+def teacher_completed(objective, tokenizer, prompts: Dataset) -> Dataset:
+    """Prompt rows as completion samples, each completed by the objective's teacher (greedy: the
+    same on every run): a distillation's held-out set, where the data gives prompts only."""
+    prompt_ids = prompts["prompt_ids"]
+    completions = greedy_completions(objective.teacher, tokenizer, prompt_ids, objective.options)
+    return Dataset.from_list([{"input_ids": p + c, "target_mask": [0] * len(p) + [1] * len(c)} for p, c in zip(prompt_ids, completions)])
+
+
+def evaluate_rewards(run) -> dict[str, float]:
+    """One greedy completion per held-out prompt, scored by the run's rewards: `eval_reward`,
+    `eval_rewards/<function>/mean`, `eval_completions/mean_length`."""
+    rows = [run.data.eval[i] for i in range(len(run.data.eval))]
+    completions = greedy_completions(run.model, run.tokenizer, [r["prompt_ids"] for r in rows], run.objective.options)
+    texts = run.tokenizer.batch_decode(completions, skip_special_tokens=True)
     return {f"eval_{name}": value for name, value in run.objective.eval_figures(rows, completions, texts).items()}
