@@ -205,6 +205,27 @@ def test_a_completion_ends_at_its_first_stop_token_whatever_its_id():
     assert sample_completions(model, prompts, 6, 10, stops, pad_id=0, seed=2)[0] != completions
 
 
+def test_training_weights_sample_on_the_training_copies_with_dropout_off():
+    """The policy samples as it trains: LoRA layers on their bf16 copies of the frozen weights,
+    dropout off; afterwards every module is back in its mode."""
+    from tunelab.methods.lora import Lora, LoraOptions
+
+    torch.manual_seed(0)
+    model = tiny_llama(VOCAB)
+    lora = Lora(LoraOptions(r=4, dropout=0.5))
+    lora.attach(model)
+    assert lora.store_frozen_weights(model, torch.bfloat16)
+    model.train()
+    seen = defaultdict(set)
+    for module in model.modules():
+        module.register_forward_hook(lambda m, args, out: seen[type(m).__name__].add(m.training))
+    for training_weights, copies_train in ((False, {False}), (True, {True})):
+        seen.clear()
+        sample_completions(model, [[1, 5, 9]], 2, 4, [0], pad_id=0, seed=1, training_weights=training_weights)
+        assert seen["LoraLinear"] == copies_train and seen["Dropout"] == {False} and seen["LlamaDecoderLayer"] == {False}
+    assert all(module.training for module in model.modules())
+
+
 def test_builtin_rewards_score_with_the_eval_scorers():
     completions = ["so 3 + 4 = 7", '{"name": "Ann", "age": 30}', "<think>x</think> 12", "a" * 30]
     ids = [[1] * 4, [1] * 12, [1] * 8, [1] * 30]

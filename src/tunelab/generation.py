@@ -104,14 +104,20 @@ def sample_completions(
     top_k: int = 0,
     stop: list[str] | None = None,
     tokenizer=None,
+    training_weights: bool = False,
 ) -> tuple[list[list[int]], list[bool]]:
     """`n` sampled completions of each prompt (token ids), grouped by prompt: prompt i's are at
     i·n … i·n + n − 1. Each runs to its first stop token (kept) or a `stop` string, else to
     max_new_tokens (then it is `truncated`). One batch, left-padded, with the KV cache, in eval
     mode (no dropout), seeded: the same weights and seed give the same completions. Temperature 0
-    is greedy decoding."""
+    is greedy decoding. `training_weights`: layers that train on a copy of their frozen weights in
+    a faster dtype (Method.store_frozen_weights) sample on it, as the policy's training forwards compute."""
     was_training = model.training
     model.eval()
+    if training_weights:  # the layers that train on a copy of their frozen weights sample on it too
+        for module in model.modules():
+            if getattr(module, "compute_weight", None) is not None:
+                module.training = True
     device = next(model.parameters()).device
     input_ids, attention_mask = left_padded(prompts, pad_id)
     width = input_ids.shape[1]

@@ -73,7 +73,8 @@ def sample_round(run, round_: int, step: int) -> Rollout:
     if request.prompts:
         model = objective.teacher if request.by_teacher else run.model
         seed = int(np.random.SeedSequence([run.config.train.seed, step]).generate_state(1)[0])
-        completions, truncated = generate(model, tokenizer, request.prompts, request.num_generations, request.options, seed)
+        # The policy samples as its training forwards compute (on the bf16 copies of its frozen weights, if any).
+        completions, truncated = generate(model, tokenizer, request.prompts, request.num_generations, request.options, seed, training_weights=not request.by_teacher)
     seconds = time.perf_counter() - started
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     steps, metrics, records = objective.round_batches(prompt_steps, request, completions, texts, truncated)
@@ -86,7 +87,9 @@ def sample_round(run, round_: int, step: int) -> Rollout:
     return Rollout(round_, steps, metrics | {"generation_seconds": seconds, "generated_tokens": sum(len(c) for c in completions)})
 
 
-def generate(model, tokenizer, prompts: list[list[int]], n: int, options, seed: int, temperature: float | None = None) -> tuple[list[list[int]], list[bool]]:
+def generate(
+    model, tokenizer, prompts: list[list[int]], n: int, options, seed: int, temperature: float | None = None, training_weights: bool = False
+) -> tuple[list[list[int]], list[bool]]:
     """sample_completions with an objective's generation options (`temperature`: in their stead)."""
     return sample_completions(
         model,
