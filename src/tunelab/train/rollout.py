@@ -104,6 +104,7 @@ def generate(
         top_k=options.top_k,
         stop=options.stop,
         tokenizer=tokenizer,
+        training_weights=training_weights,
     )
 
 
