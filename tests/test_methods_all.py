@@ -164,3 +164,17 @@ def test_trains_under_grpo_on_its_own_samples(name, prompt_rows, tmp_path):
     first, second = read_metrics(config["output"])
     assert first["generated_tokens"] > 0 and second["generated_tokens"] == 0
     assert math.isfinite(first["loss"]) and math.isfinite(second["loss"]) and 0.0 <= report["eval_reward"] <= 1.0
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_trains_under_on_policy_distillation(name, records, tmp_path):
+    """Step 1 on the data's completions, step 2 on the student's own (sampled between steps), the
+    divergence from a teacher through the method's forward: every method goes through them."""
+    train_file, eval_file = records
+    objective = {"name": "distill", "teacher": "tiny-random-llama", "on_policy_fraction": 0.5, "max_completion_length": 4, "alpha": 0.5}
+    config = tiny_run_config(tmp_path / "run", train_file, eval_file, method=options(name), objective=objective, train={"max_steps": 2, "batch_size": 2, "lr": 1e-2})
+    report = tunelab.train(config).report
+    first, second = read_metrics(config["output"])
+    assert (first["on_policy"], second["on_policy"]) == (0.0, 1.0) and first["generated_tokens"] == 0
+    assert second["target_tokens"] == second["generated_tokens"] > 0
+    assert math.isfinite(first["divergence"]) and math.isfinite(second["divergence"]) and report["eval_divergence"] >= 0

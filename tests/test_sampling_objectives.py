@@ -306,7 +306,9 @@ def test_the_tiny_model_learns_a_checkable_reward(prompts, tmp_path):
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])  # bnpo: a per-micro-batch mean by definition
 def test_grad_accumulation_keeps_groups_whole_and_the_update_equal(loss_type, prompts, tmp_path):
-    adapters = {}
+    """The same losses, KL and gradient norms step by step; the same weights, but for float noise
+    that Adam amplifies where a gradient is near its eps (a step of lr for a gradient of ~1e-10)."""
+    adapters, figures = {}, {}
     for batch_size, accum in [(8, 1), (2, 4)]:
         config = grpo_config(
             tmp_path / f"bs{batch_size}",
@@ -316,9 +318,13 @@ def test_grad_accumulation_keeps_groups_whole_and_the_update_equal(loss_type, pr
         )
         tunelab.train(config)
         adapters[batch_size] = load_adapter(config["output"])
+        figures[batch_size] = [[m[key] for key in ("loss", "kl", "grad_norm")] for m in read_metrics(config["output"])]
+    for ours, whole in zip(figures[2], figures[8]):
+        assert ours == pytest.approx(whole, rel=1e-5, abs=1e-7)
+    assert figures[8][1][1] > 0  # the second step's policy is off its reference
     for name, tensor in adapters[8].items():
-        assert torch.allclose(adapters[2][name], tensor, rtol=1e-4, atol=1e-7), name
-    assert any(t.abs().max() > 0 for name, t in adapters[8].items() if "lora_B" in name)
+        assert torch.allclose(adapters[2][name], tensor, rtol=1e-3, atol=1e-5), name
+    assert any(t.abs().max() > 1e-3 for name, t in adapters[8].items() if "lora_B" in name)
 
 
 ROUND_CASES = {

@@ -23,6 +23,7 @@ A completion's tokens run to its first end-of-sequence token (kept) or to max_co
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -93,13 +94,24 @@ class CompletionBatch:
 
 
 def completion_batches(samples: list[dict], layout: BatchLayout, max_tokens: int, temperature: float) -> list[CompletionBatch]:
-    """A micro-batch of scored completions (train/rollout.py) in forwards of at most `max_tokens`."""
+    """A micro-batch of scored completions (train/rollout.py) in forwards of at most `max_tokens`
+    computed tokens, a prompt's completions never apart; with `layout.share_prefixes`, each
+    prompt is computed once for all its completions."""
     micro_batch_tokens = sum(len(s["completion_ids"]) for s in samples if s["trained"])
+    groups = [list(group) for _, group in itertools.groupby(samples, key=lambda s: s["prompt_ids"])]
+
+    def computed(group: list[dict]) -> int:
+        prompt, completions = len(group[0]["prompt_ids"]), sum(len(s["completion_ids"]) for s in group)
+        return prompt + len(group) + completions if layout.share_prefixes else prompt * len(group) + completions
+
     batches = []
-    for k, group in enumerate(split_by_tokens(samples, max_tokens, lambda s: len(s["prompt_ids"]) + len(s["completion_ids"]))):
+    for k, forward in enumerate(split_by_tokens(groups, max_tokens, computed)):
+        group = [s for members in forward for s in members]
         sequences = [
             {"input_ids": s["prompt_ids"] + s["completion_ids"], "target_mask": [0] * len(s["prompt_ids"]) + [int(s["trained"])] * len(s["completion_ids"])} for s in group
         ]
+        starts = list(itertools.accumulate((len(members) for members in forward), initial=0))
+        prefixes = [(len(members[0]["prompt_ids"]), list(range(start, start + len(members)))) for members, start in zip(forward, starts)]
         old = None
         if group[0].get("old_log_probs") is not None:
             width = max(len(s["completion_ids"]) for s in group)
@@ -110,7 +122,7 @@ def completion_batches(samples: list[dict], layout: BatchLayout, max_tokens: int
         counts = {"completions": len(group), "completion_tokens": tokens, "micro_batches": int(k == 0)}
         batches.append(
             CompletionBatch(
-                sequences=layout.batch(sequences),
+                sequences=layout.shared_prefix_batch(sequences, prefixes),
                 prompt_lengths=torch.tensor([len(s["prompt_ids"]) for s in group]),
                 advantages=torch.tensor([s["advantage"] for s in group], dtype=torch.float32),
                 old_log_probs=old,
