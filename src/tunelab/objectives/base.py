@@ -69,6 +69,11 @@ class Objective(ABC):
         """Whether `output` reads a reference policy's log-probabilities."""
         return False
 
+    def teacher_source(self) -> tuple[str, str] | None:
+        """(model, dtype) of a frozen teacher the objective learns from (distillation), which the
+        loop loads (train/loop.load_teacher) and sets as its `teacher` before training; None: none."""
+        return None
+
     # The objective's own trainable tensors, beside the method's (a reward model's head): added by
     # `attach` after the method's, optimized, checkpointed and saved with the run's weights.
 

@@ -87,6 +87,9 @@ class Distill(GeneratingObjective):
         super().__init__(options)
         self.teacher = None  # set by the loop before training (train/loop.py)
 
+    def teacher_source(self) -> tuple[str, str]:
+        return self.options.teacher, self.options.teacher_dtype
+
     @property
     def beta(self) -> float:
         """GKD's beta of the chosen divergence."""

@@ -202,8 +202,9 @@ def set_up(config: RunConfig, resume: bool, overwrite: bool) -> tuple[Run, list[
     method.attach(model)
     objective = build_objective(config.objective)
     objective.attach(model)
-    if getattr(config.objective, "teacher", None):  # distillation
-        objective.teacher = load_teacher(config.objective.teacher, config.objective.teacher_dtype, config.model, tokenizer)
+    teacher = objective.teacher_source()
+    if teacher is not None:
+        objective.teacher = load_teacher(*teacher, config.model, tokenizer)
     if tcfg.neftune_alpha:
         add_embedding_noise(model, tcfg.neftune_alpha)  # training forwards only: model.eval() turns it off
     params = trainable_tensors(method, objective, model)
@@ -216,7 +217,7 @@ def set_up(config: RunConfig, resume: bool, overwrite: bool) -> tuple[Run, list[
         console.print(f"frozen weights compute in {str(frozen_dtype).removeprefix('torch.')} (train.frozen_dtype)")
     data = build_datasets(dcfg, tokenizer, tcfg.seed, objective.rows)
     _report_data(data.stats)
-    if data.eval is not None and "prompt_ids" in data.eval.column_names and objective.rows == "sft_or_prompt":
+    if teacher is not None and data.eval is not None and "prompt_ids" in data.eval.column_names:  # label-free held-out rows
         with console.status(f"teacher: completing the {len(data.eval)} held-out prompts (greedy)"):
             data = replace(data, eval=teacher_completed(objective, tokenizer, data.eval))
 
