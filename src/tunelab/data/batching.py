@@ -172,6 +172,12 @@ def make_shared_prefix_batch(samples: list[dict], groups: list[tuple[int, list[i
     )
 
 
+def prompt_completion_sample(prompt: list[int], completion: list[int], prompt_targets: bool = False, completion_targets: bool = True) -> dict:
+    """prompt + completion as a next-token sample: the completion's tokens are its targets
+    (`prompt_targets`: the prompt's too; `completion_targets` False: none of them)."""
+    return {"input_ids": prompt + completion, "target_mask": [int(prompt_targets)] * len(prompt) + [int(completion_targets)] * len(completion)}
+
+
 def next_token_labels(ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """What each position but the last predicts: the next token where it is a target, else IGNORE."""
     return torch.where(targets[1:], ids[1:], IGNORE)

@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from tunelab.data.batching import Batch, BatchLayout, split_by_tokens
+from tunelab.data.batching import Batch, BatchLayout, prompt_completion_sample, split_by_tokens
 from tunelab.errors import TunelabError
 from tunelab.objectives.base import ObjectiveOutput, Summed
 from tunelab.objectives.causal_lm import LinearCrossEntropy, at_targets, row_chunks
@@ -107,13 +107,10 @@ class Distill(GeneratingObjective):
 
     def round_batches(self, prompt_steps, request, completions, texts, truncated):
         on_policy = not request.by_teacher
-        generated = iter(completions)
+        completed = iter(zip(request.prompts, completions))  # in the order round_request chose them
 
         def trained(sample: dict) -> dict:
-            if not (on_policy or "prompt_ids" in sample):
-                return sample
-            prompt, completion = completion_prompt(sample), next(generated)
-            return {"input_ids": prompt + completion, "target_mask": [0] * len(prompt) + [1] * len(completion)}
+            return prompt_completion_sample(*next(completed)) if on_policy or "prompt_ids" in sample else sample
 
         steps = [[[trained(s) for s in batch] for batch in batches] for batches in prompt_steps]
         metrics = {"on_policy": float(on_policy)} | (completion_metrics(completions, truncated) if completions else {})

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from tunelab.data.batching import Batch, BatchLayout, split_by_tokens
+from tunelab.data.batching import Batch, BatchLayout, prompt_completion_sample, split_by_tokens
 from tunelab.objectives.base import ObjectiveOutput, Summed
 from tunelab.objectives.causal_lm import TargetLogProbs, target_log_probs
 from tunelab.objectives.reference import ReferenceOptions
@@ -107,9 +107,7 @@ def completion_batches(samples: list[dict], layout: BatchLayout, max_tokens: int
     batches = []
     for k, forward in enumerate(split_by_tokens(groups, max_tokens, computed)):
         group = [s for members in forward for s in members]
-        sequences = [
-            {"input_ids": s["prompt_ids"] + s["completion_ids"], "target_mask": [0] * len(s["prompt_ids"]) + [int(s["trained"])] * len(s["completion_ids"])} for s in group
-        ]
+        sequences = [prompt_completion_sample(s["prompt_ids"], s["completion_ids"], completion_targets=s["trained"]) for s in group]
         starts = list(itertools.accumulate((len(members) for members in forward), initial=0))
         prefixes = [(len(members[0]["prompt_ids"]), list(range(start, start + len(members)))) for members, start in zip(forward, starts)]
         old = None

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tunelab.data.batching import Batch, BatchLayout, split_by_tokens
+from tunelab.data.batching import Batch, BatchLayout, prompt_completion_sample, split_by_tokens
 from tunelab.objectives.base import Objective, Summed
 from tunelab.objectives.causal_lm import TargetLogProbs, target_log_probs
 
@@ -69,8 +69,7 @@ def pair_length(sample: dict, shared_prompt: bool = False) -> int:
 def completion_sample(sample: dict, key: str, whole: bool = False) -> dict:
     """prompt + one completion as a next-token sample whose targets are the completion's tokens
     (`whole`: every token of the sequence)."""
-    prompt, completion = sample["prompt_ids"], sample[key]
-    return {"input_ids": prompt + completion, "target_mask": [int(whole)] * len(prompt) + [1] * len(completion)}
+    return prompt_completion_sample(sample["prompt_ids"], sample[key], prompt_targets=whole)
 
 
 def pair_batches(samples: list[dict], layout: BatchLayout, max_tokens: int, whole_chosen: bool = False) -> list[PairBatch]:

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from tunelab.data.batching import Batch, BatchLayout, split_by_tokens
+from tunelab.data.batching import Batch, BatchLayout, prompt_completion_sample, split_by_tokens
 from tunelab.data.prompts import row_prompt
 from tunelab.objectives.base import ObjectiveOutput, Summed
 from tunelab.objectives.causal_lm import causal_lm_loss
@@ -57,10 +57,7 @@ class Raft(SampledObjective):
         chosen = [i * group + int(k) for i, k in enumerate(best.indices)]
         kept = [bool(r > self.options.threshold) for r in best.values]
         records = [{"where": p["where"], "prompt": row_prompt(p), "completion": texts[c], "reward": rewards[c].item(), "kept": keep} for p, c, keep in zip(prompts, chosen, kept)]
-        samples = iter(
-            {"input_ids": p["prompt_ids"] + completions[c], "target_mask": [0] * len(p["prompt_ids"]) + [1] * len(completions[c])} if keep else None
-            for p, c, keep in zip(prompts, chosen, kept)
-        )
+        samples = iter(prompt_completion_sample(p["prompt_ids"], completions[c]) if keep else None for p, c, keep in zip(prompts, chosen, kept))
         steps = [[[s for s in (next(samples) for _ in batch) if s is not None] for batch in batches] for batches in prompt_steps]
         metrics = {
             "raft/acceptance": sum(kept) / len(kept),

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from tunelab.data.batching import prompt_completion_sample
 from tunelab.files import write_text_atomic
 from tunelab.generation import sample_completions, stop_token_ids
 from tunelab.objectives.reference import without_randomness
@@ -136,7 +137,7 @@ def teacher_completed(objective, tokenizer, prompts: Dataset) -> Dataset:
     same on every run): a distillation's held-out set, where the data gives prompts only."""
     prompt_ids = prompts["prompt_ids"]
     completions = greedy_completions(objective.teacher, tokenizer, prompt_ids, objective.options)
-    return Dataset.from_list([{"input_ids": p + c, "target_mask": [0] * len(p) + [1] * len(c)} for p, c in zip(prompt_ids, completions)])
+    return Dataset.from_list([prompt_completion_sample(p, c) for p, c in zip(prompt_ids, completions)])
 
 
 def evaluate_rewards(run) -> dict[str, float]:
