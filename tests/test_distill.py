@@ -170,3 +170,12 @@ def test_a_peft_adapter_teacher_is_the_run_it_was_exported_from(records, teacher
         tunelab.train(config)
         losses[kind] = [(m["loss"], m["grad_norm"]) for m in read_metrics(config["output"])]
     assert losses["peft"] == pytest.approx(losses["run"], rel=1e-5) and losses["run"][0][0] > 0
+
+
+def test_on_policy_steps_without_a_prompt_fail_naming_the_option(records, tmp_path):
+    """data.train_on: all makes every token a target: a row has no prompt for the student to answer."""
+    config = distill_config(tmp_path / "run", *records, {"teacher": "tiny-random-llama", "on_policy_fraction": 1.0})
+    config["data"]["train_on"] = "all"
+    with pytest.raises(TunelabError, match="objective.on_policy_fraction: on-policy steps need a prompt"):
+        tunelab.train(config)
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "adapter").exists()

@@ -252,6 +252,7 @@ def test_objective_options_are_validated_by_the_objective(data, tmp_path):
         ({"name": "dpo", "reference_free": True, "precompute_reference": True}, "reference_free"),
         ({"name": "distill", "teacher": "tiny-random-llama", "loss": "forward_kl", "beta": 0.3}, "loss: jsd only"),
         ({"name": "distill"}, "objective.teacher"),
+        ({"name": "distill", "teacher": "tiny-random-llama", "on_policy_fraction": 1.5}, "objective.on_policy_fraction"),
         ({"name": "grpo", "rewards": [{"name": "format"}]}, "needs a 'pattern'"),
         ({"name": "grpo", "rewards": [{"name": "length", "function": "m:f"}]}, "exactly one of 'name'"),
         ({"name": "grpo", "rewards": []}, "objective.rewards"),
