@@ -22,7 +22,7 @@ from tunelab.config import ModelConfig
 from tunelab.data import arithmetic_task
 from tunelab.data.preference import prompt_ids
 from tunelab.generation import sample_completions, stop_token_ids
-from tunelab.models import load_model
+from tunelab.models.loader import load_model
 from tunelab.plots import plot_metric
 from tunelab.scoring.rewards import math_exact
 

@@ -22,7 +22,7 @@ from helpers import read_metrics, read_report, tiny_run_config, write_jsonl, wri
 from tunelab import quickstart
 from tunelab.cli.main import app
 from tunelab.generation import generate
-from tunelab.models import load_model
+from tunelab.models.loader import load_model
 from tunelab.runs import load_run
 
 SRC_DIR = Path(tunelab.__file__).resolve().parents[1]

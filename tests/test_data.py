@@ -20,7 +20,7 @@ from tunelab.data.dataset import build_datasets, tokenized_split
 from tunelab.data.formats import load_examples
 from tunelab.data.tokenize import tokenize_example
 from tunelab.errors import TunelabError
-from tunelab.models import load_model, load_tokenizer
+from tunelab.models.loader import load_model, load_tokenizer
 from tunelab.models.tiny import tiny_tokenizer
 from tunelab.objectives.causal_lm import causal_lm_loss
 

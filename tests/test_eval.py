@@ -21,7 +21,7 @@ from tunelab.data.formats import load_examples
 from tunelab.errors import TunelabError
 from tunelab.eval.evaluate import evaluate, generation_cases
 from tunelab.generation import generate
-from tunelab.models import load_model
+from tunelab.models.loader import load_model
 from tunelab.runs import load_run
 from tunelab.scoring.answers import exact_match, json_scores, normalize_text, parse_json_object, score_prediction
 

@@ -283,7 +283,7 @@ def test_the_reward_is_read_at_the_last_real_token_even_when_pad_is_eos():
     head on each sequence's own last token (its EOS), as an unpadded forward of it alone gives."""
     from trl_oracle import EOS, PAIRS
     from tunelab.data.batching import BatchLayout
-    from tunelab.models import load_model
+    from tunelab.models.loader import load_model
     from tunelab.objectives.reward import Reward, RewardOptions
 
     model, _ = load_model(tunelab.config.ModelConfig(name="tiny-random-llama", dtype="float32", device="cpu"))
@@ -409,7 +409,7 @@ def test_a_shared_prompt_gives_every_target_the_log_probability_of_the_pair_laid
     the same positions for the same sequences, with the same log-probabilities, as laying out each
     sequence whole; the chosen sequence's prompt targets (ORPO's) stay its own."""
     from tunelab.data.batching import make_batch, make_shared_prefix_batch
-    from tunelab.models import load_model
+    from tunelab.models.loader import load_model
     from tunelab.objectives.causal_lm import target_log_probs
 
     model, _ = load_model(tunelab.config.ModelConfig(name="tiny-random-llama", dtype="float32", device="cpu"))

@@ -24,8 +24,8 @@ from tunelab.config import ModelConfig
 from tunelab.data.batching import IGNORE, make_batch, split_by_tokens
 from tunelab.data.tokenize import tokenize_example
 from tunelab.methods.lora import Lora, LoraLinear, LoraOptions
-from tunelab.models import load_model
 from tunelab.models.attention import enable_packed_attention, uses_packed_attention
+from tunelab.models.loader import load_model
 from tunelab.models.tiny import tiny_llama, tiny_tokenizer
 from tunelab.objectives import sft
 from tunelab.objectives.causal_lm import LinearCrossEntropy, causal_lm_loss

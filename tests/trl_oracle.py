@@ -20,8 +20,8 @@ from tunelab.config import ModelConfig, parse_config
 from tunelab.data.batching import BatchLayout
 from tunelab.methods import build_method
 from tunelab.methods.base import PEFT_PREFIX
-from tunelab.models import load_model
 from tunelab.models.attention import enable_packed_attention, uses_packed_attention
+from tunelab.models.loader import load_model
 from tunelab.models.tiny import tiny_llama, tiny_tokenizer
 from tunelab.objectives.base import StepTotals, step_loss
 from tunelab.objectives.reference import LiveReference

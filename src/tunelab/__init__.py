@@ -5,10 +5,17 @@ Python API (mirrors the CLI):
     result = tunelab.train(config)            # -> RunResult(output_dir, report)
 """
 
-from tunelab.config import RunConfig, load_config
-from tunelab.errors import TunelabError
-from tunelab.train import RunResult
-from tunelab.train import train as _train
+import logging
+
+# torchao, which transformers imports whenever it is installed, warns on import about CUDA kernels a
+# CPU build cannot load, and torch about torchao's enum registration: neither concerns our users.
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
+
+from tunelab.config import RunConfig, load_config  # noqa: E402
+from tunelab.errors import TunelabError  # noqa: E402
+from tunelab.train import RunResult  # noqa: E402
+from tunelab.train import train as _train  # noqa: E402
 
 __version__ = "0.1.0"
 

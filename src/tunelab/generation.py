@@ -111,12 +111,13 @@ def sample_completions(
     max_new_tokens (then it is `truncated`). One batch, left-padded, with the KV cache, in eval
     mode (no dropout), seeded: the same weights and seed give the same completions. Temperature 0
     is greedy decoding. `training_weights`: layers that train on a copy of their frozen weights in
-    a faster dtype (Method.store_frozen_weights) sample on it, as the policy's training forwards compute."""
+    a faster dtype (Method.store_frozen_weights), and quantized layers with a training dtype, sample
+    on it, as the policy's training forwards compute."""
     was_training = model.training
     model.eval()
     if training_weights:  # the layers that train on a copy of their frozen weights sample on it too
         for module in model.modules():
-            if getattr(module, "compute_weight", None) is not None:
+            if getattr(module, "compute_weight", None) is not None or getattr(module, "compute_dtype", None) is not None:
                 module.training = True
     device = next(model.parameters()).device
     input_ids, attention_mask = left_padded(prompts, pad_id)

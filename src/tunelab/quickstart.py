@@ -35,9 +35,10 @@ PREFERENCE = {"lr": 5e-4, "max_new_tokens": 64}
 PREFERENCE_LR = {"dpo": 5e-5, "kto": 5e-5}
 
 
-def run_quickstart(out: str | Path = "runs/quickstart", model: str = SMOLLM2, steps: int | None = None, seed: int = 0, objective: str = "sft") -> dict:
+def run_quickstart(out: str | Path = "runs/quickstart", model: str = SMOLLM2, steps: int | None = None, seed: int = 0, objective: str = "sft", quantize: str = "none") -> dict:
+    """`quantize`: model.quantize of the run (nf4: QLoRA)."""
     if objective != "sft":
-        return run_preference_quickstart(out, model, steps, seed, objective)
+        return run_preference_quickstart(out, model, steps, seed, objective, quantize)
     started = time.perf_counter()
     out = Path(out)
     data_dir = out / "data"
@@ -47,7 +48,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", model: str = SMOLLM2, st
 
     config = load_config(
         {
-            "model": model,
+            "model": {"name": model, "quantize": quantize},
             "data": {"train": str(data_dir / "train.jsonl"), "eval": str(data_dir / "eval.jsonl"), "max_length": 256},
             "method": {"name": "lora", "r": DEFAULTS["r"], "alpha": DEFAULTS["alpha"], "target": "all-linear"},
             "train": {
@@ -78,6 +79,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", model: str = SMOLLM2, st
         "train_seconds": result.report["train_seconds"],
         "total_seconds": time.perf_counter() - started,
         "model": model,
+        "quantize": quantize,
         "run_dir": str(out / "run"),
     }
     plot_loss(out / "run" / "metrics.jsonl", out / "loss.png", title=f"quickstart: LoRA on {model}")
@@ -98,7 +100,7 @@ def write_rows(folder: Path, splits: dict[str, list[dict]]) -> dict[str, Path]:
     return paths
 
 
-def run_preference_quickstart(out: str | Path, model: str, steps: int | None, seed: int, objective: str) -> dict:
+def run_preference_quickstart(out: str | Path, model: str, steps: int | None, seed: int, objective: str, quantize: str = "none") -> dict:
     """The quickstart task as preference pairs, trained with `objective` from the base model."""
     from tunelab.eval.harness import evaluate_task
     from tunelab.eval.tasks import load_task
@@ -114,7 +116,7 @@ def run_preference_quickstart(out: str | Path, model: str, steps: int | None, se
     paths = write_rows(data_dir, {"pairs_train": pairs["train"], "pairs_eval": pairs["eval"]})
     config = load_config(
         {
-            "model": model,
+            "model": {"name": model, "quantize": quantize},
             "data": {"train": str(paths["pairs_train"]), "eval": str(paths["pairs_eval"]), "max_length": 256},
             "method": {"name": "lora", "r": DEFAULTS["r"], "alpha": DEFAULTS["alpha"], "target": "all-linear"},
             "objective": {"name": objective},
@@ -183,7 +185,7 @@ def on_policy_pairs(model_name: str, splits: dict[str, list[dict]], seed: int) -
 
     from tunelab.config import ModelConfig
     from tunelab.generation import generate
-    from tunelab.models import load_model
+    from tunelab.models.loader import load_model
     from tunelab.scoring.answers import json_scores
 
     model, tokenizer = load_model(ModelConfig(name=model_name))

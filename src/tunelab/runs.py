@@ -21,7 +21,7 @@ from tunelab.errors import TunelabError
 from tunelab.methods import Method, build_method
 from tunelab.methods.peft_io import method_options_from_peft, read_peft_adapter
 from tunelab.methods.registry import method_options_model
-from tunelab.models import load_model
+from tunelab.models.loader import load_model
 from tunelab.objectives.base import Objective
 from tunelab.objectives.registry import build_objective
 

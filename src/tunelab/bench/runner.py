@@ -38,13 +38,18 @@ from tunelab.train.precision import resolve_frozen_dtype
 
 # The trainer tunelab is compared with, by objective, and the packages it needs.
 PEERS = {"sft": "hf_peft", "dpo": "trl", "grpo": "trl_grpo"}
-PEER_PACKAGES = {"hf_peft": ("peft", "accelerate"), "trl": ("peft", "accelerate", "trl"), "trl_grpo": ("peft", "accelerate", "trl")}
+PEER_PACKAGES = {
+    "hf_peft": ("peft", "accelerate"),
+    "hf_peft_4bit": ("peft", "accelerate", "bitsandbytes"),
+    "trl": ("peft", "accelerate", "trl"),
+    "trl_grpo": ("peft", "accelerate", "trl"),
+}
 
 
 def run_bench(workload: Workload, out: Path, repeats: int = 1, long_context_mb: float | None = None) -> dict:
     peer = PEERS[workload.objective]
     side_names = ("tunelab", peer)
-    _check_peers_installed(peer)
+    _check_peers_installed(peer + ("_4bit" if workload.quantize == "nf4" else ""))
     out.parent.mkdir(parents=True, exist_ok=True)  # now, not after minutes of training
     if workload.data is None:
         workload.data = default_data(workload.objective)
@@ -250,4 +255,4 @@ def _device_name() -> str:
 def _check_peers_installed(peer: str) -> None:
     missing = [name for name in PEER_PACKAGES[peer] if importlib.util.find_spec(name) is None]
     if missing:
-        raise TunelabError(f"bench: the {peer} side needs {', '.join(missing)}: pip install {' '.join(missing)}")
+        raise TunelabError(f"bench: the {peer.removesuffix('_4bit')} side needs {', '.join(missing)}: pip install {' '.join(missing)}")

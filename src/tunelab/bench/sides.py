@@ -28,7 +28,7 @@ from tunelab.data.batching import IGNORE
 from tunelab.data.dataset import build_datasets
 from tunelab.eval.loss import evaluate_loss
 from tunelab.files import write_json_atomic
-from tunelab.models import load_model
+from tunelab.models.loader import load_model, load_tokenizer, local_source
 from tunelab.objectives.registry import get_objective_class
 from tunelab.train.loop import planned_sample_order
 
@@ -194,11 +194,23 @@ def _peer_start(config):
 
     tcfg, mcfg = config.train, config.method
     torch.manual_seed(tcfg.seed)
-    model, tokenizer = load_model(config.model)
+    model, tokenizer = _peer_4bit_model(config.model) if config.model.quantize == "nf4" else load_model(config.model)
     data = build_datasets(config.data, tokenizer, tcfg.seed, get_objective_class(config.objective.name).rows)
     rows = [data.train[i] for i in planned_sample_order(len(data.train), tcfg)]
     lora = LoraConfig(r=mcfg.r, lora_alpha=mcfg.alpha, lora_dropout=mcfg.dropout, target_modules="all-linear", task_type="CAUSAL_LM")
     return model, tokenizer, data, rows, lora
+
+
+def _peer_4bit_model(model_config):
+    """QLoRA as the peers' users run it: the base loaded by transformers with bitsandbytes NF4 and
+    double quantization (compute in fp32, as the peers' other runs), prepared by peft for k-bit
+    training without gradient checkpointing (tunelab's side does not checkpoint either)."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(local_source(model_config.name), quantization_config=quantization, dtype=torch.float32, device_map="cpu")
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), load_tokenizer(model_config)
 
 
 def _peer_arguments(config, model) -> dict:

@@ -50,6 +50,7 @@ class Workload:
     r: int = 16
     alpha: float = 32.0
     frozen_dtype: str = "auto"  # tunelab's train.frozen_dtype (the peers train in fp32)
+    quantize: str = "none"  # model.quantize; nf4: the SFT peer loads its base with bitsandbytes 4-bit
     seed: int = 0
 
     @property
@@ -128,7 +129,7 @@ def write_long_text(folder: Path, n_words: int, seed: int) -> Path:
 def run_config(workload: Workload, train_path: Path, eval_path: Path | None, output: Path) -> dict:
     """The tunelab run config of the workload (the HF and TRL sides mirror these settings)."""
     return {
-        "model": workload.model,
+        "model": {"name": workload.model, "quantize": workload.quantize},
         "objective": OBJECTIVES[workload.objective],
         "data": {"train": str(train_path), "eval": str(eval_path) if eval_path else None, "max_length": workload.max_length},
         "method": {"name": workload.method, "r": workload.r, "alpha": workload.alpha, "dropout": 0.0},

@@ -131,7 +131,7 @@ def generate_command(
     def action():
         from tunelab.config import load_config
         from tunelab.generation import generate
-        from tunelab.models import load_model
+        from tunelab.models.loader import load_model
         from tunelab.runs import load_run
 
         if base:
@@ -149,16 +149,17 @@ def generate_command(
 
 @app.command("export")
 def export_command(
-    run_dir: Path = typer.Argument(..., help="a run directory"),
-    format: str = typer.Option(..., "--format", help="peft | merged"),
-    out: Path = typer.Option(..., "--out", help="the directory to write"),
+    run_dir: str = typer.Argument(..., help="a run directory (for --format gguf also a model: alias, HF directory, hub id)"),
+    format: str = typer.Option(..., "--format", help="peft | merged | gguf | gguf-adapter"),
+    out: Path = typer.Option(..., "--out", help="the directory to write (gguf, gguf-adapter: the .gguf file)"),
+    gguf_type: str = typer.Option("f16", "--gguf-type", help="--format gguf: f32 | f16 | bf16 | q8_0 | q4_0 (norms stay f32)"),
 ):
-    """Export a run as a peft adapter directory or as merged full weights."""
+    """Export a run as a peft adapter, merged full weights, or GGUF for llama.cpp (merged model or LoRA adapter)."""
 
     def action():
         from tunelab.export import export_run
 
-        console.print(f"exported -> {export_run(run_dir, format, out)}")
+        console.print(f"exported -> {export_run(run_dir, format, out, gguf_type)}")
 
     _run(action)
 
@@ -214,13 +215,14 @@ def quickstart_command(
     model: str = typer.Option("smollm2-135m-instruct", help="model alias, directory, hub id or .gguf"),
     steps: Optional[int] = typer.Option(None, help="training steps (default: the tuned budget)"),
     objective: str = typer.Option("sft", help="sft, or a preference objective (dpo, simpo, cpo, orpo, kto, reward) on pairs of the same task"),
+    quantize: str = typer.Option("none", help="model.quantize: none | nf4 (QLoRA) | int8"),
 ):
     """Fine-tune SmolLM2-135M-Instruct on a JSON record-extraction task and score it before/after."""
 
     def action():
         from tunelab.quickstart import run_quickstart
 
-        run_quickstart(out, model=model, steps=steps, objective=objective)
+        run_quickstart(out, model=model, steps=steps, objective=objective, quantize=quantize)
 
     _run(action)
 
@@ -242,6 +244,7 @@ def bench_command(
     eval_samples: int = typer.Option(32, min=1, help="held-out samples (dpo: pairs) both sides take the eval loss on"),
     lr: float = typer.Option(1e-3, help="learning rate of both sides"),
     frozen_dtype: str = typer.Option("auto", help="tunelab's train.frozen_dtype: auto (bf16 on CPUs with fast bf16 matmuls) | float32"),
+    quantize: str = typer.Option("none", help="model.quantize of both sides: none | nf4 (the sft peer loads the base with bitsandbytes 4-bit, QLoRA)"),
     repeats: int = typer.Option(1, help="runs per side, alternating; speed is the median"),
     long_context: bool = typer.Option(False, "--long-context", help="also find the longest sequence each side trains on (sft)"),
     memory_budget_mb: float = typer.Option(16384, help="the memory budget of --long-context, MiB"),
@@ -259,6 +262,8 @@ def bench_command(
             raise TunelabError(f"bench --objective: one of {', '.join(PEERS)}, not '{objective}'")
         if long_context and objective != "sft":
             raise TunelabError("bench --long-context: measured for --objective sft only")
+        if quantize not in ("none", "nf4") or (quantize != "none" and objective != "sft"):
+            raise TunelabError(f"bench --quantize: none, or nf4 with --objective sft (against bitsandbytes 4-bit), not '{quantize}' with {objective}")
         workload = Workload(
             model=model,
             objective=objective,
@@ -270,6 +275,7 @@ def bench_command(
             eval_samples=eval_samples,
             lr=lr,
             frozen_dtype=frozen_dtype,
+            quantize=quantize,
         )
         result = run_bench(workload, out, repeats=repeats, long_context_mb=memory_budget_mb if long_context else None)
         ours, theirs = result["tunelab"], result[PEERS[objective]]

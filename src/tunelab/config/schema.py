@@ -20,6 +20,8 @@ class ModelConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
+    # Frozen linear weights of the decoder stored as NF4 (QLoRA) or int8; models/quantize.py.
+    quantize: Literal["none", "nf4", "int8"] = "none"
 
 
 class DataConfig(Strict):

@@ -16,7 +16,7 @@ from tunelab.errors import TunelabError
 from tunelab.eval.loss import evaluate_loss
 from tunelab.files import write_json_atomic
 from tunelab.generation import generate
-from tunelab.models import load_model
+from tunelab.models.loader import load_model
 from tunelab.runs import load_run
 from tunelab.scoring.answers import score_prediction
 

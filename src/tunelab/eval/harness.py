@@ -270,7 +270,7 @@ def score_preference(model, tokenizer, task: TaskConfig, run) -> tuple[dict, lis
 def _base_reference(run):
     """The run's base model as a reference: its adapter switched off when that is the base, else the
     base loaded afresh."""
-    from tunelab.models import load_model
+    from tunelab.models.loader import load_model
     from tunelab.objectives.reference import LiveReference
 
     method, model = run.method, run.model
@@ -312,7 +312,7 @@ def load_target(target: str | Path | ModelConfig, device: str | None = None, dty
 def _load_target(target, device, dtype, base_model):
     """`load_target`'s (model, tokenizer, kind) and the LoadedRun of a run or adapter (else None)."""
     from tunelab.export import import_peft
-    from tunelab.models import load_model
+    from tunelab.models.loader import load_model
     from tunelab.runs import load_run
 
     if isinstance(target, ModelConfig):

@@ -1,4 +1,5 @@
-"""`tunelab export`: a run's result as a peft adapter directory or as merged full weights."""
+"""`tunelab export`: a run's result as a peft adapter directory, merged full weights, or GGUF for
+llama.cpp (the merged model, or a LoRA adapter for `--lora`); a base model alone as GGUF."""
 
 from __future__ import annotations
 
@@ -10,36 +11,63 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from tunelab.config.schema import ModelConfig
+from tunelab.console import console
 from tunelab.errors import TunelabError
-from tunelab.runs import load_run
+from tunelab.export.gguf_export import GGUF_TYPES, write_lora, write_model
+from tunelab.models.loader import load_model, source_gguf
+from tunelab.models.quantize import dequantize_linears
+from tunelab.runs import LoadedRun, load_run
 
-FORMATS = ("peft", "merged")
+FORMATS = ("peft", "merged", "gguf", "gguf-adapter")
 
 
-def export_run(run_dir: str | Path, export_format: str, out: str | Path) -> Path:
+def export_run(source: str | Path, export_format: str, out: str | Path, gguf_type: str = "f16") -> Path:
+    """Write `source` (a run directory; for `gguf`, also a model: alias, HF directory, hub id) in
+    `export_format` at `out` (a directory, or a .gguf file). Nothing is left at `out` on failure."""
     if export_format not in FORMATS:
         raise TunelabError(f"--format: '{export_format}' is not one of {', '.join(FORMATS)}")
+    if gguf_type not in GGUF_TYPES:
+        raise TunelabError(f"--gguf-type: '{gguf_type}' is not one of {', '.join(GGUF_TYPES)}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise TunelabError(f"--out {out} exists and is not empty")
-    run = load_run(run_dir)
+    to_file = export_format.startswith("gguf")
+    if to_file and out.suffix != ".gguf":
+        raise TunelabError(f"--out {out}: a GGUF export is one file; name it *.gguf")
+    if out.exists() and (to_file or any(out.iterdir())):
+        raise TunelabError(f"--out {out} exists" + ("" if to_file else " and is not empty"))
+    if export_format == "gguf" and not (Path(source) / "config.yaml").is_file():  # a model, not a run
+        model, tokenizer = load_model(ModelConfig(name=str(source)))
+        write = lambda path: _write_gguf(model, tokenizer, path, gguf_type, str(source))  # noqa: E731
+    else:
+        run = load_run(source)
+        write = {
+            "peft": lambda path: _write_peft(run, path),
+            "merged": lambda path: _write_merged(run, path),
+            "gguf": lambda path: _write_gguf(_merge(run), run.tokenizer, path, gguf_type, run.config.model.name),
+            "gguf-adapter": lambda path: _write_gguf_adapter(run, path),
+        }[export_format]
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    if to_file:
+        handle, name = tempfile.mkstemp(prefix=f".{out.name}-", dir=out.parent)
+        os.close(handle)
+        staging = Path(name)
+    else:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        if export_format == "peft":
-            _write_peft(run, staging)
-        else:
-            _write_merged(run, staging)
+        write(staging)
         if out.exists():
             out.rmdir()
         os.replace(staging, out)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging.is_dir():
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            staging.unlink(missing_ok=True)
         raise
     return out
 
 
-def _write_peft(run, directory: Path) -> None:
+def _write_peft(run: LoadedRun, directory: Path) -> None:
     """adapter_config.json + adapter_model.safetensors, as `peft.PeftModel.from_pretrained` reads them."""
     config, tensors = run.method.peft_export(run.model)
     config["base_model_name_or_path"] = run.config.model.name
@@ -47,9 +75,36 @@ def _write_peft(run, directory: Path) -> None:
     save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
 
 
-def _write_merged(run, directory: Path) -> None:
+def _merge(run: LoadedRun):
+    """The run's model with the method folded into its weights, and no quantized layer left."""
+    run.method.merge(run.model)
+    if dequantize_linears(run.model):
+        console.print(f"[yellow]merged into the dequantized weights of the base (model.quantize: {run.config.model.quantize})[/yellow]")
+    return run.objective.merged_model(run.model, run.tokenizer)
+
+
+def _write_merged(run: LoadedRun, directory: Path) -> None:
     """A plain Hugging Face checkpoint: the method folded into the base weights (a reward model's,
     with its head, as a sequence-classification checkpoint)."""
-    run.method.merge(run.model)
-    run.objective.merged_model(run.model, run.tokenizer).save_pretrained(directory)
+    _merge(run).save_pretrained(directory)
     run.tokenizer.save_pretrained(directory)
+
+
+def _write_gguf(model, tokenizer, path: Path, gguf_type: str, model_name: str) -> None:
+    write_model(model, tokenizer, path, gguf_type, name=Path(model_name).name, pre_tokenizer=_pre_tokenizer_of(model_name))
+
+
+def _write_gguf_adapter(run: LoadedRun, path: Path) -> None:
+    adapters = run.method.lora_factors(run.model)
+    write_lora(run.model, adapters, path, name=f"{Path(run.config.output).name} (LoRA of {run.config.model.name})")
+
+
+def _pre_tokenizer_of(model_name: str) -> str | None:
+    """The pre-tokenizer name of the GGUF file a model was converted from (None for others)."""
+    import gguf
+
+    path = source_gguf(model_name)
+    if path is None:
+        return None
+    field = gguf.GGUFReader(path).fields.get("tokenizer.ggml.pre")
+    return None if field is None else field.contents()

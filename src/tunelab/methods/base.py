@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from tunelab.errors import TunelabError
+from tunelab.models.quantize import QuantizedLinear, dequantize
 
 # The target mask (shaped like input_ids, True where a loss falls) of the training or eval forward
 # that is running, for method hooks inside the model that must tell prompt positions from targets
@@ -165,6 +166,11 @@ class Method(ABC):
             "change of weights; export it with --format peft (or keep the run directory) instead"
         )
 
+    def lora_factors(self, model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """The trained update as plain LoRA factors, linear layer name -> (A, B, scale) with
+        ΔW = scale · B A: what runtimes that apply LoRA adapters themselves (llama.cpp's --lora) take."""
+        raise TunelabError(f"method '{self.name}' is not a plain LoRA update, the only adapter llama.cpp applies; export the merged model instead: --format gguf")
+
     # peft interop: an adapter in peft's format is adapter_config.json plus tensors named
     # `base_model.model.<our name>`: every method names its tensors as peft saves them.
 
@@ -257,7 +263,7 @@ class AdapterLayer(nn.Module):
         return self.base_layer
 
     def merged_weight(self) -> torch.Tensor:
-        weight = self.base_layer.weight
+        weight = dequantize(self.base_layer.weight)
         return weight + self.delta_weight().to(weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -265,9 +271,12 @@ class AdapterLayer(nn.Module):
         return F.linear(x.to(weight.dtype), weight, self.base_layer.bias).to(x.dtype)
 
     def merged(self) -> nn.Linear:
-        """The base layer with the update folded into its weight."""
+        """The base layer with the update folded into its weight (a quantized base: into its
+        dequantized weight, as a plain linear layer)."""
         with torch.no_grad():
             merged = self.merged_weight()
+            if isinstance(self.base_layer, QuantizedLinear):
+                return self.base_layer.dequantized(merged)
             self.base_layer.weight.copy_(merged)
         return self.base_layer
 

@@ -67,6 +67,7 @@ from tunelab.console import console
 from tunelab.errors import TunelabError
 from tunelab.methods.base import MethodOptions, decoder_layers
 from tunelab.methods.partial import OwnWeightsMethod, parameter_owners
+from tunelab.models.quantize import dequantize
 
 # The checkpoint entry holding the steps done, from which a resumed run re-draws its active layers.
 COMPLETED_STEPS = "layer_sampling.completed_steps"
@@ -174,7 +175,7 @@ class Owlore(Lisa):
 @torch.no_grad()
 def outlier_ratio(layer: nn.Module, threshold: float) -> float:
     """OWL's D_l with the score |W_ij|: the share of the layer's linear weights above `threshold` × their mean."""
-    weights = [m.weight for m in layer.modules() if isinstance(m, nn.Linear)]
+    weights = [dequantize(m.weight) for m in layer.modules() if isinstance(m, nn.Linear)]
     total = sum(w.numel() for w in weights)
     mean = sum(w.abs().sum(dtype=torch.float64) for w in weights) / total
     outliers = sum(int((w.abs() > threshold * mean).sum()) for w in weights)

@@ -29,6 +29,7 @@ from tunelab.methods.base import (
     reject_peft_settings,
     target_from_peft,
 )
+from tunelab.models.quantize import QuantizedLinear, dequantize, frozen_linear, is_quantized, quantize_like
 
 
 class LoraOptions(LinearTargetOptions):
@@ -70,7 +71,7 @@ class LoraLinear(AdapterLayer):
                     nn.init.normal_(self.lora_A.weight, std=1 / r)
                 nn.init.zeros_(self.lora_B.weight)  # the wrapped layer starts equal to W
                 return
-            weight = self.base_layer.weight.float()
+            weight = dequantize(self.base_layer.weight).float()
             if init == "pissa":  # W = U S Vᵀ: B = U_r √S_r, A = √S_r V_rᵀ, both divided by √s
                 u, singular, vh = torch.linalg.svd(weight, full_matrices=False)
                 root = torch.sqrt(singular[:r] / self.scaling)
@@ -85,24 +86,40 @@ class LoraLinear(AdapterLayer):
         self._move_init_out_of_base(+1)
 
     def _move_init_out_of_base(self, sign: int) -> None:
-        """W -= sign · s·B₀A₀: +1 makes W the residual, −1 restores the original weight."""
+        """W -= sign · s·B₀A₀: +1 makes W the residual, −1 restores the original weight (a quantized
+        W: dequantized, moved, quantized again, as peft does)."""
         with torch.no_grad():
-            weight = self.base_layer.weight
-            weight -= (sign * self.scaling * (self.lora_B_init @ self.lora_A_init)).to(weight.dtype)
+            base = self.base_layer
+            weight = dequantize(base.weight)
+            moved = weight - (sign * self.scaling * (self.lora_B_init @ self.lora_A_init)).to(weight.dtype)
+            if is_quantized(base.weight):
+                base.weight = nn.Parameter(quantize_like(base.weight, moved), requires_grad=False)
+            else:
+                base.weight.copy_(moved)
 
     def set_initial_factors(self, a_init: torch.Tensor, b_init: torch.Tensor) -> None:
-        """Take saved initial factors (a run reloaded elsewhere may compute others): re-residualize W."""
+        """Take saved initial factors (a run reloaded elsewhere may compute others): re-residualize W.
+        Factors equal to the ones computed leave W untouched (exactly: no round trip)."""
+        if torch.equal(a_init, self.lora_A_init) and torch.equal(b_init, self.lora_B_init):
+            return
         self._move_init_out_of_base(-1)
         self.lora_A_init.copy_(a_init)
         self.lora_B_init.copy_(b_init)
         self._move_init_out_of_base(+1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def frozen_weight(self) -> tuple[torch.Tensor, torch.dtype]:
+        """The frozen weight and the dtype its matmuls run in. In training, a copy in a faster
+        matmul dtype if one was made (Lora.store_frozen_weights), or a quantized weight's training
+        dtype; evaluation always computes on the weight itself."""
         base = self.base_layer
-        # In training, a copy of the frozen weight in a faster matmul dtype, if one was made
-        # (Lora.store_frozen_weights); evaluation always uses the weight itself.
+        if isinstance(base, QuantizedLinear):
+            return base.weight, base.matmul_dtype
         weight = self.compute_weight if self.training and self.compute_weight is not None else base.weight
-        return LoraLinearFunction.apply(x, self.lora_dropout(x), weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
+        return weight, weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, dtype = self.frozen_weight()
+        return LoraLinearFunction.apply(x, self.lora_dropout(x), weight, dtype, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
@@ -120,10 +137,8 @@ class FrozenBase(nn.Module):
         self.__dict__["layer"] = layer  # not a submodule: the model's tree stays as it was
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layer, base = self.layer, self.layer.base_layer
-        weight = layer.compute_weight if layer.training and layer.compute_weight is not None else base.weight
-        bias = None if base.bias is None else base.bias.to(weight.dtype)
-        return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+        weight, dtype = self.layer.frozen_weight()
+        return frozen_linear(x, weight, self.layer.base_layer.bias, dtype)
 
 
 class DoraLinear(LoraLinear):
@@ -137,15 +152,15 @@ class DoraLinear(LoraLinear):
         self.lora_magnitude_vector = nn.Parameter(norm)
 
     def _directional_weight(self) -> torch.Tensor:
-        return self.base_layer.weight.float() + self.delta_weight()
+        return dequantize(self.base_layer.weight).float() + self.delta_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         x_lora = self.lora_dropout(x).to(torch.float32)
         norm = self._directional_weight().detach().norm(dim=1)
         scale = self.lora_magnitude_vector / norm
-        base_out = nn.functional.linear(x, base.weight)
-        base_out_lora = base_out if x_lora is x else nn.functional.linear(x_lora.to(x.dtype), base.weight)
+        base_out = frozen_linear(x, base.weight)
+        base_out_lora = base_out if x_lora is x else frozen_linear(x_lora.to(x.dtype), base.weight)
         lora_out = self.lora_B(self.lora_A(x_lora)) * self.scaling
         y = base_out + ((scale - 1) * base_out_lora.float() + scale * lora_out).to(x.dtype)
         return y if base.bias is None else y + base.bias
@@ -164,22 +179,23 @@ class LoraLinearFunction(torch.autograd.Function):
     temporary exists: the scale falls on the rank-r product and the update accumulates into the
     base output in place (one BLAS call). Backward accumulates the two input gradients the same
     way. This is most of a LoRA step on CPU, where every extra pass over an activation costs.
-    W may be a lower-precision copy of the frozen weight (see `Lora.store_frozen_weights`): its
-    two matmuls then run in W's dtype, everything else in x's.
+    W may be a lower-precision copy of the frozen weight (see `Lora.store_frozen_weights`) or a
+    quantized one (models/quantize.py, dequantized here in forward and again in backward): its two
+    matmuls run in `dtype`, everything else in x's.
     """
 
     @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, lora_a, lora_b, scaling):
+    def forward(ctx, x, x_lora, weight, dtype, bias, lora_a, lora_b, scaling):
         shape = x.shape
         x2, x_lora2 = x.reshape(-1, shape[-1]), x_lora.reshape(-1, shape[-1]).to(lora_a.dtype)
         a = (x_lora2 @ lora_a.t()).mul_(scaling)  # (tokens, r)
-        y = torch.nn.functional.linear(x2.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype)).to(x.dtype)
+        y = torch.nn.functional.linear(x2.to(dtype), dequantize(weight, dtype), None if bias is None else bias.to(dtype)).to(x.dtype)
         if y.dtype == lora_b.dtype:
             y.addmm_(a, lora_b.t())
         else:  # a half-precision base with its fp32 adapter
             y += (a @ lora_b.t()).to(y.dtype)
         ctx.save_for_backward(x2 if ctx.needs_input_grad[2] else None, x_lora2, weight, lora_a, lora_b, a)
-        ctx.scaling, ctx.shared_input, ctx.has_bias = scaling, x_lora is x, bias is not None
+        ctx.scaling, ctx.shared_input, ctx.has_bias, ctx.dtype = scaling, x_lora is x, bias is not None, dtype
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -193,7 +209,7 @@ class LoraLinearFunction(torch.autograd.Function):
         grad_x = grad_x_lora = grad_weight = grad_bias = None
         needs = ctx.needs_input_grad
         if needs[0] or needs[1]:
-            grad_x = (g.to(weight.dtype) @ weight).to(g.dtype)
+            grad_x = (g.to(ctx.dtype) @ dequantize(weight, ctx.dtype)).to(g.dtype)
             grad_a_out_x, lora_a_x = grad_a_out.to(grad_x.dtype), lora_a.to(grad_x.dtype)
             if ctx.shared_input:  # no dropout: both paths flow into x, summed by the same BLAS call
                 grad_x.addmm_(grad_a_out_x, lora_a_x)
@@ -202,9 +218,9 @@ class LoraLinearFunction(torch.autograd.Function):
             grad_x = grad_x.reshape(*grad_out.shape[:-1], -1)
         if needs[2]:
             grad_weight = g.t() @ x2
-        if needs[3] and ctx.has_bias:
+        if needs[4] and ctx.has_bias:
             grad_bias = g.sum(0)
-        return grad_x, grad_x_lora, grad_weight, grad_bias, grad_lora_a, grad_lora_b, None
+        return grad_x, grad_x_lora, grad_weight, None, grad_bias, grad_lora_a, grad_lora_b, None
 
 
 class Lora(LinearAdapterMethod):
@@ -228,8 +244,16 @@ class Lora(LinearAdapterMethod):
         layer = DoraLinear if opts.dora else LoraLinear
         return layer(base, opts.r, self.scaling, opts.dropout, opts.init)
 
+    def lora_factors(self, model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        opts = self.options
+        if opts.dora or opts.init in ("pissa", "olora"):
+            variant = "DoRA" if opts.dora else f"init: {opts.init} (its update is relative to a residual base)"
+            raise TunelabError(f"method 'lora' with {variant} is not a plain LoRA update, the only adapter llama.cpp applies; export the merged model instead: --format gguf")
+        return {name: (layer.lora_A.weight, layer.lora_B.weight, layer.scaling) for name, layer in self.adapter_layers(model).items()}
+
     def store_frozen_weights(self, model: nn.Module, dtype: torch.dtype) -> bool:
-        layers = [m for m in self.adapter_layers(model).values() if type(m) is LoraLinear]
+        # A quantized base computes in `dtype` by itself (models/quantize.set_compute_dtype): no copy.
+        layers = [m for m in self.adapter_layers(model).values() if type(m) is LoraLinear and not isinstance(m.base_layer, QuantizedLinear)]
         for layer in layers:
             layer.compute_weight = layer.base_layer.weight.detach().to(dtype)
         return bool(layers)

@@ -1,3 +1,1 @@
-from tunelab.models.loader import ALIASES, cache_dir, load_model, load_tokenizer, resolve_device, resolve_dtype
-
-__all__ = ["ALIASES", "cache_dir", "load_model", "load_tokenizer", "resolve_device", "resolve_dtype"]
+"""Models: loading (loader.py), quantized frozen weights (quantize.py), faster attention and MLP paths."""

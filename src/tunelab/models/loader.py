@@ -21,6 +21,7 @@ from tunelab.config.schema import ModelConfig
 from tunelab.console import console
 from tunelab.errors import TunelabError
 from tunelab.models.attention import enable_packed_attention
+from tunelab.models.quantize import quantize_linears
 from tunelab.models.swiglu import enable_swiglu
 from tunelab.models.tiny import tiny_llama, tiny_tokenizer
 
@@ -75,6 +76,9 @@ def load_model(config: ModelConfig) -> tuple[PreTrainedModel, object]:
     model = tiny_llama(len(tokenizer)) if config.name == TINY else _from_pretrained(local_source(config.name), config, dtype)
     model.to(device=device, dtype=dtype)
     model.eval()
+    if config.quantize != "none":  # after the move: `.to(dtype)` would dequantize
+        report = quantize_linears(model, config.quantize)
+        console.print(f"[dim]{report.summary()}[/dim]")
     enable_packed_attention(model)
     enable_swiglu(model)
     return model, tokenizer
@@ -122,6 +126,14 @@ def local_source(name: str) -> str:
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) or name.startswith((".", "/")):
         raise TunelabError(f"model: '{name}' is not a built-in alias ({', '.join(ALIASES)}), a local directory, a .gguf file or a Hugging Face hub id")
     return name  # a hub id: transformers downloads (or finds it in the HF cache)
+
+
+def source_gguf(name: str) -> Path | None:
+    """The GGUF file a model name loads from (an alias or a .gguf path), else None."""
+    if name == SMOLLM2:
+        return _smollm2_gguf()
+    path = Path(name).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
 
 
 def _smollm2_gguf() -> Path:

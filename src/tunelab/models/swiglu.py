@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from transformers.activations import SiLUActivation
 from transformers.models.llama.modeling_llama import LlamaMLP
 
+from tunelab.models.quantize import is_quantized
+
 
 class SiluMul(torch.autograd.Function):
     """silu(gate) * up, keeping gate and up for backward."""
@@ -45,7 +47,7 @@ def _swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
     storage = product.untyped_storage().data_ptr()
 
     def pack(saved: torch.Tensor):
-        if saved.untyped_storage().data_ptr() != storage:
+        if is_quantized(saved) or saved.untyped_storage().data_ptr() != storage:  # a quantized weight has no storage of its own
             return saved
         return saved.shape, saved.stride(), saved.storage_offset()  # a view of the product: rebuilt
 

@@ -29,8 +29,9 @@ from tunelab.files import write_json_atomic
 from tunelab.methods import build_method
 from tunelab.methods.peft_io import CONFIG_FILE as PEFT_CONFIG_FILE
 from tunelab.methods.peft_io import read_peft_adapter, read_peft_config
-from tunelab.models import load_model
 from tunelab.models.attention import uses_packed_attention
+from tunelab.models.loader import load_model
+from tunelab.models.quantize import is_quantized, quantization_report, set_compute_dtype
 from tunelab.objectives.base import StepTotals, eval_batches, evaluate_objective, step_loss
 from tunelab.objectives.causal_lm import causal_lm_loss, store_head_weight
 from tunelab.objectives.reference import PRECOMPUTED_FILE, choose_reference, load_precomputed, precompute, save_precomputed
@@ -98,6 +99,7 @@ class Run:
     optimizer: torch.optim.Optimizer | None = None
     params: dict = field(default_factory=dict)
     rollouts: Rollouts | None = None  # completions sampled in training (objective.samples_completions)
+    quantized: dict | None = None  # what model.quantize stored in low precision (models/quantize.py)
 
     def micro_batches(self, step: int) -> list[list[dict]]:
         """The step's samples, one list per micro-batch. They follow from the step number alone, so
@@ -184,6 +186,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
         "model": config.model.name,
         "data": {split: stats.as_dict() for split, stats in run.data.stats.items()},
         "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint is not None else None,
+        "quantize": run.quantized,
     }
     write_json_atomic(output / "report.json", report)
     return RunResult(output_dir=output, report=report)
@@ -198,6 +201,7 @@ def set_up(config: RunConfig, resume: bool, overwrite: bool) -> tuple[Run, list[
     keep_freed_memory()
     reset_peak_memory()
     model, tokenizer = load_model(config.model)
+    quantized = None if config.model.quantize == "none" else quantization_report(model, config.model.quantize).as_dict()
     method = build_method(config.method)
     method.attach(model)
     objective = build_objective(config.objective)
@@ -210,9 +214,17 @@ def set_up(config: RunConfig, resume: bool, overwrite: bool) -> tuple[Run, list[
     params = trainable_tensors(method, objective, model)
     if not params:
         raise TunelabError(f"method '{method.name}' left no trainable parameter on this model")
+    trained_quantized = [name for name, p in params.items() if is_quantized(p)]
+    if trained_quantized:
+        raise TunelabError(
+            f"method '{method.name}' trains the base model's own weights ({trained_quantized[0]}, ...), which model.quantize: "
+            f"{config.model.quantize} stores frozen in low precision; train an adapter on the quantized base (lora, dora, "
+            "ia3, ...) or set model.quantize: none"
+        )
     device = next(iter(params.values())).device
     frozen_dtype = resolve_frozen_dtype(tcfg.frozen_dtype, model.dtype, device)
-    if frozen_dtype != model.dtype and method.store_frozen_weights(model, frozen_dtype):
+    stored_copies = frozen_dtype != model.dtype and method.store_frozen_weights(model, frozen_dtype)
+    if frozen_dtype != model.dtype and (set_compute_dtype(model, frozen_dtype) or stored_copies):
         store_head_weight(model, frozen_dtype)  # the output head is ours to compute (objectives/causal_lm.py)
         console.print(f"frozen weights compute in {str(frozen_dtype).removeprefix('torch.')} (train.frozen_dtype)")
     data = build_datasets(dcfg, tokenizer, tcfg.seed, objective.rows)
@@ -241,6 +253,7 @@ def set_up(config: RunConfig, resume: bool, overwrite: bool) -> tuple[Run, list[
         tokens_per_forward=resolve_tokens_per_forward(tcfg.max_tokens_per_forward, device),
         params=params,
         rollouts=Rollouts() if objective.samples_completions else None,
+        quantized=quantized,
     )
     return run, replaced
 
