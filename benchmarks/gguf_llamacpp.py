@@ -38,9 +38,17 @@ def ensure_llama_cpp() -> None:
 
 
 @torch.no_grad()
-def tunelab_reference(run_dir: Path, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], np.ndarray]:
-    """tunelab's greedy continuation (fp32, a full forward per token) and its logits after the prompt."""
-    model = load_run(run_dir, dtype="float32").model.eval()
+def tunelab_reference(run_dir: Path, prompt_ids: list[int], new_tokens: int, stored_as: torch.dtype | None = None) -> tuple[list[int], np.ndarray]:
+    """tunelab's greedy continuation (fp32, a full forward per token) and its logits after the
+    prompt; `stored_as`: the merged matrices first rounded to that dtype, as the file stores them
+    (norms stay f32), which separates the file's rounding from llama.cpp's arithmetic."""
+    run = load_run(run_dir, dtype="float32")
+    model = run.model.eval()
+    if stored_as is not None:
+        run.method.merge(model)
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.copy_(param.to(stored_as).float())
     tokens, last = [], None
     for _ in range(new_tokens):
         logits = model(input_ids=torch.tensor([prompt_ids + tokens])).logits[0, -1].double()
@@ -91,12 +99,16 @@ def main() -> None:
     vocab_only = Llama(model_path=str(files["merged"]), vocab_only=True, verbose=False)
     llama_ids = vocab_only.tokenize(text.encode(), add_bos=False, special=True)
     reference_tokens, reference_logits = tunelab_reference(args.run, prompt_ids, args.tokens)
+    stored = {"f16": torch.float16, "bf16": torch.bfloat16}.get(args.gguf_type)
+    rounded_logits = None if stored is None else tunelab_reference(args.run, prompt_ids, 1, stored)[1]
     summary = {
         "run": str(args.run),
         "gguf_type": args.gguf_type,
         "prompt_tokens": len(prompt_ids),
         "tokenizer_ids_equal": llama_ids == prompt_ids,
         "tunelab_completion": run.tokenizer.decode(reference_tokens),
+        # What rounding the weights to the file's type alone does to tunelab's logits.
+        "max_abs_logit_diff_from_rounding": None if rounded_logits is None else float(np.abs(rounded_logits - reference_logits).max()),
         "sizes_mb": {name: path.stat().st_size / 2**20 for name, path in files.items()},
     }
     for label, model_path, lora_path in (("merged", files["merged"], None), ("base+adapter", files["base"], files["adapter"])):
@@ -107,6 +119,8 @@ def main() -> None:
             "max_abs_logit_diff": float(np.abs(logits - reference_logits).max()),
             "max_abs_logit": float(np.abs(reference_logits).max()),
             "top1_equal": int(np.argmax(logits)) == int(np.argmax(reference_logits)),
+            # Against tunelab on the weights as the file stores them: llama.cpp's arithmetic alone.
+            "max_abs_logit_diff_same_weights": None if rounded_logits is None else float(np.abs(logits - rounded_logits).max()),
             "completion": run.tokenizer.decode(tokens),
             "seconds": seconds,
         }

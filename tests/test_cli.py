@@ -219,6 +219,11 @@ def test_export_command(tiny_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert (merged_out / "config.json").is_file() and (merged_out / "model.safetensors").is_file()
     assert (merged_out / "tokenizer.json").is_file()
+    for export_format, extra in (("gguf", ["--gguf-type", "q8_0"]), ("gguf-adapter", [])):
+        out = tmp_path / f"{export_format}.gguf"
+        result = invoke("export", tiny_run, "--format", export_format, "--out", out, *extra)
+        assert result.exit_code == 0, result.output
+        assert out.read_bytes()[:4] == b"GGUF"
 
 
 def test_export_command_bad_inputs(tiny_run, tmp_path):
@@ -227,7 +232,8 @@ def test_export_command_bad_inputs(tiny_run, tmp_path):
     taken.mkdir()
     (taken / "file").write_text("x")
     assert_clean_failure(invoke("export", tiny_run, "--format", "peft", "--out", taken), str(taken), "not empty")
-    assert not (tmp_path / "x").exists()
+    assert_clean_failure(invoke("export", tiny_run, "--format", "gguf", "--out", tmp_path / "m.gguf", "--gguf-type", "q2_k"), "--gguf-type", "q4_0")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "m.gguf").exists()
 
 
 # --- quickstart ---------------------------------------------------------------------------------------

@@ -151,24 +151,24 @@ def records(module_cache, tmp_path_factory):
     return write_records_data(tmp_path_factory.mktemp("records"), n_train=8, n_eval=4)
 
 
-def quantized_config(directory, records, name, **train):
+def quantized_config(directory, records, name, scheme="nf4"):
     train_file, eval_file = records
-    settings = {"max_steps": 4, "save_every": 2, "keep_checkpoints": 5, "lr": 1e-2, **train}
-    return tiny_run_config(directory, train_file, eval_file, model={"quantize": "nf4"}, method=options(name), train=settings)
+    settings = {"max_steps": 4, "save_every": 2, "keep_checkpoints": 5, "lr": 1e-2}
+    return tiny_run_config(directory, train_file, eval_file, model={"quantize": scheme}, method=options(name), train=settings)
 
 
-@pytest.mark.parametrize("name", ADAPTER_METHODS)
-def test_every_adapter_method_trains_on_a_4bit_base_that_stays_bitwise_unchanged_and_resumes_exactly(name, records, tmp_path, monkeypatch):
-    config = quantized_config(tmp_path / "run", records, name)
+@pytest.mark.parametrize(("scheme", "name"), [("nf4", n) for n in ADAPTER_METHODS] + [("int8", "lora")])
+def test_every_adapter_method_trains_on_a_quantized_base_that_stays_bitwise_unchanged_and_resumes_exactly(scheme, name, records, tmp_path, monkeypatch):
+    config = quantized_config(tmp_path / "run", records, name, scheme)
     result, kept = train_keeping_model(monkeypatch, config)
     model, method = kept["model"], kept["method"]
     moved = [n for n, p in method.trainable_parameters(model).items() if not torch.equal(p, kept["initial"][id(p)])]
     assert moved, "no trainable tensor moved"
-    untrained = quantized_layers(quantized_tiny("nf4"))
+    untrained = quantized_layers(quantized_tiny(scheme))
     trained = {n.replace(".base_layer", ""): layer for n, layer in quantized_layers(model).items()}
     assert sorted(trained) == sorted(untrained)
     for layer_name, layer in trained.items():
-        for field in ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean"):
+        for field in layer.weight.__tensor_flatten__()[0]:  # every inner tensor: codes, scales, ...
             assert torch.equal(getattr(layer.weight, field), getattr(untrained[layer_name].weight, field)), (layer_name, field)
     assert math.isfinite(result.report["eval_loss"]) and result.report["quantize"]["layers"] == 14
     finished = load_adapter(config["output"])
@@ -199,6 +199,9 @@ def test_qlora_exports_a_peft_adapter_for_the_full_precision_base_and_merges_int
         export_run(run, "merged", tmp_path / "merged")
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(input_ids=ids).logits
         assert_close(merged, quantized_logits, 1e-4, "merged export")
+        gguf_file = export_run(run, "gguf", tmp_path / "merged.gguf", "f32")  # merges the same way
+        from_gguf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf_file.name, dtype=torch.float32).eval()(input_ids=ids).logits
+        assert_close(from_gguf, quantized_logits, 1e-4, "GGUF export")
         if name == "pissa":  # its adapter is relative to the residual base: no full-precision use
             return
         export_run(run, "peft", tmp_path / "peft")
