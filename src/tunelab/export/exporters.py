@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -35,17 +37,7 @@ def export_run(source: str | Path, export_format: str, out: str | Path, gguf_typ
         raise TunelabError(f"--out {out}: a GGUF export is one file; name it *.gguf")
     if out.exists() and (to_file or any(out.iterdir())):
         raise TunelabError(f"--out {out} exists" + ("" if to_file else " and is not empty"))
-    if export_format == "gguf" and not (Path(source) / "config.yaml").is_file():  # a model, not a run
-        model, tokenizer = load_model(ModelConfig(name=str(source)))
-        write = lambda path: _write_gguf(model, tokenizer, path, gguf_type, str(source))  # noqa: E731
-    else:
-        run = load_run(source)
-        write = {
-            "peft": lambda path: _write_peft(run, path),
-            "merged": lambda path: _write_merged(run, path),
-            "gguf": lambda path: _write_gguf(_merge(run), run.tokenizer, path, gguf_type, run.config.model.name),
-            "gguf-adapter": lambda path: _write_gguf_adapter(run, path),
-        }[export_format]
+    write = _writer(source, export_format, gguf_type)
     out.parent.mkdir(parents=True, exist_ok=True)
     if to_file:
         handle, name = tempfile.mkstemp(prefix=f".{out.name}-", dir=out.parent)
@@ -65,6 +57,17 @@ def export_run(source: str | Path, export_format: str, out: str | Path, gguf_typ
             staging.unlink(missing_ok=True)
         raise
     return out
+
+
+def _writer(source: str | Path, export_format: str, gguf_type: str) -> Callable[[Path], None]:
+    """What writes the export at a staging path, its source loaded."""
+    if export_format == "gguf" and not (Path(source) / "config.yaml").is_file():  # a model, not a run
+        model, tokenizer = load_model(ModelConfig(name=str(source)))
+        return partial(_write_gguf, model, tokenizer, gguf_type=gguf_type, model_name=str(source))
+    run = load_run(source)
+    if export_format == "gguf":
+        return partial(_write_gguf, _merge(run), run.tokenizer, gguf_type=gguf_type, model_name=run.config.model.name)
+    return partial({"peft": _write_peft, "merged": _write_merged, "gguf-adapter": _write_gguf_adapter}[export_format], run)
 
 
 def _write_peft(run: LoadedRun, directory: Path) -> None:
@@ -90,7 +93,7 @@ def _write_merged(run: LoadedRun, directory: Path) -> None:
     run.tokenizer.save_pretrained(directory)
 
 
-def _write_gguf(model, tokenizer, path: Path, gguf_type: str, model_name: str) -> None:
+def _write_gguf(model, tokenizer, path: Path, *, gguf_type: str, model_name: str) -> None:
     write_model(model, tokenizer, path, gguf_type, name=Path(model_name).name, pre_tokenizer=_pre_tokenizer_of(model_name))
 
 
