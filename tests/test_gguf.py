@@ -7,6 +7,8 @@ against the base file plus the adapter file (the q/k permutation of B's rows is 
 
 from __future__ import annotations
 
+import os
+
 import gguf
 import numpy as np
 import pytest
@@ -71,6 +73,9 @@ def expected_tensors(model) -> dict[str, torch.Tensor]:
 
 def test_f32_export_holds_every_tensor_exactly_with_llama_cpps_names_and_metadata(lora_run, tmp_path):
     out = export_run(lora_run, "gguf", tmp_path / "model.gguf", "f32")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as any file this user writes, not private
     merged = load_run(lora_run)
     merged.method.merge(merged.model)
     expected = expected_tensors(merged.model)
@@ -166,3 +171,29 @@ def test_bad_gguf_requests_fail_naming_the_option(lora_run, tmp_path):
     with pytest.raises(TunelabError, match="exists"):
         export_run(lora_run, "gguf", tmp_path / "taken.gguf")
     assert (tmp_path / "taken.gguf").read_text() == "x"
+
+
+def test_query_and_key_biases_move_with_their_rows(module_cache, tmp_path):
+    """llama.cpp permutes q/k biases with the rows of their weights (transformers' GGUF reader drops
+    Llama biases, so it cannot check this): each written bias entry belongs to the written row."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, attention_bias=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.data.normal_()
+    model.save_pretrained(tmp_path / "biased")
+    tokenizer.save_pretrained(tmp_path / "biased")
+    written = read_tensors(export_run(str(tmp_path / "biased"), "gguf", tmp_path / "biased.gguf", "f32"))
+    attention = model.model.layers[0].self_attn
+    for leaf, module in (("attn_q", attention.q_proj), ("attn_k", attention.k_proj), ("attn_v", attention.v_proj)):
+        weight, bias = written[f"blk.0.{leaf}.weight"][0], written[f"blk.0.{leaf}.bias"][0]
+        source_rows = {tuple(row): index for index, row in enumerate(module.weight.detach().numpy())}
+        origin = [source_rows[tuple(row)] for row in weight]
+        assert sorted(origin) == list(range(len(origin)))
+        assert np.array_equal(bias, module.bias.detach().numpy()[origin]), leaf
+        assert (leaf == "attn_v") == (origin == sorted(origin))  # q and k are permuted, v is not

@@ -21,7 +21,7 @@ from tunelab.config import parse_config
 from tunelab.errors import TunelabError
 from tunelab.export import export_run, import_peft
 from tunelab.methods import build_method
-from tunelab.methods.registry import method_names
+from tunelab.methods.registry import get_method_class, method_names
 from tunelab.models.loader import load_model
 from tunelab.models.quantize import (
     QuantizedLinear,
@@ -123,7 +123,7 @@ def test_the_quantized_model_keeps_embeddings_norms_and_head_in_the_model_dtype(
     assert all("proj" not in name for name in dense)
 
 
-@pytest.mark.parametrize(("scheme", "name"), [("nf4", n) for n in ADAPTER_METHODS] + [("int8", "lora")])
+@pytest.mark.parametrize(("scheme", "name"), [(scheme, n) for scheme in ("nf4", "int8") for n in ADAPTER_METHODS])
 def test_forward_and_adapter_gradients_equal_a_dense_linear_holding_the_dequantized_weight(scheme, name):
     quantized, dense = quantized_tiny(scheme), quantized_tiny(scheme)
     dequantize_linears(dense)
@@ -144,6 +144,21 @@ def test_forward_and_adapter_gradients_equal_a_dense_linear_holding_the_dequanti
     grads_d = {n: p.grad for n, p in method_d.trainable_parameters(dense).items()}
     for param_name, param in method_q.trainable_parameters(quantized).items():
         assert_close(param.grad, grads_d[param_name], 1e-6, f"gradient of {param_name}")
+
+
+@pytest.mark.parametrize(("scheme", "name"), [(scheme, n) for scheme in ("nf4", "int8") for n in ADAPTER_METHODS if get_method_class(n).mergeable])
+def test_merging_into_the_dequantized_weights_keeps_the_logits(scheme, name):
+    model = quantized_tiny(scheme)
+    method = method_of(name)
+    method.attach(model)
+    randomize(method, model)
+    ids = probe_ids()
+    with torch.no_grad():
+        unmerged = model.eval()(input_ids=ids).logits
+        method.merge(model)
+        dequantize_linears(model)
+        assert not quantized_layers(model)
+        assert_close(model(input_ids=ids).logits, unmerged, 1e-4, "merged")
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from pathlib import Path
 from tunelab.config import load_config
 from tunelab.console import console
 from tunelab.data import records_task
+from tunelab.errors import TunelabError
 from tunelab.eval.evaluate import evaluate
 from tunelab.files import write_json_atomic
 from tunelab.models.loader import SMOLLM2, cache_dir
@@ -38,7 +39,9 @@ PREFERENCE_LR = {"dpo": 5e-5, "kto": 5e-5}
 def run_quickstart(out: str | Path = "runs/quickstart", model: str = SMOLLM2, steps: int | None = None, seed: int = 0, objective: str = "sft", quantize: str = "none") -> dict:
     """`quantize`: model.quantize of the run (nf4: QLoRA)."""
     if objective != "sft":
-        return run_preference_quickstart(out, model, steps, seed, objective, quantize)
+        if quantize != "none":  # its "before" scores are taken on the base by name, in full precision
+            raise TunelabError(f"quickstart --quantize: only with --objective sft, not {objective}")
+        return run_preference_quickstart(out, model, steps, seed, objective)
     started = time.perf_counter()
     out = Path(out)
     data_dir = out / "data"
@@ -100,7 +103,7 @@ def write_rows(folder: Path, splits: dict[str, list[dict]]) -> dict[str, Path]:
     return paths
 
 
-def run_preference_quickstart(out: str | Path, model: str, steps: int | None, seed: int, objective: str, quantize: str = "none") -> dict:
+def run_preference_quickstart(out: str | Path, model: str, steps: int | None, seed: int, objective: str) -> dict:
     """The quickstart task as preference pairs, trained with `objective` from the base model."""
     from tunelab.eval.harness import evaluate_task
     from tunelab.eval.tasks import load_task
@@ -116,7 +119,7 @@ def run_preference_quickstart(out: str | Path, model: str, steps: int | None, se
     paths = write_rows(data_dir, {"pairs_train": pairs["train"], "pairs_eval": pairs["eval"]})
     config = load_config(
         {
-            "model": {"name": model, "quantize": quantize},
+            "model": model,
             "data": {"train": str(paths["pairs_train"]), "eval": str(paths["pairs_eval"]), "max_length": 256},
             "method": {"name": "lora", "r": DEFAULTS["r"], "alpha": DEFAULTS["alpha"], "target": "all-linear"},
             "objective": {"name": objective},

@@ -28,7 +28,7 @@ from tunelab.data.batching import IGNORE
 from tunelab.data.dataset import build_datasets
 from tunelab.eval.loss import evaluate_loss
 from tunelab.files import write_json_atomic
-from tunelab.models.loader import load_model, load_tokenizer, local_source
+from tunelab.models.loader import load_model, load_tokenizer, local_source, resolve_device
 from tunelab.objectives.registry import get_objective_class
 from tunelab.train.loop import planned_sample_order
 
@@ -209,7 +209,8 @@ def _peer_4bit_model(model_config):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(local_source(model_config.name), quantization_config=quantization, dtype=torch.float32, device_map="cpu")
+    device = str(resolve_device(model_config.device))
+    model = AutoModelForCausalLM.from_pretrained(local_source(model_config.name), quantization_config=quantization, dtype=torch.float32, device_map=device)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), load_tokenizer(model_config)
 
 

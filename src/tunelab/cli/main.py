@@ -152,7 +152,7 @@ def export_command(
     run_dir: str = typer.Argument(..., help="a run directory (for --format gguf also a model: alias, HF directory, hub id)"),
     format: str = typer.Option(..., "--format", help="peft | merged | gguf | gguf-adapter"),
     out: Path = typer.Option(..., "--out", help="the directory to write (gguf, gguf-adapter: the .gguf file)"),
-    gguf_type: str = typer.Option("f16", "--gguf-type", help="--format gguf: f32 | f16 | bf16 | q8_0 | q4_0 (norms stay f32)"),
+    gguf_type: str = typer.Option("f16", "--gguf-type", help="--format gguf: f32 | f16 | bf16 | q8_0 | q4_0 (norms stay f32); a gguf-adapter is written in f32"),
 ):
     """Export a run as a peft adapter, merged full weights, or GGUF for llama.cpp (merged model or LoRA adapter)."""
 

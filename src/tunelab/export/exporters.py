@@ -47,6 +47,10 @@ def export_run(source: str | Path, export_format: str, out: str | Path, gguf_typ
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         write(staging)
+        if to_file:  # mkstemp makes the file private; an export gets the usual permissions
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(staging, 0o666 & ~umask)
         if out.exists():
             out.rmdir()
         os.replace(staging, out)

@@ -108,7 +108,7 @@ def write_model(model: nn.Module, tokenizer, path: Path, gguf_type: str, name: s
     for hf_name, tensor in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp computes the output with token_embd when there is no output tensor
-        heads = _rotary_heads(hf_name.removesuffix(".weight"), config)
+        heads = _rotary_heads(hf_name.removesuffix(".weight").removesuffix(".bias"), config)  # biases permute as rows
         if heads is not None:
             tensor = permute_rotary_rows(tensor, heads)
         # A tied embedding is the output head too: llama.cpp's quantizer keeps it at 8 bits.
@@ -127,7 +127,7 @@ def write_lora(model: nn.Module, adapters: dict[str, tuple[torch.Tensor, torch.T
     ranks = {a.shape[0] for a, _, _ in adapters.values()}
     scales = {scale for _, _, scale in adapters.values()}
     if len(ranks) != 1 or len(scales) != 1:
-        raise TunelabError("--format gguf-adapter: llama.cpp takes one rank and one alpha per adapter file")
+        raise TunelabError(f"--format gguf-adapter: llama.cpp takes one rank and one alpha per adapter file; this adapter has ranks {sorted(ranks)} and scales {sorted(scales)}")
     (rank,), (scale,) = ranks, scales
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     writer.add_type(gguf.GGUFType.ADAPTER)

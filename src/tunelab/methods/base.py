@@ -254,6 +254,10 @@ class AdapterLayer(nn.Module):
     def out_features(self) -> int:
         return self.base_layer.out_features
 
+    def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The frozen weight as a dense tensor (a quantized one dequantized), in `dtype` if given."""
+        return dequantize(self.base_layer.weight, dtype)
+
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
@@ -263,7 +267,7 @@ class AdapterLayer(nn.Module):
         return self.base_layer
 
     def merged_weight(self) -> torch.Tensor:
-        weight = dequantize(self.base_layer.weight)
+        weight = self.base_weight()
         return weight + self.delta_weight().to(weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

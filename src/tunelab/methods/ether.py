@@ -40,6 +40,7 @@ from torch import nn
 
 from tunelab.errors import TunelabError
 from tunelab.methods.base import AdapterLayer, LinearAdapterMethod, PeftDefaultTargetOptions
+from tunelab.models.quantize import frozen_linear
 
 
 class EtherOptions(PeftDefaultTargetOptions):
@@ -100,11 +101,11 @@ class EtherLinear(AdapterLayer):
         if self.ether_out is None:
             return self.base_layer(reflected)
         base = self.base_layer
-        y = self.ether_out(F.linear(reflected, base.weight).to(dtype)).to(x.dtype)
+        y = self.ether_out(frozen_linear(reflected, base.weight).to(dtype)).to(x.dtype)
         return y if base.bias is None else y + base.bias
 
     def merged_weight(self) -> torch.Tensor:
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         merged = self.ether_in(weight.to(self.ether_in.u.dtype))  # W's rows times H: W H
         if self.ether_out is not None:
             merged = self.ether_out(merged.t()).t()  # H̃⁺ (W H⁺) = ((W H⁺)ᵀ H̃⁺)ᵀ, H̃⁺ symmetric

@@ -61,7 +61,7 @@ class Ia3Linear(AdapterLayer):
 
     def merged_weight(self) -> torch.Tensor:
         # ia3_l's shape, (d_out, 1) or (1, d_in), broadcasts over W's rows or columns.
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         return (weight * self.ia3_l).to(weight.dtype)
 
     def merged(self) -> nn.Linear:

@@ -71,7 +71,7 @@ class LoraLinear(AdapterLayer):
                     nn.init.normal_(self.lora_A.weight, std=1 / r)
                 nn.init.zeros_(self.lora_B.weight)  # the wrapped layer starts equal to W
                 return
-            weight = dequantize(self.base_layer.weight).float()
+            weight = self.base_weight(torch.float32)
             if init == "pissa":  # W = U S Vᵀ: B = U_r √S_r, A = √S_r V_rᵀ, both divided by √s
                 u, singular, vh = torch.linalg.svd(weight, full_matrices=False)
                 root = torch.sqrt(singular[:r] / self.scaling)
@@ -100,6 +100,7 @@ class LoraLinear(AdapterLayer):
     def set_initial_factors(self, a_init: torch.Tensor, b_init: torch.Tensor) -> None:
         """Take saved initial factors (a run reloaded elsewhere may compute others): re-residualize W.
         Factors equal to the ones computed leave W untouched (exactly: no round trip)."""
+        a_init, b_init = a_init.to(self.lora_A_init), b_init.to(self.lora_B_init)
         if torch.equal(a_init, self.lora_A_init) and torch.equal(b_init, self.lora_B_init):
             return
         self._move_init_out_of_base(-1)
@@ -152,15 +153,17 @@ class DoraLinear(LoraLinear):
         self.lora_magnitude_vector = nn.Parameter(norm)
 
     def _directional_weight(self) -> torch.Tensor:
-        return dequantize(self.base_layer.weight).float() + self.delta_weight()
+        return self.base_weight(torch.float32) + self.delta_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         x_lora = self.lora_dropout(x).to(torch.float32)
         norm = self._directional_weight().detach().norm(dim=1)
         scale = self.lora_magnitude_vector / norm
-        base_out = frozen_linear(x, base.weight)
-        base_out_lora = base_out if x_lora is x else frozen_linear(x_lora.to(x.dtype), base.weight)
+        # A quantized base computes in its training dtype, as the QuantizedLinear (frozen_layer) does.
+        dtype = base.matmul_dtype if isinstance(base, QuantizedLinear) else None
+        base_out = frozen_linear(x, base.weight, dtype=dtype)
+        base_out_lora = base_out if x_lora is x else frozen_linear(x_lora.to(x.dtype), base.weight, dtype=dtype)
         lora_out = self.lora_B(self.lora_A(x_lora)) * self.scaling
         y = base_out + ((scale - 1) * base_out_lora.float() + scale * lora_out).to(x.dtype)
         return y if base.bias is None else y + base.bias

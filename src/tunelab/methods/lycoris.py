@@ -96,7 +96,7 @@ class LycorisLinear(AdapterLayer):
         delta = self.delta_weight()
         if self.training and self.rank_dropout > 0:
             delta = delta * self._rank_mask()[:, None].to(delta.device)
-        weight = base.weight.to(delta.dtype) + delta
+        weight = self.base_weight(delta.dtype) + delta
         bias = None if base.bias is None else base.bias.to(weight.dtype)
         return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
 

@@ -32,7 +32,6 @@ import re
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -45,6 +44,7 @@ from tunelab.methods.base import (
     reject_peft_settings,
     target_from_peft,
 )
+from tunelab.models.quantize import frozen_linear
 
 # peft changed the Cayley–Neumann series in 0.18.0; tunelab implements the current one.
 NEUMANN_SERIES_SINCE = (0, 18)
@@ -199,7 +199,7 @@ class OftLinear(AdapterLayer):
         return self.base_layer(rotated.to(x.dtype))
 
     def merged_weight(self) -> torch.Tensor:
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         rotation = torch.block_diag(*self.blocks(training=False))
         return (weight.to(rotation.dtype) @ rotation.t()).to(weight.dtype)
 
@@ -318,11 +318,11 @@ class BoftLinear(AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         rotated = self.rotate(x.to(torch.float32), self.training).to(x.dtype)
-        y = (F.linear(rotated, base.weight) * self.boft_s.flatten()).to(x.dtype)
+        y = (frozen_linear(rotated, base.weight) * self.boft_s.flatten()).to(x.dtype)
         return y if base.bias is None else y + base.bias  # the bias is not scaled
 
     def merged_weight(self) -> torch.Tensor:
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         rotation = self.rotate(torch.eye(self.in_features, device=weight.device), training=False)  # rows of I ↦ R
         return (self.boft_s * (weight.to(rotation.dtype) @ rotation.t())).to(weight.dtype)
 

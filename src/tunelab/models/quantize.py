@@ -88,7 +88,10 @@ def quantize_like(reference: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
 
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """F.linear on a frozen weight, dense or quantized, computed in `dtype` (default: the weight's)."""
-    return FrozenLinearFunction.apply(x, weight, bias, dtype or weight.dtype)
+    dtype = dtype or weight.dtype
+    if not is_quantized(weight) and x.dtype == weight.dtype == dtype:
+        return F.linear(x, weight, bias)  # autograd's own path (a weight gradient, should one be asked for)
+    return FrozenLinearFunction.apply(x, weight, bias, dtype)
 
 
 class QuantizedLinear(nn.Linear):
