@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -52,10 +56,13 @@ def generate(
     progress=None,
     stop: list[str] | None = None,
     keep_indent: bool = False,
+    batch_context: Callable[[list[int]], AbstractContextManager] | None = None,
 ) -> list[str]:
     """One completion per prompt. Prompts are batched by length (left-padded) to waste little compute.
     A completion ends at a stop token or at the first of the `stop` strings (cut from the output);
-    its surrounding whitespace is stripped, except, with `keep_indent`, the leading (code's indent)."""
+    its surrounding whitespace is stripped, except, with `keep_indent`, the leading (code's indent).
+    `batch_context(indices)`: a context each batch generates in, given the indices of its prompts
+    in row order (serving: which adapter each row uses)."""
     model.eval()
     device = next(model.parameters()).device
     texts = [prompt_text(p, tokenizer) for p in prompts]
@@ -74,14 +81,15 @@ def generate(
             chunk = order[start : start + batch_size]
             input_ids, attention_mask = left_padded([encoded[i] for i in chunk], tokenizer.pad_token_id)
             width = input_ids.shape[1]
-            generated = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                max_new_tokens=max_new_tokens,
-                eos_token_id=stops,
-                pad_token_id=tokenizer.pad_token_id,
-                **sampling,
-            )
+            with batch_context(chunk) if batch_context is not None else contextlib.nullcontext():
+                generated = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=stops,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **sampling,
+                )
             for row, i in enumerate(chunk):
                 text = cut_at_stop(tokenizer.decode(generated[row, width:], skip_special_tokens=True), stop)
                 outputs[i] = text.rstrip() if keep_indent else text.strip()

@@ -1,0 +1,1 @@
+"""Serving: many adapters on one base model (adapters.py); the server comes with issue 18."""
