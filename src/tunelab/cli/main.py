@@ -164,6 +164,38 @@ def export_command(
     _run(action)
 
 
+@app.command("serve")
+def serve_command(
+    adapters: Optional[list[str]] = typer.Argument(None, help="NAME=RUN_DIR_OR_PEFT_ADAPTER, one per adapter served"),
+    model: str = typer.Option(..., "--model", help="the base model: alias, directory, hub id or .gguf"),
+    host: str = typer.Option("127.0.0.1", help="the address to bind (loopback by default)"),
+    port: int = typer.Option(8000, help="the port"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TUNELAB_API_KEY", help="require this bearer key on /v1/*"),
+    adapter_dir: Optional[Path] = typer.Option(None, "--adapter-dir", help="where /v1/load_lora_adapter may load adapters from"),
+    max_queue: int = typer.Option(64, "--max-queue", min=1, help="requests in flight before 429"),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=1, help="context length (default: the model's)"),
+):
+    """Serve the base model and LoRA adapters over an OpenAI-compatible HTTP API."""
+
+    def action():
+        import uvicorn
+
+        from tunelab.serve.app import ServerSettings, build_engine, create_app
+
+        named = {}
+        for item in adapters or []:
+            name, sep, source = item.partition("=")
+            if not sep or not name or not source:
+                raise TunelabError(f"adapter '{item}': expected NAME=RUN_DIR_OR_PEFT_ADAPTER")
+            named[name] = source
+        settings = ServerSettings(base_name=model, api_key=api_key, adapter_dir=adapter_dir, max_queue=max_queue, max_model_len=max_model_len)
+        engine = build_engine(model, named, settings)
+        console.print(f"serving {', '.join(engine.model_names())} at http://{host}:{port}/v1")
+        uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")
+
+    _run(action)
+
+
 @app.command("import")
 def import_command(
     peft_dir: Path = typer.Argument(..., help="a peft adapter directory (adapter_config.json + adapter_model.safetensors)"),
