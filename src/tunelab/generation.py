@@ -25,6 +25,14 @@ def prompt_text(prompt: list[dict] | str, tokenizer) -> str:
     return render_prompt(prompt, tokenizer) if isinstance(prompt, list) else prompt
 
 
+def sampling_options(temperature: float, top_p: float, stop: list[str] | None, tokenizer) -> dict:
+    """`model.generate`'s arguments for greedy (temperature 0) or nucleus sampling, ending at `stop` strings."""
+    sampling = {"do_sample": False} if temperature <= 0 else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
+    if stop:
+        sampling.update(stop_strings=stop, tokenizer=tokenizer)
+    return sampling
+
+
 def cut_at_stop(text: str, stop: list[str] | None) -> str:
     """`text` up to the earliest of the `stop` strings."""
     ends = [text.find(s) for s in stop or [] if s in text]
@@ -70,11 +78,7 @@ def generate(
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(texts)
     stops = stop_token_ids(model, tokenizer)
-    sampling = {"do_sample": False}
-    if temperature > 0:
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
-    if stop:
-        sampling.update(stop_strings=stop, tokenizer=tokenizer)
+    sampling = sampling_options(temperature, top_p, stop, tokenizer)
     with torch.random.fork_rng(devices=[]):  # sampling must not move the caller's RNG
         torch.manual_seed(seed)
         for start in range(0, len(order), batch_size):

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import gguf
 from safetensors.torch import save_file
 
 from tunelab.config.schema import ModelConfig
@@ -39,27 +40,15 @@ def export_run(source: str | Path, export_format: str, out: str | Path, gguf_typ
         raise TunelabError(f"--out {out} exists" + ("" if to_file else " and is not empty"))
     write = _writer(source, export_format, gguf_type)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if to_file:
-        handle, name = tempfile.mkstemp(prefix=f".{out.name}-", dir=out.parent)
-        os.close(handle)
-        staging = Path(name)
-    else:
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        write(staging)
-        if to_file:  # mkstemp makes the file private; an export gets the usual permissions
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(staging, 0o666 & ~umask)
+        written = staging / out.name if to_file else staging
+        write(written)
         if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
-    except BaseException:
-        if staging.is_dir():
-            shutil.rmtree(staging, ignore_errors=True)
-        else:
-            staging.unlink(missing_ok=True)
-        raise
+            out.rmdir()  # an empty directory (checked above)
+        os.replace(written, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when it was the export itself
     return out
 
 
@@ -108,8 +97,6 @@ def _write_gguf_adapter(run: LoadedRun, path: Path) -> None:
 
 def _pre_tokenizer_of(model_name: str) -> str | None:
     """The pre-tokenizer name of the GGUF file a model was converted from (None for others)."""
-    import gguf
-
     path = source_gguf(model_name)
     if path is None:
         return None

@@ -76,18 +76,26 @@ def _gguf_name(name_map, hf_name: str) -> str:
     return mapped
 
 
-def _encode(tensor: torch.Tensor, gguf_type: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """(data, type) as the file stores a tensor: 1-D tensors and rows a block does not divide in f32."""
+def _new_writer(path: Path, file_kind: gguf.GGUFType, name: str, config):
+    """A llama-architecture GGUF writer of a model or an adapter, and the tensor name map for `config`."""
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_type(file_kind)
+    writer.add_name(name)
+    return writer, gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+
+
+def _add_tensor(writer: gguf.GGUFWriter, name: str, tensor: torch.Tensor, gguf_type: str) -> None:
+    """A tensor as the file stores it: 1-D tensors and rows a block does not divide in f32."""
     data = tensor.detach().float().cpu().numpy()
     qtype = GGUF_TYPES[gguf_type][0]
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if data.ndim == 1 or data.shape[-1] % block:
-        return data, gguf.GGMLQuantizationType.F32
-    if qtype == gguf.GGMLQuantizationType.F32:
-        return data, qtype
-    if qtype == gguf.GGMLQuantizationType.F16:
-        return data.astype(np.float16), qtype
-    return gguf.quants.quantize(data, qtype), qtype
+        qtype = gguf.GGMLQuantizationType.F32
+    elif qtype == gguf.GGMLQuantizationType.F16:
+        data = data.astype(np.float16)
+    elif qtype != gguf.GGMLQuantizationType.F32:
+        data = gguf.quants.quantize(data, qtype)
+    writer.add_tensor(name, data, raw_dtype=qtype)
 
 
 def write_model(model: nn.Module, tokenizer, path: Path, gguf_type: str, name: str, pre_tokenizer: str | None) -> None:
@@ -96,14 +104,11 @@ def write_model(model: nn.Module, tokenizer, path: Path, gguf_type: str, name: s
     if model.get_output_embeddings() is None:
         raise TunelabError("--format gguf: this model has no language-model head (a reward model?): llama.cpp cannot run it")
     config = model.config
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(name)
+    writer, name_map = _new_writer(path, gguf.GGUFType.MODEL, name, config)
     _add_hyperparameters(writer, config)
     writer.add_file_type(GGUF_TYPES[gguf_type][1])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, tokenizer, config.vocab_size, pre_tokenizer)
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for hf_name, tensor in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
@@ -113,8 +118,7 @@ def write_model(model: nn.Module, tokenizer, path: Path, gguf_type: str, name: s
             tensor = permute_rotary_rows(tensor, heads)
         # A tied embedding is the output head too: llama.cpp's quantizer keeps it at 8 bits.
         tensor_type = "q8_0" if gguf_type == "q4_0" and tied and hf_name.endswith("embed_tokens.weight") else gguf_type
-        data, qtype = _encode(tensor, tensor_type)
-        writer.add_tensor(_gguf_name(name_map, hf_name), data, raw_dtype=qtype)
+        _add_tensor(writer, _gguf_name(name_map, hf_name), tensor, tensor_type)
     _finish(writer)
 
 
@@ -129,19 +133,16 @@ def write_lora(model: nn.Module, adapters: dict[str, tuple[torch.Tensor, torch.T
     if len(ranks) != 1 or len(scales) != 1:
         raise TunelabError(f"--format gguf-adapter: llama.cpp takes one rank and one alpha per adapter file; this adapter has ranks {sorted(ranks)} and scales {sorted(scales)}")
     (rank,), (scale,) = ranks, scales
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    writer.add_type(gguf.GGUFType.ADAPTER)
-    writer.add_name(name)
+    writer, name_map = _new_writer(path, gguf.GGUFType.ADAPTER, name, config)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, scale * rank)  # rsLoRA's 1/√r folded in too
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     for layer_name, (lora_a, lora_b, _) in adapters.items():
         heads = _rotary_heads(layer_name, config)
         if heads is not None:
             lora_b = permute_rotary_rows(lora_b, heads)
         tensor_name = _gguf_name(name_map, layer_name + ".weight")
-        writer.add_tensor(tensor_name + ".lora_a", lora_a.detach().float().cpu().numpy(), raw_dtype=gguf.GGMLQuantizationType.F32)
-        writer.add_tensor(tensor_name + ".lora_b", lora_b.detach().float().cpu().numpy(), raw_dtype=gguf.GGMLQuantizationType.F32)
+        _add_tensor(writer, tensor_name + ".lora_a", lora_a, "f32")
+        _add_tensor(writer, tensor_name + ".lora_b", lora_b, "f32")
     _finish(writer)
 
 

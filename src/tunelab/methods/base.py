@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from tunelab.errors import TunelabError
+from tunelab.models.modules import replace_module
 from tunelab.models.quantize import QuantizedLinear, dequantize
 
 # The target mask (shaped like input_ids, True where a loss falls) of the training or eval forward
@@ -380,11 +381,6 @@ def selected_decoder_layers(model: nn.Module, method: str, indices: list[int] | 
     if outside:
         raise TunelabError(f"method.layers: {outside} out of range; this model has {len(names)} decoder layers (0 to {len(names) - 1})")
     return [model.get_submodule(names[index]) for index in chosen]
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def peft_target_modules(linear_names: list[str], targeted: list[str]) -> list[str]:

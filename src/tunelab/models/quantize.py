@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SCHEMES = ("none", "nf4", "int8")
+from tunelab.models.modules import replace_module
+
 NF4_BLOCK = 64  # weights per absmax scale (QLoRA's block)
 NF4_SCALER_BLOCK = 256  # scales per double-quantization block (QLoRA's); shapes it does not divide use a divisor
 
@@ -180,8 +181,7 @@ def quantize_linears(model: nn.Module, scheme: str, excluded: set[str] | None = 
             continue
         quantized = quantize_weight(module.weight, scheme)
         if quantized is not None:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, QuantizedLinear(module, quantized))
+            replace_module(model, name, QuantizedLinear(module, quantized))
     return quantization_report(model, scheme, excluded)
 
 
@@ -207,8 +207,7 @@ def dequantize_linears(model: nn.Module) -> int:
     """Replace every QuantizedLinear by a plain nn.Linear holding its dequantized weight; the count."""
     layers = quantized_layers(model)
     for name, layer in layers.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer.dequantized())
+        replace_module(model, name, layer.dequantized())
     return len(layers)
 
 

@@ -23,14 +23,17 @@ from torch import nn
 
 from tunelab.config import load_config
 from tunelab.errors import TunelabError
-from tunelab.methods.base import PEFT_PREFIX, replace_module
+from tunelab.methods import build_method
+from tunelab.methods.base import PEFT_PREFIX
 from tunelab.methods.peft_io import method_options_from_peft, read_peft_adapter
 from tunelab.methods.registry import method_options_model
+from tunelab.models.modules import replace_module
+from tunelab.runs import ADAPTER_FILE
 
 # The adapter slot of each row of the forward that is running (a long tensor, -1: the base alone);
 # None in every other forward.
 ROW_ADAPTERS: ContextVar[torch.Tensor | None] = ContextVar("row_adapters", default=None)
-RUN_ADAPTER_FILE = Path("adapter") / "adapter.safetensors"
+RUN_ADAPTER_FILE = Path("adapter") / ADAPTER_FILE
 
 
 @contextmanager
@@ -84,8 +87,7 @@ def read_lora_adapter(name: str, source: str | Path) -> LoraAdapter:
             factors[layer] = (lora_a, lora_b)
     if not factors:
         raise TunelabError(f"adapter '{name}': no LoRA tensors in {source}")
-    scale = options.alpha / (options.r**0.5 if options.rslora else options.r)
-    return LoraAdapter(name, scale, factors, base)
+    return LoraAdapter(name, build_method(options).scaling, factors, base)
 
 
 class MultiLoraLinear(nn.Module):

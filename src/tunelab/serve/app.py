@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transformers import TextIteratorStreamer
 
 from tunelab.errors import TunelabError
-from tunelab.generation import prompt_text, stop_token_ids
+from tunelab.generation import cut_at_stop, prompt_text, sampling_options, stop_token_ids
 from tunelab.serve.adapters import AdapterSet, read_lora_adapter, rows_using
 
 
@@ -52,6 +52,10 @@ class Sampling(BaseModel):
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: dict | None = None
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else (self.stop or [])
 
 
 class CompletionRequest(Sampling):
@@ -100,6 +104,10 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
 
+    @property
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": self.prompt_tokens + self.completion_tokens}
+
 
 class Engine:
     """The model, its tokenizer and adapters, and generation on them one request at a time."""
@@ -131,18 +139,11 @@ class Engine:
             raise ServeError(400, f"This model's maximum context length is {self.context} tokens; the prompt has {len(prompt_ids)} tokens", param="prompt")
         return min(max_tokens or 16, room)
 
-    def _sampling(self, request: Sampling) -> dict:
-        sampling = {"do_sample": False} if request.temperature == 0 else {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p, "top_k": None}
-        stops = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
-        if stops:
-            sampling.update(stop_strings=stops, tokenizer=self.tokenizer)
-        return sampling
-
     def generate(self, request: Sampling, prompt_ids: list[int], new_tokens: int, streamer=None) -> Generation:
         adapter = self.adapter_of(request.model)
         device = next(self.model.parameters()).device
         ids = torch.tensor([prompt_ids] * request.n, device=device)
-        stops = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
+        eos = stop_token_ids(self.model, self.tokenizer)
         with self.lock, torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(request.seed if request.seed is not None else int(time.time_ns() % 2**31))
             with rows_using(self.adapters.rows([adapter] * request.n)):
@@ -150,12 +151,11 @@ class Engine:
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),
                     max_new_tokens=new_tokens,
-                    eos_token_id=stop_token_ids(self.model, self.tokenizer),
+                    eos_token_id=eos,
                     pad_token_id=self.tokenizer.pad_token_id,
                     streamer=streamer,
-                    **self._sampling(request),
+                    **sampling_options(request.temperature, request.top_p, request.stops, self.tokenizer),
                 )
-        eos = set(stop_token_ids(self.model, self.tokenizer))
         texts, reasons, generated = [], [], 0
         for row in out[:, len(prompt_ids) :].tolist():
             tokens = row
@@ -163,9 +163,9 @@ class Engine:
             if ended is not None:
                 tokens = row[: ended + 1]
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            cut = min((text.find(s) for s in stops if s in text), default=-1)
-            texts.append(text if cut < 0 else text[:cut])
-            reasons.append("stop" if ended is not None or cut >= 0 else "length")
+            kept = cut_at_stop(text, request.stops)
+            texts.append(kept)
+            reasons.append("stop" if ended is not None or len(kept) < len(text) else "length")
             generated += len(tokens)
         self.metrics.prompt_tokens += len(prompt_ids)
         self.metrics.completion_tokens += generated
@@ -244,7 +244,7 @@ def create_app(engine: Engine) -> FastAPI:
         finally:
             engine.metrics.waiting -= 1
         engine.metrics.requests[200] += 1
-        usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens, "total_tokens": result.prompt_tokens + result.completion_tokens}
+        usage = result.usage
         if chat:
             choices = [
                 {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
@@ -281,18 +281,16 @@ def create_app(engine: Engine) -> FastAPI:
         engine.metrics.waiting += 1
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        stops = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
-        hold = max((len(s) for s in stops), default=1) - 1
+        hold = max((len(s) for s in request.stops), default=1) - 1
         text, sent = "", 0
         try:
             if chat:
                 yield f"data: {json.dumps({'id': ident, 'object': 'chat.completion.chunk', 'created': created, 'model': request.model, 'choices': [{'index': 0, 'delta': {'role': 'assistant', 'content': ''}, 'finish_reason': None}]})}\n\n"
             for piece in streamer:
-                text += piece
-                cut = min((text.find(s) for s in stops if s in text), default=-1)
-                if cut >= 0:
-                    text = text[:cut]
-                safe = len(text) if cut >= 0 else max(sent, len(text) - hold)
+                kept = cut_at_stop(text + piece, request.stops)
+                stopped = len(kept) < len(text + piece)
+                text = kept
+                safe = len(text) if stopped else max(sent, len(text) - hold)
                 if safe > sent:
                     yield event(text[sent:safe])
                     sent = safe
@@ -308,9 +306,7 @@ def create_app(engine: Engine) -> FastAPI:
             yield event(final[sent:])
         yield event(None, result.finish_reasons[0])
         if (request.stream_options or {}).get("include_usage"):
-            yield event(
-                None, usage={"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens, "total_tokens": result.prompt_tokens + result.completion_tokens}
-            )
+            yield event(None, usage=result.usage)
         engine.metrics.requests[200] += 1
         yield "data: [DONE]\n\n"
 

@@ -223,10 +223,11 @@ def set_up(config: RunConfig, resume: bool, overwrite: bool) -> tuple[Run, list[
         )
     device = next(iter(params.values())).device
     frozen_dtype = resolve_frozen_dtype(tcfg.frozen_dtype, model.dtype, device)
-    stored_copies = frozen_dtype != model.dtype and method.store_frozen_weights(model, frozen_dtype)
-    if frozen_dtype != model.dtype and (set_compute_dtype(model, frozen_dtype) or stored_copies):
-        store_head_weight(model, frozen_dtype)  # the output head is ours to compute (objectives/causal_lm.py)
-        console.print(f"frozen weights compute in {str(frozen_dtype).removeprefix('torch.')} (train.frozen_dtype)")
+    if frozen_dtype != model.dtype:
+        copied = method.store_frozen_weights(model, frozen_dtype)
+        if set_compute_dtype(model, frozen_dtype) or copied:
+            store_head_weight(model, frozen_dtype)  # the output head is ours to compute (objectives/causal_lm.py)
+            console.print(f"frozen weights compute in {str(frozen_dtype).removeprefix('torch.')} (train.frozen_dtype)")
     data = build_datasets(dcfg, tokenizer, tcfg.seed, objective.rows)
     _report_data(data.stats)
     if teacher is not None and data.eval is not None and "prompt_ids" in data.eval.column_names:  # label-free held-out rows
