@@ -1,5 +1,6 @@
 """Many LoRA adapters on one base in one batch (serve/adapters.py), against peft's mixed-adapter
-batch (`adapter_names`) and against each request generated alone."""
+batch (`adapter_names`) and against each request generated alone; the continuous-batching engine
+(serve/engine.py): requests joining and leaving the batch, seeded sampling, cancel, unload, queue."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tunelab.generation import generate
 from tunelab.models.tiny import tiny_tokenizer
 from tunelab.runs import load_run
 from tunelab.serve.adapters import AdapterSet, MultiLoraLinear, read_lora_adapter, rows_using
+from tunelab.serve.engine import Engine, QueueFull, SamplingParams, UnknownModel
 
 ADAPTERS = {
     "a": {"r": 4, "alpha": 8.0, "target": "all-linear"},
@@ -89,3 +91,75 @@ def test_methods_that_are_not_a_low_rank_update_are_refused_pointing_to_merging(
     run = tunelab.train(tiny_run_config(tmp_path / "dora", train_file, method={"dora": True}, train={"max_steps": 1})).output_dir
     with pytest.raises(TunelabError, match="DoRA .*merge it"):
         read_lora_adapter("d", run)
+
+
+@pytest.fixture
+def engine(runs):
+    model, adapters = served(runs)
+    engine = Engine(model, tiny_tokenizer(), adapters, "base", max_batch=3, max_queue=16).start()
+    yield engine
+    engine.close()
+
+
+def wait(sequences):
+    for sequence in sequences:
+        assert sequence.done.wait(60), "the engine did not finish a sequence"
+    return sequences
+
+
+def test_requests_joining_and_leaving_a_running_batch_equal_each_alone(runs, engine):
+    """Six greedy requests over two adapters and the base, of different prompt and output lengths,
+    through a batch of at most 3: later ones join as earlier ones leave, with padding both ways."""
+    prompts = ["Name: Ana", "A much longer prompt than the first one, with more tokens", "Hi", "Order 7", "x", "Name: Rui, 40"]
+    names = ["a", "b", "base", "b", "a", "base"]
+    lengths = [3, 12, 7, 10, 5, 9]
+    sequences = wait([engine.submit(engine.prompt_ids(p), n, SamplingParams(max_new_tokens=m))[0] for p, n, m in zip(prompts, names, lengths)])
+    alone_models = {name: load_run(run).model for name, run in runs.items()} | {"base": fresh_base()}
+    alone = [generate(alone_models[n], tiny_tokenizer(), [p], max_new_tokens=m)[0] for p, n, m in zip(prompts, names, lengths)]
+    assert [s.text.strip() for s in sequences] == alone
+    assert all(s.finish_reason in ("stop", "length") and len(s.tokens) <= m for s, m in zip(sequences, lengths))
+    steps = engine.metrics.registry.get_sample_value("tunelab_batch_size_count")
+    rows = engine.metrics.registry.get_sample_value("tunelab_batch_size_sum")
+    assert rows / steps > 2 and steps < sum(lengths) / 2  # they really shared decoding steps
+
+
+def test_a_seeded_sampled_request_gives_the_same_tokens_alone_and_in_a_batch(engine):
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    prompt = engine.prompt_ids("Name: Ana")
+    (alone,) = wait(engine.submit(prompt, "a", params))
+    crowd = [engine.submit(engine.prompt_ids(p), "b", SamplingParams(max_new_tokens=12, temperature=1.0)) for p in ("Hi", "Order 7")]
+    (amid,) = wait(engine.submit(prompt, "a", params))
+    wait([s for group in crowd for s in group])
+    assert amid.tokens == alone.tokens
+    other_seed = wait(engine.submit(prompt, "a", SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=8)))[0]
+    assert other_seed.tokens != alone.tokens
+
+
+def test_a_cancelled_sequence_leaves_and_the_others_go_on(engine):
+    long = engine.submit(engine.prompt_ids("Name: Ana"), "a", SamplingParams(max_new_tokens=200))
+    other = engine.submit(engine.prompt_ids("Hi"), "b", SamplingParams(max_new_tokens=6))
+    engine.cancel(long)
+    wait(long + other)
+    assert long[0].finish_reason == "cancelled" and len(long[0].tokens) < 200
+    assert other[0].finish_reason in ("stop", "length")
+
+
+def test_an_adapter_unloaded_mid_request_finishes_that_request_then_its_weights_go(runs, engine):
+    prompt = engine.prompt_ids("Order 7")
+    (expected,) = wait(engine.submit(prompt, "a", SamplingParams(max_new_tokens=12)))
+    (running,) = engine.submit(prompt, "a", SamplingParams(max_new_tokens=12))
+    engine.unload_adapter("a")
+    with pytest.raises(UnknownModel, match="`a` does not exist"):
+        engine.submit(prompt, "a", SamplingParams(max_new_tokens=2))
+    wait([running])
+    assert running.tokens == expected.tokens
+    wait(engine.submit(prompt, "b", SamplingParams(max_new_tokens=2)))  # a step after the last row using it
+    assert all(0 not in m.updates for m in engine.model.modules() if isinstance(m, MultiLoraLinear))
+
+
+def test_a_full_queue_refuses_more(runs):
+    model, adapters = served(runs)
+    engine = Engine(model, tiny_tokenizer(), adapters, "base", max_queue=2)  # not started: nothing leaves the queue
+    engine.submit([1, 2], "a", SamplingParams(max_new_tokens=2), n=2)
+    with pytest.raises(QueueFull, match="queue is full"):
+        engine.submit([1, 2], "b", SamplingParams(max_new_tokens=2))

@@ -31,11 +31,11 @@ def server(module_cache, tmp_path_factory):
         config = tiny_run_config(folder / "adapters" / name, train_file, method={"r": 4, "alpha": 8.0, "target": "all-linear"}, train={"max_steps": 3, "lr": 3e-2, "seed": seed})
         runs[name] = tunelab.train(config).output_dir
     settings = ServerSettings(base_name=BASE, api_key=KEY, adapter_dir=folder / "adapters", max_model_len=256)
-    engine = build_engine(BASE, {"a": str(runs["a"]), "b": str(runs["b"])}, settings, device="cpu")
+    engine = build_engine(settings, {"a": str(runs["a"]), "b": str(runs["b"])}, device="cpu")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    live = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    live = uvicorn.Server(uvicorn.Config(create_app(engine, settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=live.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

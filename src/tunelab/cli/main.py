@@ -172,7 +172,8 @@ def serve_command(
     port: int = typer.Option(8000, help="the port"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TUNELAB_API_KEY", help="require this bearer key on /v1/*"),
     adapter_dir: Optional[Path] = typer.Option(None, "--adapter-dir", help="where /v1/load_lora_adapter may load adapters from"),
-    max_queue: int = typer.Option(64, "--max-queue", min=1, help="requests in flight before 429"),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, help="sequences decoded together (continuous batching)"),
+    max_queue: int = typer.Option(64, "--max-queue", min=1, help="sequences waiting to join the batch before 429"),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=1, help="context length (default: the model's)"),
 ):
     """Serve the base model and LoRA adapters over an OpenAI-compatible HTTP API."""
@@ -188,10 +189,10 @@ def serve_command(
             if not sep or not name or not source:
                 raise TunelabError(f"adapter '{item}': expected NAME=RUN_DIR_OR_PEFT_ADAPTER")
             named[name] = source
-        settings = ServerSettings(base_name=model, api_key=api_key, adapter_dir=adapter_dir, max_queue=max_queue, max_model_len=max_model_len)
-        engine = build_engine(model, named, settings)
-        console.print(f"serving {', '.join(engine.model_names())} at http://{host}:{port}/v1")
-        uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")
+        settings = ServerSettings(base_name=model, api_key=api_key, adapter_dir=adapter_dir, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len)
+        engine = build_engine(settings, named)
+        console.print(f"serving {', '.join(engine.model_names())} at http://{host}:{port}/v1 (playground: http://{host}:{port}/)")
+        uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="warning")
 
     _run(action)
 

@@ -124,6 +124,7 @@ class AdapterSet:
     def __init__(self, model: nn.Module):
         self.model = model
         self.slots: dict[str, int] = {}
+        self.retired: set[int] = set()  # slots of unloaded adapters whose weights are still in use
         self._next_slot = 0
 
     def load(self, adapter: LoraAdapter) -> None:
@@ -149,10 +150,18 @@ class AdapterSet:
             layer.updates[slot] = (lora_a.to(device), lora_b.to(device), adapter.scale)
         self.slots[adapter.name] = slot
 
-    def unload(self, name: str) -> None:
+    def unload(self, name: str, live: set[int] | None = None) -> None:
+        """Forget the name; its weights go now, or once `release` is told no row uses its slot."""
         if name not in self.slots:
             raise TunelabError(f"adapter '{name}' is not loaded")
-        self._drop(self.slots.pop(name))
+        self.retired.add(self.slots.pop(name))
+        self.release(live or set())
+
+    def release(self, live: set[int]) -> None:
+        """Drop the weights of unloaded adapters whose slots no row uses (`live`)."""
+        for slot in self.retired - live:
+            self._drop(slot)
+        self.retired &= live
 
     def _drop(self, slot: int) -> None:
         for module in self.model.modules():
