@@ -175,15 +175,10 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             raise ServeError(404, str(err), "not_found_error", "model") from None
         reply = Reply(parsed, chat, len(prompt_ids), sequences)
         if parsed.stream:
-            return StreamingResponse(stream(reply, progressed), media_type="text/event-stream")
+            return StreamingResponse(stream(request, reply, progressed), media_type="text/event-stream")
         try:
-            while not all(s.finish_reason for s in sequences):
-                try:
-                    await asyncio.wait_for(progressed.wait(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        break
-                progressed.clear()
+            while not all(s.finish_reason for s in sequences) and await progress(request, progressed):
+                pass
         finally:  # a client that left (or a cancelled handler) frees its rows
             engine.cancel(sequences)
         failed = next((s for s in sequences if s.finish_reason in ("error", "cancelled")), None)
@@ -192,7 +187,16 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         requests_by_status.labels(status="200").inc()
         return reply.whole()
 
-    async def stream(reply: Reply, progressed: asyncio.Event) -> AsyncIterator[str]:
+    async def progress(request: Request, progressed: asyncio.Event) -> bool:
+        """Wait for the engine's next token for this request (or a second); False once the client left."""
+        try:
+            await asyncio.wait_for(progressed.wait(), timeout=1.0)
+        except asyncio.TimeoutError:
+            pass
+        progressed.clear()
+        return not await request.is_disconnected()
+
+    async def stream(request: Request, reply: Reply, progressed: asyncio.Event) -> AsyncIterator[str]:
         """Server-sent events: each choice's text as it is generated (never a stop string or a
         partial character), its finish reason, usage if asked, then [DONE]."""
         sequences = reply.sequences
@@ -201,9 +205,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             if reply.chat:
                 for index in range(len(sequences)):
                     yield reply.chunk(index, {"role": "assistant", "content": ""})
-            while not all(ended):
-                await progressed.wait()
-                progressed.clear()
+            while not all(ended) and await progress(request, progressed):
                 for index, sequence in enumerate(sequences):
                     if ended[index]:
                         continue
