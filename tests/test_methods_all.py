@@ -1,5 +1,5 @@
 """What every registered method must do with the core: exact resume, padded and packed batches,
-evaluation, batched generation. Parametrized over the registry, so a new method is covered the
+evaluation, batched generation, serving beside other adapters. Parametrized over the registry, so a new method is covered the
 moment it is registered."""
 
 from __future__ import annotations
@@ -11,15 +11,16 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import tunelab
-from helpers import assert_tensors_equal, load_adapter, read_metrics, read_report, tiny_run_config, write_jsonl, write_preference_data, write_records_data
-from peft_oracle import train_tiny_run_checked
+from helpers import TINY_MODEL, assert_tensors_equal, load_adapter, read_metrics, read_report, tiny_run_config, write_jsonl, write_preference_data, write_records_data
+from peft_oracle import fresh_base, train_tiny_run_checked
 from tunelab.errors import TunelabError
 from tunelab.eval.likelihood import continuation_logprobs
 from tunelab.export import export_run
 from tunelab.generation import generate
-from tunelab.methods.base import FORWARD_TARGETS
+from tunelab.methods.base import FORWARD_TARGETS, LinearAdapterMethod
 from tunelab.methods.registry import get_method_class, method_names
 from tunelab.runs import load_run
+from tunelab.serve.adapters import AdapterSet, read_adapter, rows_using
 
 # Small options where a method's defaults are sized for real models; every other option is the default.
 SMALL = {"prompt_tuning": {"num_virtual_tokens": 4}, "prefix_tuning": {"num_virtual_tokens": 4}}
@@ -178,3 +179,25 @@ def test_trains_under_on_policy_distillation(name, records, tmp_path):
     assert (first["on_policy"], second["on_policy"]) == (0.0, 1.0) and first["generated_tokens"] == 0
     assert second["target_tokens"] == second["generated_tokens"] > 0
     assert math.isfinite(first["divergence"]) and math.isfinite(second["divergence"]) and report["eval_divergence"] >= 0
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_served_beside_the_base_in_one_batch_or_refused_by_name(name, records, tmp_path):
+    """`tunelab serve`: a method that only changes linear layers' weights is served on the shared
+    base (its rows of a mixed batch equal the run's own model); any other is refused, named."""
+    train_file, _ = records
+    run = tunelab.train(tiny_run_config(tmp_path / "run", train_file, method=options(name), train={"max_steps": 2, "lr": 1e-2})).output_dir
+    if not issubclass(get_method_class(name), LinearAdapterMethod):
+        with pytest.raises(TunelabError, match=f"method '{name}' changes the forward"):
+            read_adapter(name, run, TINY_MODEL)
+        return
+    base = fresh_base().eval()
+    adapters = AdapterSet(base)
+    adapters.load(read_adapter(name, run, TINY_MODEL))
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with rows_using(adapters.rows([name, None])):
+            served = base(input_ids=ids).logits
+        trained = load_run(run).model.eval()(input_ids=ids[:1]).logits
+    assert (served[0] - trained[0]).abs().max() <= 1e-5 * trained.abs().max()
+    assert (served[0] - served[1]).abs().max() > 1e-4  # the adapter acts on its row

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import tunelab
-from helpers import tiny_run_config, write_records_data
+from helpers import TINY_MODEL, tiny_run_config, write_records_data
 from peft_oracle import assert_close, fresh_base
 from tunelab.errors import TunelabError
 from tunelab.export import export_run
 from tunelab.generation import generate
 from tunelab.models.tiny import tiny_tokenizer
 from tunelab.runs import load_run
-from tunelab.serve.adapters import AdapterSet, MultiLoraLinear, read_lora_adapter, rows_using
+from tunelab.serve.adapters import AdapterSet, MultiLoraLinear, read_adapter, rows_using
 from tunelab.serve.engine import Engine, QueueFull, SamplingParams, UnknownModel
 
 ADAPTERS = {
@@ -41,7 +41,7 @@ def served(runs, from_peft: bool = False):
     model = fresh_base().eval()
     adapters = AdapterSet(model)
     for name, run in runs.items():
-        adapters.load(read_lora_adapter(name, run.parent / f"{name}-peft" if from_peft and name == "b" else run))
+        adapters.load(read_adapter(name, run.parent / f"{name}-peft" if from_peft and name == "b" else run, TINY_MODEL))
     return model, adapters
 
 
@@ -81,16 +81,34 @@ def test_unload_and_bad_adapters_fail_naming_what(runs, tmp_path):
         adapters.rows(["a"])
     assert all(0 not in m.updates for m in model.modules() if isinstance(m, MultiLoraLinear))
     with pytest.raises(TunelabError, match="already loaded"):
-        adapters.load(read_lora_adapter("b", runs["b"]))
+        adapters.load(read_adapter("b", runs["b"], TINY_MODEL))
     with pytest.raises(TunelabError, match="neither a tunelab run directory nor a peft adapter"):
-        read_lora_adapter("x", tmp_path / "missing")
+        read_adapter("x", tmp_path / "missing", TINY_MODEL)
 
 
-def test_methods_that_are_not_a_low_rank_update_are_refused_pointing_to_merging(module_cache, tmp_path):
+@pytest.mark.parametrize("variant", [{"dora": True}, {"init": "pissa"}], ids=["dora", "pissa"])
+def test_lora_variants_that_are_not_plain_low_rank_are_served_as_merged_layers_from_runs_and_peft(variant, module_cache, tmp_path):
+    """DoRA's and PiSSA's change of a layer is not B A on the served base: a run is served as its
+    merged layers' change; the peft export too, except PiSSA's, which peft's format holds as a plain
+    LoRA of twice the rank on the original base."""
     train_file, _ = write_records_data(tmp_path, n_train=8)
-    run = tunelab.train(tiny_run_config(tmp_path / "dora", train_file, method={"dora": True}, train={"max_steps": 1})).output_dir
-    with pytest.raises(TunelabError, match="DoRA .*merge it"):
-        read_lora_adapter("d", run)
+    run = tunelab.train(tiny_run_config(tmp_path / "run", train_file, method={"target": "all-linear", **variant}, train={"max_steps": 2, "lr": 1e-2})).output_dir
+    export_run(run, "peft", tmp_path / "peft")
+    model = fresh_base().eval()
+    adapters = AdapterSet(model)
+    kinds = {}
+    for name, source in (("run", run), ("peft", tmp_path / "peft")):
+        adapter = read_adapter(name, source, TINY_MODEL)
+        kinds[name] = adapter.kind
+        adapters.load(adapter)
+    assert kinds == {"run": "merged", "peft": "merged" if variant.get("dora") else "low-rank"}
+    ids = torch.randint(3, 200, (3, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), rows_using(adapters.rows(["run", None, "peft"])):
+        served = model(input_ids=ids).logits
+    trained = load_run(run).model.eval()
+    with torch.no_grad():
+        assert_close(served[[0, 2]], trained(input_ids=ids[[0, 2]]).logits, 1e-5, "served rows")
+        assert_close(served[1], fresh_base()(input_ids=ids[1:2]).logits[0], 1e-6, "base row")
 
 
 @pytest.fixture
@@ -154,7 +172,8 @@ def test_an_adapter_unloaded_mid_request_finishes_that_request_then_its_weights_
     wait([running])
     assert running.tokens == expected.tokens
     wait(engine.submit(prompt, "b", SamplingParams(max_new_tokens=2)))  # a step after the last row using it
-    assert all(0 not in m.updates for m in engine.model.modules() if isinstance(m, MultiLoraLinear))
+    with engine.model_lock:  # that step has ended
+        assert all(0 not in m.updates for m in engine.model.modules() if isinstance(m, MultiLoraLinear))
 
 
 def test_a_full_queue_refuses_more(runs):

@@ -1,13 +1,14 @@
 """Many LoRA adapters on one base model, in one forward (the S-LoRA / Punica idea).
 
 Each linear layer any adapter targets becomes a `MultiLoraLinear`: the base projection runs once
-for the whole batch, then each adapter's low-rank update s·B(Ax) is added to its own rows only.
+for the whole batch, then each adapter's update is added to its own rows only: s·B(Ax) for a LoRA,
+(W' − W)x for a method whose change of the layer is linear but not low-rank (W': its merged weight).
 Which adapter a row uses is `ROW_ADAPTERS` (an adapter slot per batch row, -1 for the base alone),
 set around a forward by `rows_using`, so no signature inside the model changes.
 
-Adapters come from a tunelab run directory or a peft adapter directory, safetensors only. A plain
-LoRA (rsLoRA included) is served this way; other methods change the forward in other ways and are
-refused with a message that says to merge them and serve the merged model.
+Adapters come from a tunelab run directory or a peft adapter directory, safetensors only. Methods
+that change the forward other than through linear weights (prompt and prefix tuning, ReFT, LoFiT,
+full fine-tuning, ...) are refused with a message naming the method.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tunelab.config import load_config
+from tunelab.config.schema import ModelConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import build_method
-from tunelab.methods.base import PEFT_PREFIX
+from tunelab.methods.base import PEFT_PREFIX, LinearAdapterMethod
 from tunelab.methods.peft_io import method_options_from_peft, read_peft_adapter
-from tunelab.methods.registry import method_options_model
+from tunelab.methods.registry import get_method_class, method_options_model
 from tunelab.models.modules import replace_module
-from tunelab.runs import ADAPTER_FILE
+from tunelab.runs import ADAPTER_FILE, load_peft_model, load_run
 
 # The adapter slot of each row of the forward that is running (a long tensor, -1: the base alone);
 # None in every other forward.
@@ -47,57 +49,91 @@ def rows_using(slots: torch.Tensor):
 
 
 @dataclass
-class LoraAdapter:
+class LayerUpdate:
+    """One adapter's change of one linear layer: scale·B A (low rank), or the weight of its merged
+    copy (`merged`, for an update that is linear but not low-rank)."""
+
+    lora_a: torch.Tensor | None = None  # r x in
+    lora_b: torch.Tensor | None = None  # out x r
+    scale: float = 1.0
+    merged: torch.Tensor | None = None  # out x in; AdapterSet.load keeps merged − base
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.merged.shape) if self.merged is not None else (self.lora_b.shape[0], self.lora_a.shape[1])
+
+
+@dataclass
+class ServedAdapter:
     name: str
-    scale: float
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # linear layer name -> (A: r x in, B: out x r)
+    updates: dict[str, LayerUpdate]  # linear layer name -> its update
     base_model: str | None  # the model the adapter was trained on, if it says
+    kind: str  # "low-rank" or "merged": how it is applied (the README's table)
 
 
-def read_lora_adapter(name: str, source: str | Path) -> LoraAdapter:
-    """A plain LoRA adapter from a tunelab run directory or a peft adapter directory."""
+def read_adapter(name: str, source: str | Path, base_model: str) -> ServedAdapter:
+    """An adapter from a tunelab run directory or a peft adapter directory, on `base_model`.
+    A plain LoRA (rsLoRA, LoRA+ included) is read as its factors; any other method whose every
+    change is to linear layers' weights (DoRA, PiSSA, VeRA, LoHa, LoKr, (IA)^3, OFT, BOFT, ...) as
+    the merged weights of the layers it changes; other methods are refused."""
     source = Path(source)
     if (source / "config.yaml").is_file():
         config = load_config(source / "config.yaml")
-        options, base = config.method, config.model.name
+        options, trained_on = config.method, config.model.name
+    elif (source / "adapter_config.json").is_file():
+        option_map = method_options_from_peft(source)
+        options, trained_on = method_options_model(option_map["name"]).model_validate(option_map), None
+    else:
+        raise TunelabError(f"adapter '{name}': {source} is neither a tunelab run directory nor a peft adapter directory")
+    if options.name == "lora" and not options.dora and options.init in ("kaiming", "gaussian"):
+        tensors = _lora_tensors(name, source)
+        scale = build_method(options).scaling
+        updates = {}
+        for key, lora_a in tensors.items():
+            if key.endswith(".lora_A.weight"):
+                layer = key.removesuffix(".lora_A.weight")
+                lora_b = tensors.get(f"{layer}.lora_B.weight")
+                if lora_b is None:
+                    raise TunelabError(f"adapter '{name}': {layer} has lora_A but no lora_B")
+                updates[layer] = LayerUpdate(lora_a, lora_b, scale)
+        if not updates:
+            raise TunelabError(f"adapter '{name}': no LoRA tensors in {source}")
+        return ServedAdapter(name, updates, trained_on, "low-rank")
+    method_class = get_method_class(options.name)
+    if not issubclass(method_class, LinearAdapterMethod):
+        raise TunelabError(
+            f"adapter '{name}': method '{options.name}' changes the forward in ways other than linear layers' weights, so it cannot share a batch with other adapters; "
+            "serve the run on its own (a merged model, tunelab export --format merged, where the method can merge) as --model"
+        )
+    # The run's model with the method attached (a second copy of the base, for the duration).
+    if (source / "config.yaml").is_file():
+        model, method = (run := load_run(source, device="cpu")).model, run.method
+    else:
+        model, _, method = load_peft_model(source, ModelConfig(name=base_model, device="cpu"))
+    with torch.no_grad():
+        updates = {layer: LayerUpdate(merged=adapter_layer.merged_weight().detach().clone()) for layer, adapter_layer in method.adapter_layers(model).items()}
+    return ServedAdapter(name, updates, trained_on, "merged")
+
+
+def _lora_tensors(name: str, source: Path) -> dict[str, torch.Tensor]:
+    """A plain LoRA's tensors, named by linear layer, from a run or a peft directory."""
+    if (source / "config.yaml").is_file():
         weights = source / RUN_ADAPTER_FILE
         if not weights.is_file():
             raise TunelabError(f"adapter '{name}': {source} has no {RUN_ADAPTER_FILE} (not an adapter run, or unfinished)")
-        tensors = load_file(weights)
-    elif source.is_dir():
-        option_map = method_options_from_peft(source)
-        options = method_options_model(option_map["name"]).model_validate(option_map)
-        raw, _ = read_peft_adapter(source)
-        tensors = {key.removeprefix(PEFT_PREFIX): value for key, value in raw.items()}
-        base = None
-    else:
-        raise TunelabError(f"adapter '{name}': {source} is neither a tunelab run directory nor a peft adapter directory")
-    if options.name != "lora" or options.dora or options.init not in ("kaiming", "gaussian"):
-        variant = options.name if options.name != "lora" else ("DoRA" if options.dora else f"LoRA with init {options.init}")
-        raise TunelabError(
-            f"adapter '{name}': {variant} changes the forward in ways other than a low-rank update; merge it (tunelab export --format merged) and serve the merged model"
-        )
-    factors = {}
-    for key, lora_a in tensors.items():
-        if key.endswith(".lora_A.weight"):
-            layer = key.removesuffix(".lora_A.weight")
-            lora_b = tensors.get(f"{layer}.lora_B.weight")
-            if lora_b is None:
-                raise TunelabError(f"adapter '{name}': {layer} has lora_A but no lora_B")
-            factors[layer] = (lora_a, lora_b)
-    if not factors:
-        raise TunelabError(f"adapter '{name}': no LoRA tensors in {source}")
-    return LoraAdapter(name, build_method(options).scaling, factors, base)
+        return load_file(weights)
+    raw, _ = read_peft_adapter(source)
+    return {key.removeprefix(PEFT_PREFIX): value for key, value in raw.items()}
 
 
 class MultiLoraLinear(nn.Module):
-    """A frozen linear layer plus the LoRA updates of several adapters, each applied to the rows
+    """A frozen linear layer plus the updates of several adapters, each applied to the rows
     ROW_ADAPTERS assigns it."""
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
-        self.updates: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}  # slot -> (A, B, scale)
+        self.updates: dict[int, LayerUpdate] = {}  # slot -> update (a merged one holds merged − base)
 
     @property
     def weight(self) -> torch.Tensor:  # model code may inspect `proj.weight` (dtype, device)
@@ -109,12 +145,15 @@ class MultiLoraLinear(nn.Module):
         if slots is None or not self.updates:
             return y
         for slot in slots.unique().tolist():
-            if slot not in self.updates:
+            update = self.updates.get(slot)
+            if update is None:
                 continue
-            lora_a, lora_b, scale = self.updates[slot]
             rows = slots == slot
-            update = (x[rows].to(lora_a.dtype) @ lora_a.t()) @ lora_b.t()
-            y[rows] += (scale * update).to(y.dtype)
+            if update.merged is not None:
+                change = x[rows].to(update.merged.dtype) @ update.merged.t()
+            else:
+                change = update.scale * ((x[rows].to(update.lora_a.dtype) @ update.lora_a.t()) @ update.lora_b.t())
+            y[rows] += change.to(y.dtype)
         return y
 
 
@@ -127,16 +166,16 @@ class AdapterSet:
         self.retired: set[int] = set()  # slots of unloaded adapters whose weights are still in use
         self._next_slot = 0
 
-    def load(self, adapter: LoraAdapter) -> None:
+    def load(self, adapter: ServedAdapter) -> None:
         if adapter.name in self.slots:
             raise TunelabError(f"adapter '{adapter.name}' is already loaded")
         layers = dict(self.model.named_modules())
-        missing = [layer for layer in adapter.factors if layer not in layers]
+        missing = [layer for layer in adapter.updates if layer not in layers]
         if missing:
             raise TunelabError(f"adapter '{adapter.name}' targets layers this model does not have: {missing[:3]}")
         device = next(self.model.parameters()).device
         slot, self._next_slot = self._next_slot, self._next_slot + 1
-        for layer_name, (lora_a, lora_b) in adapter.factors.items():
+        for layer_name, update in adapter.updates.items():
             layer = layers[layer_name]
             if not isinstance(layer, MultiLoraLinear):
                 if not isinstance(layer, nn.Linear):
@@ -144,10 +183,17 @@ class AdapterSet:
                 layer = MultiLoraLinear(layer)
                 replace_module(self.model, layer_name, layer)
             expected = (layer.base_layer.out_features, layer.base_layer.in_features)
-            if (lora_b.shape[0], lora_a.shape[1]) != expected:
+            if update.shape != expected:
                 self._drop(slot)
-                raise TunelabError(f"adapter '{adapter.name}': {layer_name} is {tuple(lora_b.shape)} x {tuple(lora_a.shape)}, the model's layer is {expected}")
-            layer.updates[slot] = (lora_a.to(device), lora_b.to(device), adapter.scale)
+                raise TunelabError(
+                    f"adapter '{adapter.name}': {layer_name} changes a {update.shape[0]} x {update.shape[1]} weight, the model's layer is {expected[0]} x {expected[1]}"
+                )
+            if update.merged is not None:  # kept as its change from this base: the base still runs once for all rows
+                base = layer.base_layer.weight.detach()
+                update = LayerUpdate(merged=(update.merged.to(device, torch.float32) - base.float()).to(base.dtype))
+            else:
+                update = LayerUpdate(update.lora_a.to(device), update.lora_b.to(device), update.scale)
+            layer.updates[slot] = update
         self.slots[adapter.name] = slot
 
     def unload(self, name: str, live: set[int] | None = None) -> None:

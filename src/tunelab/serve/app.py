@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tunelab.errors import TunelabError
-from tunelab.serve.adapters import AdapterSet, read_lora_adapter
+from tunelab.serve.adapters import AdapterSet, read_adapter
 from tunelab.serve.engine import Engine, QueueFull, SamplingParams, Sequence, UnknownModel
 
 
@@ -254,7 +254,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         if parsed.lora_name == settings.base_name:
             raise ServeError(400, f"lora_name: {parsed.lora_name} is the base model's name", param="lora_name")
         try:
-            adapter = await run_in_threadpool(read_lora_adapter, parsed.lora_name, path)
+            adapter = await run_in_threadpool(read_adapter, parsed.lora_name, path, settings.base_name)
             await run_in_threadpool(engine.load_adapter, adapter)  # waits for the running step
         except TunelabError as err:
             raise ServeError(400, str(err), param="lora_path") from None
@@ -325,5 +325,5 @@ def build_engine(settings: ServerSettings, adapters: dict[str, str], device: str
     for name, source in adapters.items():
         if name == settings.base_name:
             raise TunelabError(f"adapter name '{name}' is the base model's name")
-        adapter_set.load(read_lora_adapter(name, source))
+        adapter_set.load(read_adapter(name, source, settings.base_name))
     return Engine(model, tokenizer, adapter_set, settings.base_name, settings.max_batch, settings.max_queue, settings.max_model_len)

@@ -31,7 +31,7 @@ from transformers.cache_utils import DynamicLayer
 from tunelab.errors import TunelabError
 from tunelab.generation import cut_at_stop, prompt_text, stop_token_ids
 from tunelab.methods.base import cache_argument
-from tunelab.serve.adapters import AdapterSet, LoraAdapter, rows_using
+from tunelab.serve.adapters import AdapterSet, ServedAdapter, rows_using
 
 
 class QueueFull(TunelabError):
@@ -185,7 +185,7 @@ class Engine:
                 raise TimeoutError("generation did not finish in time")
         return sequences
 
-    def load_adapter(self, adapter: LoraAdapter) -> None:
+    def load_adapter(self, adapter: ServedAdapter) -> None:
         with self.model_lock:
             self.adapters.load(adapter)
 
@@ -236,6 +236,7 @@ class Engine:
                 self._finish(self.waiting.popleft(), "cancelled")
             admitted = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.max_batch - len(self.running)))]
             self.metrics.queue_depth.set(len(self.waiting))
+            self.adapters.release(live={s.slot for s in (*self.running, *admitted, *self.waiting)})
         for sequence in admitted:
             if sequence.cancelled:
                 self._finish(sequence, "cancelled")
@@ -246,9 +247,6 @@ class Engine:
         self.metrics.running.set(len(self.running))
         if self.running:
             self._decode()
-        with self.changed:
-            live = {s.slot for s in (*self.running, *self.waiting)}
-        self.adapters.release(live)
 
     def _prefill(self, sequences: list[Sequence]) -> None:
         """Run the new prompts together (left-padded), join their cache to the batch's, and sample
