@@ -281,3 +281,26 @@ def test_the_playground_page_streams_two_models_side_by_side_in_a_real_browser(s
     finally:
         driver.quit()
     assert (artifacts / "playground.png").stat().st_size > 10_000
+
+
+def test_stop_strings_end_the_text_before_them_streamed_or_not(client):
+    whole = client.completions.create(model="b", prompt="Name: Ana Silva, 31", max_tokens=16, temperature=0).choices[0].text
+    assert len(whole) >= 4, whole
+    stop = whole[2:4]
+    expected = whole[: whole.find(stop)]
+    reply = client.completions.create(model="b", prompt="Name: Ana Silva, 31", max_tokens=16, temperature=0, stop=[stop, "never appears"])
+    assert (reply.choices[0].text, reply.choices[0].finish_reason) == (expected, "stop")
+    chunks = list(client.completions.create(model="b", prompt="Name: Ana Silva, 31", max_tokens=16, temperature=0, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected and chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_n_seeded_samples_repeat_exactly_and_count_every_token(client):
+    def sample():
+        return client.completions.create(model=BASE, prompt="Order 7", max_tokens=8, temperature=1.5, n=3, seed=5)
+
+    first, again = sample(), sample()
+    texts = [c.text for c in first.choices]
+    assert texts == [c.text for c in again.choices] and len(set(texts)) > 1
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.finish_reason for c in first.choices] == ["length"] * 3 and first.usage.completion_tokens == 3 * 8  # each choice's tokens, the prompt once
+    assert first.usage.prompt_tokens == len(tiny_tokenizer()("Order 7")["input_ids"])
