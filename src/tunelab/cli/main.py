@@ -175,6 +175,7 @@ def serve_command(
     max_batch: int = typer.Option(16, "--max-batch", min=1, help="sequences decoded together (continuous batching)"),
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="sequences waiting to join the batch before 429"),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=1, help="context length (default: the model's)"),
+    dtype: str = typer.Option("auto", "--dtype", help="the weights' dtype: auto (as model.dtype), float32, bfloat16 or float16"),
 ):
     """Serve the base model and LoRA adapters over an OpenAI-compatible HTTP API."""
 
@@ -189,7 +190,7 @@ def serve_command(
             if not sep or not name or not source:
                 raise TunelabError(f"adapter '{item}': expected NAME=RUN_DIR_OR_PEFT_ADAPTER")
             named[name] = source
-        settings = ServerSettings(base_name=model, api_key=api_key, adapter_dir=adapter_dir, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len)
+        settings = ServerSettings(base_name=model, api_key=api_key, adapter_dir=adapter_dir, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len, dtype=dtype)
         engine = build_engine(settings, named)
         console.print(f"serving {', '.join(engine.model_names())} at http://{host}:{port}/v1 (playground: http://{host}:{port}/)")
         uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="warning")

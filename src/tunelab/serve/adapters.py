@@ -128,32 +128,51 @@ def _lora_tensors(name: str, source: Path) -> dict[str, torch.Tensor]:
 
 class MultiLoraLinear(nn.Module):
     """A frozen linear layer plus the updates of several adapters, each applied to the rows
-    ROW_ADAPTERS assigns it."""
+    ROW_ADAPTERS assigns it. The low-rank ones are concatenated along the rank, so every row's
+    s·B(Ax) is two matmuls over the whole batch whatever the mix of adapters: x·Aᵀ for all of them,
+    a per-row gate keeping only the row's own adapter's columns (scaled by its s, the others 0),
+    then ·Bᵀ. A merged update's (W' − W)x is computed on its rows only."""
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.updates: dict[int, LayerUpdate] = {}  # slot -> update (a merged one holds merged − base)
+        self.low_rank: tuple[torch.Tensor, ...] | None = None  # (gate row of each slot + 1, A, B, gates)
 
     @property
     def weight(self) -> torch.Tensor:  # model code may inspect `proj.weight` (dtype, device)
         return self.base_layer.weight
+
+    def restack(self, slot_count: int) -> None:
+        """Rebuild the concatenated low-rank factors after `updates` changed (slots < slot_count)."""
+        low_rank = [(slot, u) for slot, u in self.updates.items() if u.merged is None]
+        if not low_rank:
+            self.low_rank = None
+            return
+        lora_a = torch.cat([u.lora_a for _, u in low_rank])  # (total rank, in)
+        lora_b = torch.cat([u.lora_b for _, u in low_rank], dim=1)  # (out, total rank)
+        gates = lora_a.new_zeros(len(low_rank) + 1, lora_a.shape[0])  # row 0: no update (the base's rows)
+        gate_of = torch.zeros(slot_count + 1, dtype=torch.long, device=lora_a.device)  # slot + 1 -> gate row
+        start = 0
+        for row, (slot, update) in enumerate(low_rank, start=1):
+            rank = update.lora_a.shape[0]
+            gates[row, start : start + rank] = update.scale
+            gate_of[slot + 1] = row
+            start += rank
+        self.low_rank = (gate_of, lora_a, lora_b, gates)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         slots = ROW_ADAPTERS.get()
         if slots is None or not self.updates:
             return y
-        for slot in slots.unique().tolist():
-            update = self.updates.get(slot)
-            if update is None:
-                continue
-            rows = slots == slot
-            if update.merged is not None:
-                change = x[rows].to(update.merged.dtype) @ update.merged.t()
-            else:
-                change = update.scale * ((x[rows].to(update.lora_a.dtype) @ update.lora_a.t()) @ update.lora_b.t())
-            y[rows] += change.to(y.dtype)
+        if self.low_rank is not None:
+            gate_of, lora_a, lora_b, gates = self.low_rank
+            gate = gates[gate_of[slots + 1]].reshape(x.shape[0], *[1] * (x.dim() - 2), -1)  # (batch, 1, ..., total rank)
+            y += (((x.to(lora_a.dtype) @ lora_a.t()) * gate) @ lora_b.t()).to(y.dtype)
+        for slot, update in self.updates.items():
+            if update.merged is not None and bool((rows := slots == slot).any()):
+                y[rows] += (x[rows].to(update.merged.dtype) @ update.merged.t()).to(y.dtype)
         return y
 
 
@@ -195,6 +214,7 @@ class AdapterSet:
                 update = LayerUpdate(update.lora_a.to(device), update.lora_b.to(device), update.scale)
             layer.updates[slot] = update
         self.slots[adapter.name] = slot
+        self._restack()
 
     def unload(self, name: str, live: set[int] | None = None) -> None:
         """Forget the name; its weights go now, or once `release` is told no row uses its slot."""
@@ -213,6 +233,12 @@ class AdapterSet:
         for module in self.model.modules():
             if isinstance(module, MultiLoraLinear):
                 module.updates.pop(slot, None)
+        self._restack()
+
+    def _restack(self) -> None:
+        for module in self.model.modules():
+            if isinstance(module, MultiLoraLinear):
+                module.restack(self._next_slot)
 
     def rows(self, names: list[str | None]) -> torch.Tensor:
         """The slot tensor of a batch whose row i uses adapter names[i] (None: the base)."""

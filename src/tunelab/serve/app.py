@@ -82,6 +82,7 @@ class ServerSettings:
     max_batch: int = 16
     max_queue: int = 64
     max_model_len: int | None = None
+    dtype: str = "auto"
 
 
 def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
@@ -320,7 +321,7 @@ def build_engine(settings: ServerSettings, adapters: dict[str, str], device: str
     from tunelab.config.schema import ModelConfig
     from tunelab.models.loader import load_model
 
-    model, tokenizer = load_model(ModelConfig(name=settings.base_name, device=device))
+    model, tokenizer = load_model(ModelConfig(name=settings.base_name, device=device, dtype=settings.dtype))
     adapter_set = AdapterSet(model)
     for name, source in adapters.items():
         if name == settings.base_name:

@@ -15,6 +15,8 @@ generator, so a seeded request also gives the same answer whatever runs beside i
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import secrets
 import threading
 import time
@@ -363,6 +365,21 @@ class Engine:
 
     def _reset_batch(self) -> None:
         self.running, self.cache, self.mask, self.next_ids = [], None, None, None
+        if RELEASE_FREED_MEMORY is not None:  # the batch's KV cache is freed: hand the pages back to the system
+            RELEASE_FREED_MEMORY(0)
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None elsewhere. glibc keeps freed heap pages (a burst's KV cache,
+    allocated in many pieces) for reuse; trimming when the batch empties returns them, so an idle
+    server's memory goes back to its baseline."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+RELEASE_FREED_MEMORY = _malloc_trim()
 
 
 def _pad_columns(states: torch.Tensor, width: int) -> torch.Tensor:
