@@ -388,7 +388,7 @@ def fault_drill(server: Server, base: str, adapters: dict[str, str], churn: tupl
     def record(fault: str, statuses: list[int], expected: str, note: str = ""):
         alive = post(server.base_url, "/v1/completions", {"model": base, "prompt": "Hello", "max_tokens": 4})[0] == 200
         counts = {str(status): statuses.count(status) for status in sorted(set(statuses))}
-        rows.append({"fault": fault, "requests": len(statuses), "statuses": counts, "expected": expected, "served_after": alive, "note": note})
+        rows.append({"round": round_number, "fault": fault, "requests": len(statuses), "statuses": counts, "expected": expected, "served_after": alive, "note": note})
         print(f"  {fault}: {counts} (expected {expected}), still serving: {alive} {note}", flush=True)
 
     try:
@@ -397,79 +397,92 @@ def fault_drill(server: Server, base: str, adapters: dict[str, str], churn: tupl
         asyncio.run(run_load(server.base_url, [(m, PROMPTS[0]) for m in [base, *adapters]], 1, 8))  # warm-up, unmeasured
         time.sleep(1.0)
         idle_before = tree_rss_mib(process)
-        with PeakSampler(process) as sampler:
-            # Clients that leave mid-stream: each reads its first event and closes the connection.
-            cancelled = 'tunelab_sequences_total{finish_reason="cancelled"}'
-            before = metric(server.base_url, cancelled)
-            finished_before = {reason: metric(server.base_url, f'tunelab_sequences_total{{finish_reason="{reason}"}}') for reason in ("cancelled", "stop", "length")}
+        # Three times: memory that keeps growing round after round would be a leak, not a one-time cost.
+        memory = {"idle_before": idle_before}
+        for round_number in (1, 2, 3):
+            print(f"  round {round_number}", flush=True)
+            with PeakSampler(process) as sampler:
+                # Clients that leave mid-stream: each reads its first event and closes the connection.
+                cancelled = 'tunelab_sequences_total{finish_reason="cancelled"}'
+                before = metric(server.base_url, cancelled)
+                tokens_before = metric(server.base_url, "tunelab_completion_tokens_total")
+                finished_before = {reason: metric(server.base_url, f'tunelab_sequences_total{{finish_reason="{reason}"}}') for reason in ("cancelled", "stop", "length")}
 
-            def leave(index: int) -> int:
-                body = {"model": [base, *adapters][index % (1 + len(adapters))], "prompt": PROMPTS[index % len(PROMPTS)], "max_tokens": 200, "stream": True}
-                with httpx.stream("POST", server.base_url + "/v1/completions", json=body, timeout=120) as response:
-                    next(response.iter_lines())
-                    return response.status_code
+                def leave(index: int) -> int:
+                    model, prompt = [base, *adapters][index % (1 + len(adapters))], PROMPTS[index % len(PROMPTS)]
+                    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 400, "stream": True}
+                    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body, timeout=120) as response:
+                        next(response.iter_lines())
+                        return response.status_code
 
-            with ThreadPoolExecutor(16) as pool:
-                statuses = list(pool.map(leave, range(16)))
-            deadline = time.monotonic() + 60
-            while metric(server.base_url, cancelled) - before < 16 and time.monotonic() < deadline:
-                time.sleep(0.2)
-            ended = {reason: metric(server.base_url, f'tunelab_sequences_total{{finish_reason="{reason}"}}') - finished_before[reason] for reason in finished_before}
-            record("client leaves mid-stream", statuses, "200, then its rows cancelled", f"of the 16: {ended}")
+                with ThreadPoolExecutor(16) as pool:
+                    statuses = list(pool.map(leave, range(16)))
+                deadline = time.monotonic() + 60
+                while metric(server.base_url, cancelled) - before < 16 and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                ended = {reason: metric(server.base_url, f'tunelab_sequences_total{{finish_reason="{reason}"}}') - finished_before[reason] for reason in finished_before}
+                generated = metric(server.base_url, "tunelab_completion_tokens_total") - tokens_before
+                record("client leaves mid-stream", statuses, "200, then its rows cancelled", f"of the 16: {ended}; {generated:.0f} tokens generated in all (max_tokens 400 each)")
 
-            megabyte = "lorem ipsum " * (1_000_000 // 12)
-            started = time.perf_counter()
-            outcomes = [post(server.base_url, "/v1/completions", {"model": base, "prompt": megabyte, "max_tokens": 8}) for _ in range(4)]
-            record("1 MB prompt", [s for s, _ in outcomes], "400 naming both lengths", f"{(time.perf_counter() - started) / 4:.2f} s each: {outcomes[0][1][:90]}")
+                megabyte = "lorem ipsum " * (1_000_000 // 12)
+                started = time.perf_counter()
+                outcomes = [post(server.base_url, "/v1/completions", {"model": base, "prompt": megabyte, "max_tokens": 8}) for _ in range(4)]
+                record("1 MB prompt", [s for s, _ in outcomes], "400 naming both lengths", f"{(time.perf_counter() - started) / 4:.2f} s each: {outcomes[0][1][:90]}")
 
-            outcomes = [post(server.base_url, "/v1/chat/completions", {"model": base, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 10**7}) for _ in range(4)]
-            record("max_tokens far past the context", [s for s, _ in outcomes], "400 naming both lengths", outcomes[0][1][:110])
+                outcomes = [post(server.base_url, "/v1/chat/completions", {"model": base, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 10**7}) for _ in range(4)]
+                record("max_tokens far past the context", [s for s, _ in outcomes], "400 naming both lengths", outcomes[0][1][:110])
 
-            burst = 4 * max_queue
-            with ThreadPoolExecutor(burst) as pool:
-                outcomes = list(
-                    pool.map(lambda i: post(server.base_url, "/v1/completions", {"model": base, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 16}, timeout=600), range(burst))
+                burst = 4 * max_queue
+                with ThreadPoolExecutor(burst) as pool:
+                    outcomes = list(
+                        pool.map(
+                            lambda i: post(server.base_url, "/v1/completions", {"model": base, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 16}, timeout=600), range(burst)
+                        )
+                    )
+                record(f"burst of {burst} past --max-queue {max_queue}", [s for s, _ in outcomes], "200 or 429")
+
+                outcomes = [
+                    post(server.base_url, "/v1/completions", body) for body in (b"{not json", b'{"model": 3}', b'{"model": "x", "prompt": "hi", "max_tokens": "many"}', b"\xff\xfe")
+                ]
+                record("malformed JSON and wrong types", [s for s, _ in outcomes], "400")
+
+                outcomes = [post(server.base_url, "/v1/completions", {"model": f"no-such-adapter-{i}", "prompt": "hi"}) for i in range(4)]
+                record("unknown adapters", [s for s, _ in outcomes], "404")
+
+                # Adapters loaded and unloaded while clients keep calling the others (and the churned one).
+                name, path = churn
+                stopping, statuses, churn_statuses = threading.Event(), [], []
+
+                def traffic(model: str, into: list):
+                    while not stopping.is_set():
+                        into.append(post(server.base_url, "/v1/completions", {"model": model, "prompt": "Order 7", "max_tokens": 8})[0])
+
+                workers = [threading.Thread(target=traffic, args=(model, statuses)) for model in [base, *adapters]]
+                workers.append(threading.Thread(target=traffic, args=(name, churn_statuses)))
+                for worker in workers:
+                    worker.start()
+                cycles = []
+                for _ in range(5):
+                    cycles.append(post(server.base_url, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})[0])
+                    time.sleep(1.0)  # traffic reaches it while loaded
+                    cycles.append(post(server.base_url, "/v1/unload_lora_adapter", {"lora_name": name})[0])
+                stopping.set()
+                for worker in workers:
+                    worker.join()
+                record(
+                    "load/unload during traffic",
+                    statuses,
+                    "200 for the other models",
+                    f"load/unload: {sorted(set(cycles))}; churned adapter got {dict(sorted(Counter(churn_statuses).items()))}",
                 )
-            record(f"burst of {burst} past --max-queue {max_queue}", [s for s, _ in outcomes], "200 or 429")
-
-            outcomes = [
-                post(server.base_url, "/v1/completions", body) for body in (b"{not json", b'{"model": 3}', b'{"model": "x", "prompt": "hi", "max_tokens": "many"}', b"\xff\xfe")
-            ]
-            record("malformed JSON and wrong types", [s for s, _ in outcomes], "400")
-
-            outcomes = [post(server.base_url, "/v1/completions", {"model": f"no-such-adapter-{i}", "prompt": "hi"}) for i in range(4)]
-            record("unknown adapters", [s for s, _ in outcomes], "404")
-
-            # Adapters loaded and unloaded while clients keep calling the others (and the churned one).
-            name, path = churn
-            stopping, statuses, churn_statuses = threading.Event(), [], []
-
-            def traffic(model: str, into: list):
-                while not stopping.is_set():
-                    into.append(post(server.base_url, "/v1/completions", {"model": model, "prompt": "Order 7", "max_tokens": 8})[0])
-
-            workers = [threading.Thread(target=traffic, args=(model, statuses)) for model in [base, *adapters]]
-            workers.append(threading.Thread(target=traffic, args=(name, churn_statuses)))
-            for worker in workers:
-                worker.start()
-            cycles = []
-            for _ in range(5):
-                cycles.append(post(server.base_url, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})[0])
-                time.sleep(1.0)  # traffic reaches it while loaded
-                cycles.append(post(server.base_url, "/v1/unload_lora_adapter", {"lora_name": name})[0])
-            stopping.set()
-            for worker in workers:
-                worker.join()
-            record(
-                "load/unload during traffic",
-                statuses,
-                "200 for the other models",
-                f"load/unload: {sorted(set(cycles))}; churned adapter got {dict(sorted(Counter(churn_statuses).items()))}",
+            time.sleep(2.0)  # the last rows leave, the engine goes idle
+            memory[f"peak_round_{round_number}"], memory[f"idle_after_round_{round_number}"] = sampler.peak, tree_rss_mib(process)
+            print(
+                f"  memory (MiB) after round {round_number}: idle {idle_before:.0f} -> peak {sampler.peak:.0f} -> idle {memory[f'idle_after_round_{round_number}']:.0f}", flush=True
             )
-        time.sleep(2.0)  # the last rows leave, the engine goes idle
-        idle_after = tree_rss_mib(process)
-        result["memory_mib"] = {"idle_before": idle_before, "peak": sampler.peak, "idle_after": idle_after, "after_minus_before": idle_after - idle_before}
-        print(f"  memory (MiB): idle {idle_before:.0f} -> peak {sampler.peak:.0f} -> idle {idle_after:.0f} ({idle_after - idle_before:+.0f})", flush=True)
+        memory["after_minus_before"] = memory["idle_after_round_3"] - idle_before
+        memory["round_3_minus_round_2"] = memory["idle_after_round_3"] - memory["idle_after_round_2"]
+        result["memory_mib"] = memory
     except Exception as err:  # noqa: BLE001  (reported like a server's failure)
         result["error"] = f"{type(err).__name__}: {err}\n{server.log_tail()}"
         print(f"  fault drill FAILED: {result['error']}", flush=True)

@@ -182,3 +182,17 @@ def test_a_full_queue_refuses_more(runs):
     engine.submit([1, 2], "a", SamplingParams(max_new_tokens=2), n=2)
     with pytest.raises(QueueFull, match="queue is full"):
         engine.submit([1, 2], "b", SamplingParams(max_new_tokens=2))
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engine, monkeypatch):
+    prompt = engine.prompt_ids("Order 7")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(engine.model, "forward", broken)
+    failed = wait(engine.submit(prompt, "a", SamplingParams(max_new_tokens=4), n=2))
+    assert [s.finish_reason for s in failed] == ["error", "error"] and "out of memory, say" in failed[0].error
+    monkeypatch.undo()
+    (served,) = wait(engine.submit(prompt, "a", SamplingParams(max_new_tokens=4)))
+    assert served.finish_reason in ("stop", "length") and served.tokens

@@ -110,6 +110,8 @@ def test_errors_are_openai_errors_with_their_status(server, client):
     for body, expected in ((b"{not json", "not valid JSON"), (b'{"model": "a", "prompt": "hi", "max_tokens": "many"}', "max_tokens")):
         response = httpx.post(server["url"] + "/v1/completions", content=body, headers=headers)
         assert response.status_code == 400 and expected in response.json()["error"]["message"]
+    missing = httpx.post(server["url"] + "/v1/embeddings", json={}, headers=headers)
+    assert missing.status_code == 404 and missing.json()["error"]["message"] == "POST /v1/embeddings: Not Found"
     assert httpx.get(server["url"] + "/health").json() == {"status": "ok"}
     assert 'tunelab_requests_total{status="404"}' in httpx.get(server["url"] + "/metrics").text
 
@@ -304,3 +306,14 @@ def test_n_seeded_samples_repeat_exactly_and_count_every_token(client):
     assert [c.index for c in first.choices] == [0, 1, 2]
     assert [c.finish_reason for c in first.choices] == ["length"] * 3 and first.usage.completion_tokens == 3 * 8  # each choice's tokens, the prompt once
     assert first.usage.prompt_tokens == len(tiny_tokenizer()("Order 7")["input_ids"])
+
+
+def test_a_failed_generation_is_a_500_error_json_and_the_server_goes_on(server, client, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel failure")
+
+    monkeypatch.setattr(server["engine"].model, "forward", broken)
+    with pytest.raises(openai.InternalServerError, match="generation error: RuntimeError: kernel failure"):
+        client.completions.create(model="a", prompt="Hi", max_tokens=3)
+    monkeypatch.undo()
+    assert client.completions.create(model="a", prompt="Hi", max_tokens=3).usage.completion_tokens >= 1

@@ -24,11 +24,12 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunelab.errors import TunelabError
 from tunelab.serve.adapters import AdapterSet, read_adapter
@@ -105,17 +106,23 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     async def serve_error(request: Request, error: ServeError):
         return error_response(error.status, error.message, error.error_type, error.param)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):  # unknown routes, wrong methods
+        return error_response(error.status_code, f"{request.method} {request.url.path}: {error.detail}", "not_found_error" if error.status_code == 404 else "invalid_request_error")
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):  # never a traceback to the client
         return error_response(500, f"internal error: {type(error).__name__}", "server_error")
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if settings.api_key and request.url.path.startswith("/v1/"):
+    async def authenticate(request: Request):
+        """The /v1 routes' bearer key, compared in constant time (a dependency, not a middleware:
+        an HTTP middleware would sit between a stream and its client's disconnect)."""
+        if settings.api_key:
             given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
             if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-                return error_response(401, "Incorrect or missing API key", "authentication_error")
-        return await call_next(request)
+                raise ServeError(401, "Incorrect or missing API key", "authentication_error")
+
+    api = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)])
 
     async def parse(request: Request, schema: type[BaseModel]):
         try:
@@ -141,7 +148,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     def metrics():
         return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @api.get("/models")
     def models():
         created = int(time.time())
         return {
@@ -227,12 +234,12 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         finally:  # the client left mid-stream (or the stream ended): its rows leave the batch
             engine.cancel(sequences)
 
-    @app.post("/v1/completions")
+    @api.post("/completions")
     async def completions(request: Request):
         parsed = await parse(request, CompletionRequest)
         return await respond(request, parsed, parsed.prompt, parsed.max_tokens, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @api.post("/chat/completions")
     async def chat_completions(request: Request):
         parsed = await parse(request, ChatRequest)
         messages = [m.model_dump() for m in parsed.messages]
@@ -242,7 +249,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         lora_name: str = Field(min_length=1)
         lora_path: str | None = None
 
-    @app.post("/v1/load_lora_adapter")
+    @api.post("/load_lora_adapter")
     async def load_adapter(request: Request):
         parsed = await parse(request, LoadAdapter)
         if settings.adapter_dir is None:
@@ -262,7 +269,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         requests_by_status.labels(status="200").inc()
         return {"status": "loaded", "lora_name": parsed.lora_name}
 
-    @app.post("/v1/unload_lora_adapter")
+    @api.post("/unload_lora_adapter")
     async def unload_adapter(request: Request):
         parsed = await parse(request, LoadAdapter)
         try:
@@ -272,6 +279,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         requests_by_status.labels(status="200").inc()
         return {"status": "unloaded", "lora_name": parsed.lora_name}
 
+    app.include_router(api)
     return app
 
 

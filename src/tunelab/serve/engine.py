@@ -22,6 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -134,9 +135,11 @@ class Engine:
         self.changed = threading.Condition()  # guards `waiting`; wakes the engine thread
         self.model_lock = threading.Lock()  # held for each step, and to load or unload an adapter
         self.running: list[Sequence] = []
+        self.admitting: list[Sequence] = []  # taken off the queue, not yet in the batch (being prefilled)
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # (rows, cache columns): 1 where a column holds the row's token
         self.next_ids: torch.Tensor | None = None  # each row's last token, not yet in the cache
+        self.changes: deque[tuple[Callable[[], None], Future]] = deque()  # model changes for the engine thread to make
         self.thread: threading.Thread | None = None
         self.closing = False
 
@@ -188,13 +191,29 @@ class Engine:
         return sequences
 
     def load_adapter(self, adapter: ServedAdapter) -> None:
-        with self.model_lock:
-            self.adapters.load(adapter)
+        self._between_steps(lambda: self.adapters.load(adapter))
 
     def unload_adapter(self, name: str) -> None:
         """New requests for it are refused at once; its weights go once no sequence uses them."""
-        with self.model_lock, self.changed:  # `changed`: no request takes its slot meanwhile
-            self.adapters.unload(name, live={s.slot for s in (*self.running, *self.waiting)})
+
+        def unload():
+            with self.changed:  # no request takes its slot meanwhile
+                self.adapters.unload(name, live={s.slot for s in (*self.running, *self.waiting)})
+
+        self._between_steps(unload)
+
+    def _between_steps(self, change: Callable[[], None]) -> None:
+        """Run `change` (to the model) on the engine thread before its next step, and wait for it.
+        Queued, not behind a lock: under steady traffic the engine thread would win a lock again
+        and again, starving the change."""
+        if self.thread is None:  # not started: nothing runs the model
+            with self.model_lock:
+                return change()
+        done: Future = Future()
+        with self.changed:
+            self.changes.append((change, done))
+            self.changed.notify()
+        return done.result()
 
     # -- the engine thread ------------------------------------------------------------------------
 
@@ -216,35 +235,43 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self.changed:
-                while not self.closing and not self.waiting and not self.running:
+                while not self.closing and not self.waiting and not self.running and not self.changes:
                     self.changed.wait()
                 if self.closing:
                     break
+                changes, self.changes = self.changes, deque()
             try:
                 with self.model_lock, torch.no_grad():
+                    for change, done in changes:
+                        try:
+                            done.set_result(change())
+                        except Exception as error:  # noqa: BLE001  (the caller gets it)
+                            done.set_exception(error)
                     self._step()
             except Exception as error:  # noqa: BLE001  (the requests in the batch fail; the server goes on)
-                for sequence in self.running:
+                for sequence in [*self.running, *self.admitting]:
                     self._finish(sequence, "error", f"{type(error).__name__}: {error}")
+                self.admitting = []
                 self._reset_batch()
         for sequence in [*self.running, *self.waiting]:
             self._finish(sequence, "cancelled")
+        for _, done in self.changes:
+            done.set_exception(TunelabError("the server is stopping"))
 
     def _step(self) -> None:
         """Drop finished rows, admit and prefill waiting sequences, decode one token for every row."""
         self._drop_finished()
         with self.changed:
-            while self.waiting and self.waiting[0].cancelled:
-                self._finish(self.waiting.popleft(), "cancelled")
-            admitted = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.max_batch - len(self.running)))]
+            for sequence in self.waiting:
+                if sequence.cancelled:
+                    self._finish(sequence, "cancelled")
+            self.waiting = deque(s for s in self.waiting if s.finish_reason is None)
+            self.admitting = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.max_batch - len(self.running)))]
             self.metrics.queue_depth.set(len(self.waiting))
-            self.adapters.release(live={s.slot for s in (*self.running, *admitted, *self.waiting)})
-        for sequence in admitted:
-            if sequence.cancelled:
-                self._finish(sequence, "cancelled")
-        admitted = [s for s in admitted if s.finish_reason is None]
-        if admitted:
-            self._prefill(admitted)
+            self.adapters.release(live={s.slot for s in (*self.running, *self.admitting, *self.waiting)})
+        if self.admitting:
+            self._prefill(self.admitting)
+            self.admitting = []
             self._drop_finished()
         self.metrics.running.set(len(self.running))
         if self.running:
