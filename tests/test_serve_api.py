@@ -110,6 +110,11 @@ def test_errors_are_openai_errors_with_their_status(server, client):
     for body, expected in ((b"{not json", "not valid JSON"), (b'{"model": "a", "prompt": "hi", "max_tokens": "many"}', "max_tokens")):
         response = httpx.post(server["url"] + "/v1/completions", content=body, headers=headers)
         assert response.status_code == 400 and expected in response.json()["error"]["message"]
+    for body, expected in (({"prompt": ""}, "the prompt is empty"), ({"prompt": "hi", "stop": ""}, "stop"), ({"prompt": "hi", "seed": 2**64}, "seed")):
+        response = httpx.post(server["url"] + "/v1/completions", json={"model": "a", **body}, headers=headers)
+        assert response.status_code == 400 and expected in response.json()["error"]["message"], response.text
+    tiny = client.completions.create(model="a", prompt="Order 7", max_tokens=4, temperature=1e-45)  # would overflow the logits: sampled as greedy
+    assert tiny.choices[0].text == client.completions.create(model="a", prompt="Order 7", max_tokens=4, temperature=0).choices[0].text
     missing = httpx.post(server["url"] + "/v1/embeddings", json={}, headers=headers)
     assert missing.status_code == 404 and missing.json()["error"]["message"] == "POST /v1/embeddings: Not Found"
     assert httpx.get(server["url"] + "/health").json() == {"status": "ok"}

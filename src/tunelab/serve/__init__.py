@@ -1,1 +1,1 @@
-"""Serving: many adapters on one base model (adapters.py); the server comes with issue 18."""
+"""Serving (`tunelab serve`): the HTTP API (app.py), the continuous-batching engine (engine.py), many adapters on one base model (adapters.py)."""

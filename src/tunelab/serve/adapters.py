@@ -105,8 +105,13 @@ def read_adapter(name: str, source: str | Path, base_model: str) -> ServedAdapte
             f"adapter '{name}': method '{options.name}' changes the forward in ways other than linear layers' weights, so it cannot share a batch with other adapters; "
             "serve the run on its own (a merged model, tunelab export --format merged, where the method can merge) as --model"
         )
-    # The run's model with the method attached (a second copy of the base, for the duration).
+    # The run's model with the method attached (a second copy of the base, for the duration): it
+    # must be the served base, loaded without remote code, or W' − W would carry the bases' difference.
     if (source / "config.yaml").is_file():
+        if config.model.trust_remote_code:
+            raise TunelabError(f"adapter '{name}': {source} asks for trust_remote_code; the server does not run a run's remote code")
+        if trained_on != base_model:
+            raise TunelabError(f"adapter '{name}': trained on '{trained_on}', but the served base is '{base_model}' (serve it with --model {trained_on})")
         model, method = (run := load_run(source, device="cpu")).model, run.method
     else:
         model, _, method = load_peft_model(source, ModelConfig(name=base_model, device="cpu"))
@@ -194,27 +199,31 @@ class AdapterSet:
             raise TunelabError(f"adapter '{adapter.name}' targets layers this model does not have: {missing[:3]}")
         device = next(self.model.parameters()).device
         slot, self._next_slot = self._next_slot, self._next_slot + 1
-        for layer_name, update in adapter.updates.items():
-            layer = layers[layer_name]
-            if not isinstance(layer, MultiLoraLinear):
-                if not isinstance(layer, nn.Linear):
-                    raise TunelabError(f"adapter '{adapter.name}': {layer_name} is not a linear layer")
-                layer = MultiLoraLinear(layer)
-                replace_module(self.model, layer_name, layer)
-            expected = (layer.base_layer.out_features, layer.base_layer.in_features)
-            if update.shape != expected:
-                self._drop(slot)
-                raise TunelabError(
-                    f"adapter '{adapter.name}': {layer_name} changes a {update.shape[0]} x {update.shape[1]} weight, the model's layer is {expected[0]} x {expected[1]}"
-                )
-            if update.merged is not None:  # kept as its change from this base: the base still runs once for all rows
-                base = layer.base_layer.weight.detach()
-                update = LayerUpdate(merged=(update.merged.to(device, torch.float32) - base.float()).to(base.dtype))
-            else:
-                update = LayerUpdate(update.lora_a.to(device), update.lora_b.to(device), update.scale)
-            layer.updates[slot] = update
+        try:
+            for layer_name, update in adapter.updates.items():
+                self._attach(adapter.name, slot, layers, layer_name, update, device)
+        except BaseException:  # nothing of a half-loaded adapter stays
+            self._drop(slot)
+            raise
         self.slots[adapter.name] = slot
         self._restack()
+
+    def _attach(self, name: str, slot: int, layers: dict[str, nn.Module], layer_name: str, update: LayerUpdate, device: torch.device) -> None:
+        layer = layers[layer_name]
+        if not isinstance(layer, MultiLoraLinear):
+            if not isinstance(layer, nn.Linear):
+                raise TunelabError(f"adapter '{name}': {layer_name} is not a linear layer")
+            layer = MultiLoraLinear(layer)
+            replace_module(self.model, layer_name, layer)
+        expected = (layer.base_layer.out_features, layer.base_layer.in_features)
+        if update.shape != expected:
+            raise TunelabError(f"adapter '{name}': {layer_name} changes a {update.shape[0]} x {update.shape[1]} weight, the model's layer is {expected[0]} x {expected[1]}")
+        if update.merged is not None:  # kept as its change from this base: the base still runs once for all rows
+            base = layer.base_layer.weight.detach()
+            update = LayerUpdate(merged=(update.merged.to(device, torch.float32) - base.float()).to(base.dtype))
+        else:
+            update = LayerUpdate(update.lora_a.to(device), update.lora_b.to(device), update.scale)
+        layer.updates[slot] = update
 
     def unload(self, name: str, live: set[int] | None = None) -> None:
         """Forget the name; its weights go now, or once `release` is told no row uses its slot."""

@@ -22,7 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunelab.errors import TunelabError
 from tunelab.serve.adapters import AdapterSet, read_adapter
-from tunelab.serve.engine import Engine, QueueFull, SamplingParams, Sequence, UnknownModel
+from tunelab.serve.engine import Engine, QueueFull, SamplingParams, Sequence, Stopping, UnknownModel
 
 
 class ServeError(Exception):
@@ -44,14 +44,17 @@ class ServeError(Exception):
         self.status, self.message, self.error_type, self.param = status, message, error_type, param
 
 
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
 class Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI fields tunelab does not use are accepted
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: NonEmpty | list[NonEmpty] | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 17)  # torch's seed range (choice i samples with seed + i)
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: dict | None = None
@@ -163,6 +166,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         if parsed.model not in engine.model_names():
             raise ServeError(404, f"The model `{parsed.model}` does not exist (served: {', '.join(engine.model_names())})", "not_found_error", "model")
         prompt_ids = await run_in_threadpool(engine.prompt_ids, prompt)  # a long prompt must not stall the event loop
+        if not prompt_ids:
+            raise ServeError(400, "the prompt is empty", param="prompt")
         room = engine.context - len(prompt_ids)
         if room <= 0:
             raise ServeError(400, f"This model's maximum context length is {engine.context} tokens; the prompt has {len(prompt_ids)} tokens", param="prompt")
@@ -181,6 +186,9 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             raise ServeError(429, str(err), "rate_limit_error") from None
         except UnknownModel as err:  # unloaded since the check above
             raise ServeError(404, str(err), "not_found_error", "model") from None
+        except Stopping as err:
+            raise ServeError(503, str(err), "server_error") from None
+        engine.metrics.prompt_tokens.inc(len(prompt_ids))
         reply = Reply(parsed, chat, len(prompt_ids), sequences)
         if parsed.stream:
             return StreamingResponse(stream(request, reply, progressed), media_type="text/event-stream")
@@ -191,7 +199,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             engine.cancel(sequences)
         failed = next((s for s in sequences if s.finish_reason in ("error", "cancelled")), None)
         if failed is not None:
-            raise ServeError(500 if failed.finish_reason == "error" else 503, f"generation {failed.finish_reason}: {failed.error or 'the server is stopping'}", "server_error")
+            raise ServeError(500 if failed.finish_reason == "error" else 503, f"generation {failed.finish_reason}: {failed.error or 'the server stopped'}", "server_error")
         requests_by_status.labels(status="200").inc()
         return reply.whole()
 
@@ -219,7 +227,9 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                         continue
                     reason, text = sequence.finish_reason, sequence.visible_text()
                     if reason in ("error", "cancelled"):
-                        yield f"data: {json.dumps({'error': {'message': f'generation {reason}: {sequence.error}', 'type': 'server_error', 'param': None, 'code': 500}})}\n\n"
+                        error = {"message": f"generation {reason}: {sequence.error or 'the server stopped'}", "type": "server_error", "param": None, "code": 500}
+                        requests_by_status.labels(status="500").inc()
+                        yield f"data: {json.dumps({'error': error})}\n\n"
                         return
                     if len(text) > sent[index]:
                         yield reply.chunk(index, {"content": text[sent[index] :]} if reply.chat else text[sent[index] :])

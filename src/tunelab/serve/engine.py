@@ -45,6 +45,13 @@ class UnknownModel(TunelabError):
     pass
 
 
+class Stopping(TunelabError):
+    pass
+
+
+GREEDY_BELOW = 1e-5  # a temperature this small samples the argmax anyway (and would overflow the logits)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int
@@ -154,7 +161,7 @@ class Engine:
         return slot
 
     def model_names(self) -> list[str]:
-        return [self.base_name, *sorted(self.adapters.slots)]
+        return [self.base_name, *sorted(self.adapters.slots.copy())]  # a copy: the engine thread may load one meanwhile
 
     def prompt_ids(self, prompt: str | list[dict]) -> list[int]:
         """A plain prompt's tokens, or a chat's through the model's chat template."""
@@ -164,6 +171,8 @@ class Engine:
     def submit(self, prompt_ids: list[int], model_name: str, params: SamplingParams, n: int = 1, notify=None) -> list[Sequence]:
         """`n` sequences of the prompt, queued to join the batch (the i-th samples with seed + i)."""
         with self.changed:  # the slot is taken under the lock that unloading holds
+            if self.closing:
+                raise Stopping("the server is stopping")
             slot = self.slot_of(model_name)
             sequences = [Sequence(prompt_ids, slot, params if params.seed is None else SamplingParams(**{**params.__dict__, "seed": params.seed + i}), notify) for i in range(n)]
             if len(self.waiting) + n > self.max_queue:
@@ -247,6 +256,7 @@ class Engine:
                             done.set_result(change())
                         except Exception as error:  # noqa: BLE001  (the caller gets it)
                             done.set_exception(error)
+                    del changes  # a merged adapter's weights must not outlive its loading
                     self._step()
             except Exception as error:  # noqa: BLE001  (the requests in the batch fail; the server goes on)
                 for sequence in [*self.running, *self.admitting]:
@@ -303,7 +313,6 @@ class Engine:
         for sequence, token in zip(sequences, first.tolist()):
             sequence.first_token_at = now
             self.metrics.time_to_first_token.observe(now - sequence.arrived)
-            self.metrics.prompt_tokens.inc(len(sequence.prompt_ids))
             self._append(sequence, token)
         self.metrics.step(len(sequences))
 
@@ -323,7 +332,7 @@ class Engine:
         tokens = logits.argmax(-1)
         for row, sequence in enumerate(sequences):
             params = sequence.params
-            if params.temperature > 0:
+            if params.temperature >= GREEDY_BELOW:
                 probs = torch.softmax(logits[row].float().cpu() / params.temperature, dim=-1)
                 if params.top_p < 1.0:
                     sorted_probs, order = probs.sort(descending=True)
@@ -335,14 +344,15 @@ class Engine:
     def _append(self, sequence: Sequence, token: int) -> None:
         """Record a generated token; finish the sequence at a stop token, a stop string or its limit."""
         sequence.tokens.append(token)
-        decoded = self.tokenizer.decode(sequence.tokens, skip_special_tokens=True)
+        # No clean-up of spaces: it could change text already streamed ("Hello ," -> "Hello,").
+        decoded = self.tokenizer.decode(sequence.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         sequence.text = cut_at_stop(decoded, list(sequence.params.stop))
         if token in self.stop_ids or len(sequence.text) < len(decoded):
             self._finish(sequence, "stop")
         elif len(sequence.tokens) >= sequence.params.max_new_tokens:
             self._finish(sequence, "length")
-        elif sequence.notify is not None:
-            sequence.notify(sequence)
+        else:
+            _notify(sequence)
 
     def _finish(self, sequence: Sequence, reason: str, error: str | None = None) -> None:
         if sequence.finish_reason is None:
@@ -352,8 +362,7 @@ class Engine:
             if reason in ("stop", "length"):
                 self.metrics.latency.observe(time.monotonic() - sequence.arrived)
             sequence.done.set()
-            if sequence.notify is not None:
-                sequence.notify(sequence)
+            _notify(sequence)
 
     # -- the running batch's rows and cache -------------------------------------------------------
 
@@ -394,6 +403,15 @@ class Engine:
         self.running, self.cache, self.mask, self.next_ids = [], None, None, None
         if RELEASE_FREED_MEMORY is not None:  # the batch's KV cache is freed: hand the pages back to the system
             RELEASE_FREED_MEMORY(0)
+
+
+def _notify(sequence: Sequence) -> None:
+    """Tell the request's handler; a handler whose event loop has gone is not the engine's failure."""
+    if sequence.notify is not None:
+        try:
+            sequence.notify(sequence)
+        except RuntimeError:  # the loop is closed (the server is stopping)
+            pass
 
 
 def _malloc_trim():
