@@ -17,9 +17,10 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Literal
@@ -191,7 +192,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         engine.metrics.prompt_tokens.inc(len(prompt_ids))
         reply = Reply(parsed, chat, len(prompt_ids), sequences)
         if parsed.stream:
-            return StreamingResponse(stream(request, reply, progressed), media_type="text/event-stream")
+            return EventStream(stream(request, reply, progressed), partial(engine.cancel, sequences))
         try:
             while not all(s.finish_reason for s in sequences) and await progress(request, progressed):
                 pass
@@ -217,32 +218,31 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         partial character), its finish reason, usage if asked, then [DONE]."""
         sequences = reply.sequences
         sent, ended = [0] * len(sequences), [False] * len(sequences)
-        try:
-            if reply.chat:
-                for index in range(len(sequences)):
-                    yield reply.chunk(index, {"role": "assistant", "content": ""})
-            while not all(ended) and await progress(request, progressed):
-                for index, sequence in enumerate(sequences):
-                    if ended[index]:
-                        continue
-                    reason, text = sequence.finish_reason, sequence.visible_text()
-                    if reason in ("error", "cancelled"):
-                        error = {"message": f"generation {reason}: {sequence.error or 'the server stopped'}", "type": "server_error", "param": None, "code": 500}
-                        requests_by_status.labels(status="500").inc()
-                        yield f"data: {json.dumps({'error': error})}\n\n"
-                        return
-                    if len(text) > sent[index]:
-                        yield reply.chunk(index, {"content": text[sent[index] :]} if reply.chat else text[sent[index] :])
-                        sent[index] = len(text)
-                    if reason is not None:
-                        yield reply.chunk(index, {} if reply.chat else "", reason)
-                        ended[index] = True
-            if (reply.request.stream_options or {}).get("include_usage"):
-                yield reply.usage_chunk()
-            requests_by_status.labels(status="200").inc()
-            yield "data: [DONE]\n\n"
-        finally:  # the client left mid-stream (or the stream ended): its rows leave the batch
-            engine.cancel(sequences)
+        if reply.chat:
+            for index in range(len(sequences)):
+                yield reply.chunk(index, {"role": "assistant", "content": ""})
+        while not all(ended) and await progress(request, progressed):
+            for index, sequence in enumerate(sequences):
+                if ended[index]:
+                    continue
+                reason, text = sequence.finish_reason, sequence.visible_text()
+                if reason in ("error", "cancelled"):
+                    error = {"message": f"generation {reason}: {sequence.error or 'the server stopped'}", "type": "server_error", "param": None, "code": 500}
+                    requests_by_status.labels(status="500").inc()
+                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    return
+                if len(text) > sent[index]:
+                    yield reply.chunk(index, {"content": text[sent[index] :]} if reply.chat else text[sent[index] :])
+                    sent[index] = len(text)
+                if reason is not None:
+                    yield reply.chunk(index, {} if reply.chat else "", reason)
+                    ended[index] = True
+        if not all(ended):  # the client left: EventStream cancels its rows
+            return
+        if (reply.request.stream_options or {}).get("include_usage"):
+            yield reply.usage_chunk()
+        requests_by_status.labels(status="200").inc()
+        yield "data: [DONE]\n\n"
 
     @api.post("/completions")
     async def completions(request: Request):
@@ -291,6 +291,21 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
     app.include_router(api)
     return app
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events whose sequences are cancelled however the response ends: also when the
+    client leaves before the first event, when the events' generator never runs its own clean-up."""
+
+    def __init__(self, events: AsyncIterator[str], on_end: Callable[[], None]):
+        super().__init__(events, media_type="text/event-stream")
+        self.on_end = on_end
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_end()
 
 
 @dataclass
