@@ -62,18 +62,6 @@ def test_a_mixed_adapter_batch_equals_peft_adapter_names(runs):
     assert_close(plain[2], ours[2], 1e-6, "base row")
 
 
-def test_greedy_generation_in_a_mixed_batch_equals_each_request_alone(runs):
-    model, adapters = served(runs)
-    tokenizer = tiny_tokenizer()
-    prompts = ["Name: Ana", "A longer prompt than the first", "Hi", "Name: Ana", "Order 7"]
-    names = ["a", "b", None, "b", "a"]
-    mixed = generate(model, tokenizer, prompts, max_new_tokens=8, batch_context=lambda rows: rows_using(adapters.rows([names[i] for i in rows])))
-    alone_models = {name: load_run(run).model for name, run in runs.items()} | {None: fresh_base()}
-    alone = [generate(alone_models[n], tokenizer, [p], max_new_tokens=8)[0] for p, n in zip(prompts, names)]
-    assert mixed == alone
-    assert len(set(mixed[:2] + mixed[2:3])) == 3  # the three models answer differently
-
-
 def test_unload_and_bad_adapters_fail_naming_what(runs, tmp_path):
     model, adapters = served(runs)
     adapters.unload("a")

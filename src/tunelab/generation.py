@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
-from contextlib import AbstractContextManager
-
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -23,14 +19,6 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 def prompt_text(prompt: list[dict] | str, tokenizer) -> str:
     """Chat prompts (a list of messages) go through the chat template; plain strings pass as-is."""
     return render_prompt(prompt, tokenizer) if isinstance(prompt, list) else prompt
-
-
-def sampling_options(temperature: float, top_p: float, stop: list[str] | None, tokenizer) -> dict:
-    """`model.generate`'s arguments for greedy (temperature 0) or nucleus sampling, ending at `stop` strings."""
-    sampling = {"do_sample": False} if temperature <= 0 else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
-    if stop:
-        sampling.update(stop_strings=stop, tokenizer=tokenizer)
-    return sampling
 
 
 def cut_at_stop(text: str, stop: list[str] | None) -> str:
@@ -64,13 +52,10 @@ def generate(
     progress=None,
     stop: list[str] | None = None,
     keep_indent: bool = False,
-    batch_context: Callable[[list[int]], AbstractContextManager] | None = None,
 ) -> list[str]:
     """One completion per prompt. Prompts are batched by length (left-padded) to waste little compute.
     A completion ends at a stop token or at the first of the `stop` strings (cut from the output);
-    its surrounding whitespace is stripped, except, with `keep_indent`, the leading (code's indent).
-    `batch_context(indices)`: a context each batch generates in, given the indices of its prompts
-    in row order (serving: which adapter each row uses)."""
+    its surrounding whitespace is stripped, except, with `keep_indent`, the leading (code's indent)."""
     model.eval()
     device = next(model.parameters()).device
     texts = [prompt_text(p, tokenizer) for p in prompts]
@@ -78,22 +63,25 @@ def generate(
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(texts)
     stops = stop_token_ids(model, tokenizer)
-    sampling = sampling_options(temperature, top_p, stop, tokenizer)
+    sampling = {"do_sample": False}
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
+    if stop:
+        sampling.update(stop_strings=stop, tokenizer=tokenizer)
     with torch.random.fork_rng(devices=[]):  # sampling must not move the caller's RNG
         torch.manual_seed(seed)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             input_ids, attention_mask = left_padded([encoded[i] for i in chunk], tokenizer.pad_token_id)
             width = input_ids.shape[1]
-            with batch_context(chunk) if batch_context is not None else contextlib.nullcontext():
-                generated = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    max_new_tokens=max_new_tokens,
-                    eos_token_id=stops,
-                    pad_token_id=tokenizer.pad_token_id,
-                    **sampling,
-                )
+            generated = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stops,
+                pad_token_id=tokenizer.pad_token_id,
+                **sampling,
+            )
             for row, i in enumerate(chunk):
                 text = cut_at_stop(tokenizer.decode(generated[row, width:], skip_special_tokens=True), stop)
                 outputs[i] = text.rstrip() if keep_indent else text.strip()
@@ -185,6 +173,21 @@ def _stop_string_end(ids: list[int], tokenizer, stop: list[str]) -> int | None:
     return None
 
 
+def sampling_probs(scores: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """Each row's next-token probabilities under temperature, top-k and top-p (0 outside them)."""
+    logits = scores.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest set of most likely tokens whose mass reaches top_p (always the first)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        probs = probs.scatter(1, order, sorted_probs.masked_fill(outside, 0.0))
+    return probs
+
+
 class InverseCdfSampling(LogitsProcessor):
     """Sampling with temperature, top-k and top-p as a logits processor for greedy decoding: it
     draws the next token by the inverse CDF (one uniform number per row) and leaves only that token
@@ -196,16 +199,7 @@ class InverseCdfSampling(LogitsProcessor):
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logits = scores.float() / self.temperature
-        if self.top_k and self.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if self.top_p < 1.0:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            # keep the smallest set of most likely tokens whose mass reaches top_p (always the first)
-            outside = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p
-            probs = probs.scatter(1, order, sorted_probs.masked_fill(outside, 0.0))
+        probs = sampling_probs(scores, self.temperature, self.top_p, self.top_k)
         cdf = probs.cumsum(dim=-1)
         draw = (1.0 - torch.rand(cdf.shape[0], 1, device=cdf.device)) * cdf[:, -1:]  # > 0: never a token of probability 0
         token = torch.searchsorted(cdf, draw).clamp(max=cdf.shape[-1] - 1)

@@ -67,7 +67,6 @@ class LayerUpdate:
 class ServedAdapter:
     name: str
     updates: dict[str, LayerUpdate]  # linear layer name -> its update
-    base_model: str | None  # the model the adapter was trained on, if it says
     kind: str  # "low-rank" or "merged": how it is applied (the README's table)
 
 
@@ -98,7 +97,7 @@ def read_adapter(name: str, source: str | Path, base_model: str) -> ServedAdapte
                 updates[layer] = LayerUpdate(lora_a, lora_b, scale)
         if not updates:
             raise TunelabError(f"adapter '{name}': no LoRA tensors in {source}")
-        return ServedAdapter(name, updates, trained_on, "low-rank")
+        return ServedAdapter(name, updates, "low-rank")
     method_class = get_method_class(options.name)
     if not issubclass(method_class, LinearAdapterMethod):
         raise TunelabError(
@@ -117,7 +116,7 @@ def read_adapter(name: str, source: str | Path, base_model: str) -> ServedAdapte
         model, _, method = load_peft_model(source, ModelConfig(name=base_model, device="cpu"))
     with torch.no_grad():
         updates = {layer: LayerUpdate(merged=adapter_layer.merged_weight().detach().clone()) for layer, adapter_layer in method.adapter_layers(model).items()}
-    return ServedAdapter(name, updates, trained_on, "merged")
+    return ServedAdapter(name, updates, "merged")
 
 
 def _lora_tensors(name: str, source: Path) -> dict[str, torch.Tensor]:

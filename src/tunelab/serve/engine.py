@@ -32,7 +32,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from tunelab.errors import TunelabError
-from tunelab.generation import cut_at_stop, prompt_text, stop_token_ids
+from tunelab.generation import cut_at_stop, left_padded, prompt_text, sampling_probs, stop_token_ids
 from tunelab.methods.base import cache_argument
 from tunelab.serve.adapters import AdapterSet, ServedAdapter, rows_using
 
@@ -105,7 +105,6 @@ class Sequence:
     finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
     error: str | None = None
     arrived: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
     cancelled: bool = False
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -189,15 +188,6 @@ class Engine:
                 if sequence.finish_reason is None:
                     sequence.cancelled = True
             self.changed.notify()
-
-    def generate(self, prompt_ids: list[int], model_name: str, params: SamplingParams, n: int = 1, timeout: float | None = None) -> list[Sequence]:
-        """Submit and wait for the sequences to finish (for callers outside an event loop)."""
-        sequences = self.submit(prompt_ids, model_name, params, n)
-        for sequence in sequences:
-            if not sequence.done.wait(timeout):
-                self.cancel(sequences)
-                raise TimeoutError("generation did not finish in time")
-        return sequences
 
     def load_adapter(self, adapter: ServedAdapter) -> None:
         self._between_steps(lambda: self.adapters.load(adapter))
@@ -290,12 +280,7 @@ class Engine:
     def _prefill(self, sequences: list[Sequence]) -> None:
         """Run the new prompts together (left-padded), join their cache to the batch's, and sample
         each one's first token."""
-        width = max(len(s.prompt_ids) for s in sequences)
-        input_ids = torch.full((len(sequences), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            input_ids[row, width - len(sequence.prompt_ids) :] = torch.tensor(sequence.prompt_ids)
-            mask[row, width - len(sequence.prompt_ids) :] = 1
+        input_ids, mask = left_padded([s.prompt_ids for s in sequences], self.tokenizer.pad_token_id)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate() sets them
         cache = DynamicCache(config=self.model.config)
         with rows_using(torch.tensor([s.slot for s in sequences], device=self.device)):
@@ -311,7 +296,6 @@ class Engine:
         self._join(sequences, cache, mask.to(self.device), first)
         now = time.monotonic()
         for sequence, token in zip(sequences, first.tolist()):
-            sequence.first_token_at = now
             self.metrics.time_to_first_token.observe(now - sequence.arrived)
             self._append(sequence, token)
         self.metrics.step(len(sequences))
@@ -333,12 +317,8 @@ class Engine:
         for row, sequence in enumerate(sequences):
             params = sequence.params
             if params.temperature >= GREEDY_BELOW:
-                probs = torch.softmax(logits[row].float().cpu() / params.temperature, dim=-1)
-                if params.top_p < 1.0:
-                    sorted_probs, order = probs.sort(descending=True)
-                    outside = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p  # the smallest set reaching top_p
-                    probs = torch.zeros_like(probs).scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
-                tokens[row] = torch.multinomial(probs, 1, generator=sequence.generator)[0]
+                probs = sampling_probs(logits[row : row + 1].cpu(), params.temperature, params.top_p)
+                tokens[row] = torch.multinomial(probs[0], 1, generator=sequence.generator)[0]
         return tokens
 
     def _append(self, sequence: Sequence, token: int) -> None:
