@@ -236,6 +236,14 @@ def test_export_command_bad_inputs(tiny_run, tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "m.gguf").exists()
 
 
+def test_serve_command_bad_inputs(tmp_path):
+    """Each refused before a socket is opened: one line, exit 1."""
+    assert_clean_failure(invoke("serve", "no-equals-sign", "--model", "tiny-random-llama"), "adapter 'no-equals-sign'", "NAME=RUN_DIR_OR_PEFT_ADAPTER")
+    assert_clean_failure(invoke("serve", "--model", "tiny-random-llama", "--dtype", "float64"), "--dtype float64", "bfloat16")
+    assert_clean_failure(invoke("serve", f"x={tmp_path / 'missing'}", "--model", "tiny-random-llama"), "adapter 'x'", "neither a tunelab run directory nor a peft adapter")
+    assert_clean_failure(invoke("serve", f"tiny-random-llama={tmp_path}", "--model", "tiny-random-llama"), "is the base model's name")
+
+
 # --- quickstart ---------------------------------------------------------------------------------------
 
 

@@ -180,10 +180,16 @@ def serve_command(
     """Serve the base model and LoRA adapters over an OpenAI-compatible HTTP API."""
 
     def action():
+        from typing import get_args
+
         import uvicorn
 
+        from tunelab.config.schema import ModelConfig
         from tunelab.serve.app import ServerSettings, build_engine, create_app
 
+        dtypes = get_args(ModelConfig.model_fields["dtype"].annotation)
+        if dtype not in dtypes:
+            raise TunelabError(f"--dtype {dtype}: expected one of {', '.join(dtypes)}")
         named = {}
         for item in adapters or []:
             name, sep, source = item.partition("=")
