@@ -7,6 +7,7 @@ Every path these helpers write into a config is absolute, so a run does not depe
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import signal
@@ -19,12 +20,48 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 import tunelab
+from tunelab.cli.main import app
 from tunelab.data.records_task import make_preference_splits, make_splits
 from tunelab.train import loop
 
 TINY_MODEL = "tiny-random-llama"
+
+
+def invoke(*args) -> object:
+    """Run the `tunelab` command line in-process (typer's CliRunner) with these arguments."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_clean_failure(result, *expected: str, one_line: bool = True) -> str:
+    """Exit code 1, no traceback, and one `error:` message, ending the output, with every `expected`
+    piece on one line. `one_line`: the message is a single line, or one line and a short hint
+    (config errors with several problems list them one per line under a heading: pass False)."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # typer.Exit(1), nothing escaped
+    assert "Traceback" not in result.output
+    assert result.output.count("error:") == 1, result.output
+    message = result.output[result.output.index("error:") :].strip()
+    if one_line:
+        assert len(message.splitlines()) <= 2, message
+    assert any(all(piece in line for piece in expected) for line in message.splitlines()), (expected, message)
+    return message
+
+
+def tree_state(root: str | Path) -> dict[str, tuple]:
+    """Everything under `root` (itself included): each path with its kind, mode, and for a file its
+    size, modification time and content hash. Equal states mean nothing was written, removed or touched."""
+    root = Path(root)
+    state = {}
+    for path in [root, *sorted(root.rglob("*"))] if root.exists() else []:
+        info = path.lstat()
+        entry: tuple = (info.st_mode,)
+        if path.is_file() and not path.is_symlink():
+            entry += (info.st_size, info.st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+        state[str(path.relative_to(root))] = entry
+    return state
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:

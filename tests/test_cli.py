@@ -15,37 +15,16 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 import tunelab
-from helpers import read_metrics, read_report, tiny_run_config, write_jsonl, write_records_data, write_yaml
+from helpers import assert_clean_failure, invoke, read_metrics, read_report, tiny_run_config, write_jsonl, write_records_data, write_yaml
 from tunelab import quickstart
-from tunelab.cli.main import app
 from tunelab.generation import generate
 from tunelab.models.loader import load_model
 from tunelab.runs import load_run
 
 SRC_DIR = Path(tunelab.__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def assert_clean_failure(result, *expected: str, one_line: bool = True) -> str:
-    """Exit code 1, no traceback, and one `error:` message, ending the output, with every `expected`
-    piece on one line. `one_line`: the message is a single line (config errors list their
-    problems one per line under a heading)."""
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit), result.exception  # typer.Exit(1), nothing escaped
-    assert "Traceback" not in result.output
-    assert result.output.count("error:") == 1, result.output
-    message = result.output[result.output.index("error:") :].strip()
-    if one_line:
-        assert "\n" not in message, message
-    assert any(all(piece in line for piece in expected) for line in message.splitlines()), (expected, message)
-    return message
 
 
 @pytest.fixture(scope="module")

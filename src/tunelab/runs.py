@@ -14,10 +14,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from tunelab.config import RunConfig, load_config
 from tunelab.errors import TunelabError
+from tunelab.files import read_safetensors
 from tunelab.methods import Method, build_method
 from tunelab.methods.peft_io import method_options_from_peft, read_peft_adapter
 from tunelab.methods.registry import method_options_model
@@ -80,10 +81,10 @@ def load_run(run_dir: str | Path, device: str | None = None, dtype: str | None =
             raise TunelabError(f"{run_dir}: no trained adapter at {adapter} (did the run finish?)")
         model, tokenizer = load_model(config.model)
         method.attach(model)
-        method.load_state_dict(model, load_file(adapter), source=str(adapter))
+        method.load_state_dict(model, read_safetensors(adapter), source=str(adapter))
     if (weights / OBJECTIVE_FILE).is_file():
         objective.attach(model)
-        objective.load_state_dict(load_file(weights / OBJECTIVE_FILE))
+        objective.load_state_dict(read_safetensors(weights / OBJECTIVE_FILE))
     return LoadedRun(model, tokenizer, method, config, objective)
 
 

@@ -28,6 +28,12 @@ def _run(action):
         # stays whole (and greppable) in logs and pipes.
         console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+    except OSError as err:
+        # The file system refused (disk full, read-only, permissions, a file gone mid-read): the
+        # same one line, naming the path; what a command writes is atomic, so nothing is half-written.
+        where = " -> ".join(str(name) for name in (err.filename, err.filename2) if name)
+        console.print(f"[bold red]error:[/] {where + ': ' if where else ''}{err.strerror or err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         raise typer.Exit(130) from None

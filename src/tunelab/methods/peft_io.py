@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from tunelab.errors import TunelabError
+from tunelab.files import read_safetensors
 from tunelab.methods.registry import get_method_class, method_names
 
 CONFIG_FILE = "adapter_config.json"
@@ -50,4 +50,4 @@ def read_peft_adapter(directory: str | Path) -> tuple[dict[str, torch.Tensor], s
         found = sorted(p.name for p in Path(directory).glob("adapter_model.*"))
         hint = f" (found {found}: tunelab reads safetensors only, never pickles)" if found else ""
         raise TunelabError(f"{directory}: no {WEIGHTS_FILE}{hint}")
-    return load_file(path), str(path)
+    return read_safetensors(path), str(path)

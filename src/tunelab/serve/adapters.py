@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from tunelab.config import load_config
 from tunelab.config.schema import ModelConfig
 from tunelab.errors import TunelabError
+from tunelab.files import read_safetensors
 from tunelab.methods import build_method
 from tunelab.methods.base import PEFT_PREFIX, LinearAdapterMethod
 from tunelab.methods.peft_io import method_options_from_peft, read_peft_adapter
@@ -125,7 +125,7 @@ def _lora_tensors(name: str, source: Path) -> dict[str, torch.Tensor]:
         weights = source / RUN_ADAPTER_FILE
         if not weights.is_file():
             raise TunelabError(f"adapter '{name}': {source} has no {RUN_ADAPTER_FILE} (not an adapter run, or unfinished)")
-        return load_file(weights)
+        return read_safetensors(weights)
     raw, _ = read_peft_adapter(source)
     return {key.removeprefix(PEFT_PREFIX): value for key, value in raw.items()}
 
