@@ -1,4 +1,4 @@
-"""The one exception type the CLI turns into a clear message and a non-zero exit."""
+"""The exceptions the CLI turns into a clear message and a non-zero exit, without a traceback."""
 
 
 class TunelabError(Exception):
@@ -11,3 +11,11 @@ class TunelabError(Exception):
 
 class TrainingDiverged(TunelabError):
     """The loss or gradient norm became NaN/inf; the last good checkpoint is left intact."""
+
+
+class RunStopped(Exception):
+    """A run stopped on a signal after writing a checkpoint; the CLI exits with 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -1,16 +1,15 @@
 """A finished run's weights on disk, and loading a run directory back as a ready model.
 
 Training saves runs; eval, export and import read or write them without depending on training.
-A run directory holds `config.yaml` (resolved) and either `adapter/` (the method's trainable
-tensors, for methods that adapt a frozen base) or `model/` (a full Hugging Face checkpoint).
+A run directory holds `config.yaml` (resolved), `run.json` (the run format and the tunelab that
+wrote it), and either `adapter/` (the method's trainable tensors, for methods that adapt a frozen
+base) or `model/` (a full Hugging Face checkpoint).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from safetensors.torch import save_file
 
 from tunelab.config import RunConfig, load_config
 from tunelab.errors import TunelabError
-from tunelab.files import read_safetensors
+from tunelab.files import read_safetensors, staged_directory, write_json_atomic
 from tunelab.methods import Method, build_method
 from tunelab.methods.peft_io import method_options_from_peft, read_peft_adapter
 from tunelab.methods.registry import method_options_model
@@ -27,6 +26,10 @@ from tunelab.objectives.base import Objective
 from tunelab.objectives.registry import build_objective
 
 ADAPTER_FILE = "adapter.safetensors"
+RUN_FILE = "run.json"
+# The layout of a run directory. Bump it when a change means an older tunelab would misread a run;
+# a run without run.json predates the record and is format 1.
+RUN_FORMAT = 1
 # The objective's own trained tensors (a reward model's head), beside the method's weights.
 OBJECTIVE_FILE = "objective.safetensors"
 
@@ -44,20 +47,33 @@ def save_artifacts(method: Method, model, tokenizer, config: RunConfig, output: 
     """Write the final weights into `output/adapter` or `output/model` (with the objective's own
     tensors, if it has any), atomically."""
     target = output / method.artifact
-    staging = Path(tempfile.mkdtemp(prefix=f".{method.artifact}-", dir=output))
-    if objective is not None and objective.state_dict():
-        save_file({k: v.contiguous() for k, v in objective.state_dict().items()}, staging / OBJECTIVE_FILE)
-    if method.artifact == "model":
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-    else:
-        save_file({k: v.contiguous() for k, v in method.state_dict(model).items()}, staging / ADAPTER_FILE)
-        info = {"method": config.method.model_dump(mode="json"), "base_model": config.model.name}
-        (staging / "method.json").write_text(json.dumps(info, indent=2))
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
+    with staged_directory(target) as staging:
+        if objective is not None and objective.state_dict():
+            save_file({k: v.contiguous() for k, v in objective.state_dict().items()}, staging / OBJECTIVE_FILE)
+        if method.artifact == "model":
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+        else:
+            save_file({k: v.contiguous() for k, v in method.state_dict(model).items()}, staging / ADAPTER_FILE)
+            info = {"method": config.method.model_dump(mode="json"), "base_model": config.model.name}
+            (staging / "method.json").write_text(json.dumps(info, indent=2))
     return target
+
+
+def write_run_file(output: Path) -> None:
+    write_json_atomic(output / RUN_FILE, {"run_format": RUN_FORMAT, "tunelab_version": importlib.metadata.version("tunelab")})
+
+
+def check_run_format(run_dir: Path) -> None:
+    """Refuse a run directory written in a layout this tunelab does not know (by a newer tunelab)."""
+    try:
+        written = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).is_file() else {"run_format": 1}
+        run_format = written["run_format"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise TunelabError(f'{run_dir / RUN_FILE}: unreadable (expected {{"run_format": N, ...}})') from None
+    if run_format != RUN_FORMAT:
+        by = f"tunelab {written.get('tunelab_version', '?')}"
+        raise TunelabError(f"{run_dir} was written by {by} in run format {run_format}; this tunelab reads run format {RUN_FORMAT}: use a tunelab that does")
 
 
 def load_run(run_dir: str | Path, device: str | None = None, dtype: str | None = None) -> LoadedRun:
@@ -65,6 +81,7 @@ def load_run(run_dir: str | Path, device: str | None = None, dtype: str | None =
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise TunelabError(f"{run_dir} is not a run directory (no config.yaml)")
+    check_run_format(run_dir)
     overrides = {k: v for k, v in {"model.device": device, "model.dtype": dtype}.items() if v}
     config = load_config(run_dir / "config.yaml", [f"{k}={v}" for k, v in overrides.items()])
     method = build_method(config.method)

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from tunelab.console import console
-from tunelab.errors import TunelabError
+from tunelab.errors import RunStopped, TunelabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Adapt Hugging Face causal LMs: train, evaluate, export.")
 
@@ -34,6 +34,9 @@ def _run(action):
         where = " -> ".join(str(name) for name in (err.filename, err.filename2) if name)
         console.print(f"[bold red]error:[/] {where + ': ' if where else ''}{err.strerror or err}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+    except RunStopped as stopped:  # SIGINT/SIGTERM in training: a checkpoint was written first
+        console.print(f"[yellow]stopped:[/] {stopped}", highlight=False, soft_wrap=True)
+        raise typer.Exit(stopped.exit_code) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         raise typer.Exit(130) from None

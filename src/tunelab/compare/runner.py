@@ -41,7 +41,7 @@ def run_cell(name: str, seed: int, config: dict, task: dict, threads: int | None
     from tunelab.eval.harness import evaluate_task
     from tunelab.eval.tasks import TaskConfig
     from tunelab.plots import training_losses
-    from tunelab.train.checkpoint import list_checkpoints
+    from tunelab.train.checkpoint import newest_intact_checkpoint
     from tunelab.train.loop import config_changes
 
     run_dir = Path(config["output"])
@@ -62,9 +62,9 @@ def run_cell(name: str, seed: int, config: dict, task: dict, threads: int | None
         report = json.loads((run_dir / "report.json").read_text())
         earlier = _training_seconds(report)
     else:
-        checkpoints = list_checkpoints(run_dir / "checkpoints")
-        earlier = _training_seconds(json.loads((checkpoints[-1] / "state.json").read_text())["state"]) if checkpoints else 0.0
-        tunelab.train(config, resume=bool(checkpoints), overwrite=not checkpoints and run_dir.exists())
+        checkpoint = newest_intact_checkpoint(run_dir / "checkpoints")
+        earlier = _training_seconds(json.loads((checkpoint / "state.json").read_text())["state"]) if checkpoint else 0.0
+        tunelab.train(config, resume=checkpoint is not None, overwrite=checkpoint is None and run_dir.exists())
         report = json.loads((run_dir / "report.json").read_text())
     evaluation = evaluate_task(run_dir, TaskConfig.model_validate(task))  # into run_dir/eval/<task>/
     steps, losses = training_losses(run_dir / "metrics.jsonl")

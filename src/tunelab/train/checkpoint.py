@@ -2,14 +2,18 @@
 
 A checkpoint is `OUTPUT/checkpoints/step-N/`: the trainable weights, the optimizer state, every RNG
 state and the step (which fixes the data position). It is written into a hidden temp directory,
-fsynced, and renamed into place, so `step-N` either exists complete or not at all. Everything is
-safetensors or JSON: loading a checkpoint never unpickles anything.
+fsynced, and renamed into place (files.staged_directory), so `step-N` either exists complete or not
+at all. A failed write (disk full) removes its temp directory and leaves the checkpoints before it
+as they were.
+`checksums.json` records each file's SHA-256: a checkpoint damaged on disk later (a bit flip, a
+truncated or deleted file) is found on resume, which then takes the newest intact one. Everything
+is safetensors or JSON: loading a checkpoint never unpickles anything.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -18,11 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from tunelab.console import console
 from tunelab.errors import TunelabError
+from tunelab.files import staged_directory
 
 STEP_DIR = re.compile(r"step-(\d+)")
+CHECKSUMS_FILE = "checksums.json"
 
 
 @dataclass
@@ -42,9 +50,15 @@ class TrainState:
 def save_checkpoint(checkpoints_dir: Path, state: TrainState, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, keep: int) -> Path:
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / f"step-{state.step}"
-    staging = checkpoints_dir / f".tmp-step-{state.step}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    with staged_directory(final) as staging:  # a failed write (disk full) leaves nothing of this step
+        _write_files(staging, state, trainable, optimizer)
+    for stale in list_checkpoints(checkpoints_dir)[:-keep]:
+        shutil.rmtree(stale)
+    return final
+
+
+def _write_files(staging: Path, state: TrainState, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+    """Every file of a checkpoint, then the checksums of them all."""
     save_file({k: v.contiguous() for k, v in trainable.items()}, staging / "trainable.safetensors")
     optimizer_tensors, optimizer_meta = _flatten_optimizer(optimizer)
     save_file(optimizer_tensors, staging / "optimizer.safetensors")
@@ -52,20 +66,37 @@ def save_checkpoint(checkpoints_dir: Path, state: TrainState, trainable: dict[st
     save_file(rng_tensors, staging / "rng.safetensors")
     meta = {"state": state.__dict__, "optimizer": optimizer_meta, "rng": rng_meta}
     (staging / "state.json").write_text(json.dumps(meta))
-    for file in staging.iterdir():
-        _fsync(file)
-    _fsync(staging)
-    if final.exists():  # only when re-saving a step: move the old copy aside before replacing it
-        old = checkpoints_dir / f".old-step-{state.step}-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(staging, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(staging, final)
-    _fsync(checkpoints_dir)
-    for stale in list_checkpoints(checkpoints_dir)[:-keep]:
-        shutil.rmtree(stale)
-    return final
+    checksums = {file.name: _sha256(file) for file in sorted(staging.iterdir())}
+    (staging / CHECKSUMS_FILE).write_text(json.dumps(checksums, indent=1))
+
+
+def damage(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint on disk (a missing file, a checksum that no longer matches), or None."""
+    try:
+        recorded = json.loads((checkpoint / CHECKSUMS_FILE).read_text())
+    except (OSError, ValueError):
+        return f"{CHECKSUMS_FILE} is missing or unreadable"
+    for name in ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
+        if name not in recorded:
+            return f"{CHECKSUMS_FILE} does not list {name}"
+    for name, digest in recorded.items():
+        file = checkpoint / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if _sha256(file) != digest:
+            return f"{name} does not match its checksum (changed on disk since it was written)"
+    return None
+
+
+def newest_intact_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The newest checkpoint whose files all match their checksums; each damaged newer one is named
+    and passed over (training from an older one gives the same result, only later)."""
+    for checkpoint in reversed(list_checkpoints(checkpoints_dir)):
+        problem = damage(checkpoint)
+        if problem is None:
+            return checkpoint
+        console.print(f"[yellow]warning:[/] checkpoint {checkpoint} is damaged ({problem}): passing over it", highlight=False, soft_wrap=True)
+    return None
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
@@ -83,18 +114,11 @@ def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer) -> tuple[Train
         trainable = load_file(path / "trainable.safetensors")
         optimizer_tensors = load_file(path / "optimizer.safetensors")
         rng_tensors = load_file(path / "rng.safetensors")
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise TunelabError(f"checkpoint {path} is unreadable: {err}") from None
     optimizer.load_state_dict(_unflatten_optimizer(optimizer_tensors, meta["optimizer"]))
     _restore_rng(rng_tensors, meta["rng"])
     return TrainState(**meta["state"]), trainable
-
-
-def clean_staging(checkpoints_dir: Path) -> None:
-    """Remove what an interrupted checkpoint write left behind."""
-    if checkpoints_dir.is_dir():
-        for leftover in checkpoints_dir.glob(".*-step-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -142,9 +166,9 @@ def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -12,6 +12,7 @@ import contextlib
 import math
 import random
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,8 +25,8 @@ from tunelab.config import RunConfig, changed_keys, dump_config, load_config
 from tunelab.console import console
 from tunelab.data.batching import BatchLayout, split_by_tokens
 from tunelab.data.dataset import build_datasets
-from tunelab.errors import TrainingDiverged, TunelabError
-from tunelab.files import write_json_atomic
+from tunelab.errors import RunStopped, TrainingDiverged, TunelabError
+from tunelab.files import exclusive_directory, remove_leftovers, write_json_atomic
 from tunelab.methods import build_method
 from tunelab.methods.peft_io import CONFIG_FILE as PEFT_CONFIG_FILE
 from tunelab.methods.peft_io import read_peft_adapter, read_peft_config
@@ -37,10 +38,11 @@ from tunelab.objectives.causal_lm import causal_lm_loss, store_head_weight
 from tunelab.objectives.reference import PRECOMPUTED_FILE, choose_reference, load_precomputed, precompute, save_precomputed
 from tunelab.objectives.registry import build_objective
 from tunelab.objectives.sampled import SampledObjective
-from tunelab.runs import load_peft_model, load_run, save_artifacts
+from tunelab.runs import RUN_FILE, check_run_format, load_peft_model, load_run, save_artifacts, write_run_file
 from tunelab.train.allocator import keep_freed_memory, peak_memory_mb, reset_peak_memory
-from tunelab.train.checkpoint import TrainState, clean_staging, list_checkpoints, load_checkpoint, save_checkpoint
+from tunelab.train.checkpoint import TrainState, list_checkpoints, load_checkpoint, newest_intact_checkpoint, save_checkpoint
 from tunelab.train.galore import GaLoreAdamW, galore_param_groups
+from tunelab.train.interrupt import StopRequests
 from tunelab.train.neftune import add_embedding_noise
 from tunelab.train.precision import resolve_frozen_dtype
 from tunelab.train.reporting import MetricsSink, check_trackers
@@ -55,6 +57,7 @@ RUN_FILES = (
     "metrics.jsonl",
     "report.json",
     "config.yaml",
+    RUN_FILE,
     "eval.json",
     "eval_samples.jsonl",
     "eval",
@@ -122,6 +125,12 @@ class Run:
 
 
 def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
+    # One process at a time trains into an output directory (the lock is dropped when it exits).
+    with exclusive_directory(Path(config.output), "tunelab train"):
+        return _train(config, resume, overwrite)
+
+
+def _train(config: RunConfig, resume: bool, overwrite: bool) -> RunResult:
     started = time.perf_counter()
     run, replaced = set_up(config, resume, overwrite)
     tcfg, output = config.train, Path(config.output)
@@ -142,53 +151,62 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> R
         TimeRemainingColumn(),
         console=console,
     )
-    sink = MetricsSink(output, tcfg.report_to, state.step, config.to_dict())
-    with progress, sink:
-        bar = progress.add_task("train", total=run.total_steps, completed=state.step, loss="-", speed="-", extra="")
-        for step in range(state.step + 1, run.total_steps + 1):
-            record = train_step(run, step)
-            state = replace(state, step=step, tokens_seen=state.tokens_seen + record["tokens"], train_seconds=state.train_seconds + record["seconds"])
-            last_loss = record["loss"]
-            if run.data.eval is not None and ((tcfg.eval_every and step % tcfg.eval_every == 0) or step == run.total_steps):
-                eval_reference = run.reference.for_split("eval") if run.reference is not None else None
-                if isinstance(run.objective, SampledObjective):  # score the policy's held-out completions
-                    eval_metrics = evaluate_rewards(run)
-                else:
-                    eval_metrics = evaluate_objective(run.objective, run.model, run.data.eval, tcfg.batch_size, run.layout, eval_reference)
-                record.update(eval_metrics)
-            if step % tcfg.log_every == 0 or "eval_loss" in record or step == run.total_steps:
-                sink.log(record)
-            if tcfg.save_every and step % tcfg.save_every == 0 and step < run.total_steps:
-                if run.rollouts is not None:
-                    state = replace(state, rollout=run.rollouts.checkpoint_state(step, run.objective.round_steps))
-                save_checkpoint(output / "checkpoints", state, checkpoint_tensors(run), run.optimizer, tcfg.keep_checkpoints)
-            shown = "  ".join(f"{key} {record[key]:.3f}" for key in run.objective.progress_metrics if key in record)
-            progress.update(bar, completed=step, loss=f"{record['loss']:.4f}", speed=f"{record['tokens_per_s']:.0f}", extra=shown)
+    try:
+        sink = MetricsSink(output, tcfg.report_to, state.step, config.to_dict())
+        with progress, sink, StopRequests() as stop:
+            bar = progress.add_task("train", total=run.total_steps, completed=state.step, loss="-", speed="-", extra="")
+            for step in range(state.step + 1, run.total_steps + 1):
+                record = train_step(run, step)
+                state = replace(state, step=step, tokens_seen=state.tokens_seen + record["tokens"], train_seconds=state.train_seconds + record["seconds"])
+                last_loss = record["loss"]
+                if run.data.eval is not None and ((tcfg.eval_every and step % tcfg.eval_every == 0) or step == run.total_steps):
+                    eval_reference = run.reference.for_split("eval") if run.reference is not None else None
+                    if isinstance(run.objective, SampledObjective):  # score the policy's held-out completions
+                        eval_metrics = evaluate_rewards(run)
+                    else:
+                        eval_metrics = evaluate_objective(run.objective, run.model, run.data.eval, tcfg.batch_size, run.layout, eval_reference)
+                    record.update(eval_metrics)
+                if step % tcfg.log_every == 0 or "eval_loss" in record or step == run.total_steps or stop.signum:
+                    sink.log(record)
+                stopping = stop.signum is not None and step < run.total_steps
+                if (tcfg.save_every and step % tcfg.save_every == 0 and step < run.total_steps) or stopping:
+                    if run.rollouts is not None:
+                        state = replace(state, rollout=run.rollouts.checkpoint_state(step, run.objective.round_steps))
+                    saved = save_checkpoint(output / "checkpoints", state, checkpoint_tensors(run), run.optimizer, tcfg.keep_checkpoints)
+                if stopping:
+                    name = signal.Signals(stop.signum).name
+                    raise RunStopped(f"{name} at step {step} of {run.total_steps}: checkpoint {saved} written; continue with --resume", stop.signum)
+                shown = "  ".join(f"{key} {record[key]:.3f}" for key in run.objective.progress_metrics if key in record)
+                progress.update(bar, completed=step, loss=f"{record['loss']:.4f}", speed=f"{record['tokens_per_s']:.0f}", extra=shown)
 
-    run.model.eval()
-    save_artifacts(run.method, run.model, run.tokenizer, config, output, run.objective)
-    report = {
-        "final_train_loss": last_loss,
-        **eval_metrics,
-        "steps": run.total_steps,
-        "tokens": state.tokens_seen,
-        "train_seconds": state.train_seconds,
-        "tokens_per_s": state.tokens_seen / state.train_seconds if state.train_seconds else None,
-        "prepare_seconds": state.prepare_seconds,
-        "reference": getattr(run.reference, "kind", None),
-        "reference_logps_computed": run.reference_logps_computed,
-        "total_seconds": time.perf_counter() - started,
-        "peak_memory_mb": peak_memory_mb(),
-        "trainable_params": sum(p.numel() for p in run.params.values()),
-        "total_params": sum(p.numel() for p in run.model.parameters()),
-        "method": run.method.name,
-        "objective": run.objective.name,
-        "model": config.model.name,
-        "data": {split: stats.as_dict() for split, stats in run.data.stats.items()},
-        "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint is not None else None,
-        "quantize": run.quantized,
-    }
-    write_json_atomic(output / "report.json", report)
+        run.model.eval()
+        save_artifacts(run.method, run.model, run.tokenizer, config, output, run.objective)
+        report = {
+            "final_train_loss": last_loss,
+            **eval_metrics,
+            "steps": run.total_steps,
+            "tokens": state.tokens_seen,
+            "train_seconds": state.train_seconds,
+            "tokens_per_s": state.tokens_seen / state.train_seconds if state.train_seconds else None,
+            "prepare_seconds": state.prepare_seconds,
+            "reference": getattr(run.reference, "kind", None),
+            "reference_logps_computed": run.reference_logps_computed,
+            "total_seconds": time.perf_counter() - started,
+            "peak_memory_mb": peak_memory_mb(),
+            "trainable_params": sum(p.numel() for p in run.params.values()),
+            "total_params": sum(p.numel() for p in run.model.parameters()),
+            "method": run.method.name,
+            "objective": run.objective.name,
+            "model": config.model.name,
+            "data": {split: stats.as_dict() for split, stats in run.data.stats.items()},
+            "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint is not None else None,
+            "quantize": run.quantized,
+        }
+        write_json_atomic(output / "report.json", report)
+    except TunelabError as err:  # mid-run (disk full, divergence): say what is kept, keeping the error's type
+        good = list_checkpoints(output / "checkpoints")
+        err.args = (f"{err}; " + (f"the last good checkpoint is {good[-1]} (continue with --resume)" if good else "no checkpoint was written yet"),)
+        raise
     return RunResult(output_dir=output, report=report)
 
 
@@ -267,8 +285,7 @@ def restore_or_prepare(run: Run, output: Path, resume: bool, replaced: list[str]
     if config.method.from_peft:
         method.peft_import(model, *read_peft_adapter(config.method.from_peft))
     state = TrainState(step=0, tokens_seen=0, train_seconds=0.0)
-    checkpoints = list_checkpoints(output / "checkpoints") if resume else []
-    checkpoint = checkpoints[-1] if checkpoints else None
+    checkpoint = newest_intact_checkpoint(output / "checkpoints") if resume else None
     if checkpoint is None and method.prepare_steps:
         # A choice made from training data (LoFiT's heads, SubTuning's layers), on a fresh run only:
         # the method's state holds it for resume and load_run. Its forwards leave the RNG as it was.
@@ -401,11 +418,7 @@ def train_step(run: Run, step: int) -> dict:
     # Clip, stop on a non-finite loss or gradient (the last checkpoint stays good), step.
     grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params.values(), tcfg.max_grad_norm or float("inf")))
     if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-        good = list_checkpoints(Path(run.config.output) / "checkpoints")
-        raise TrainingDiverged(
-            f"training diverged at step {step}: loss={loss_sum}, grad_norm={grad_norm}; try a lower train.lr. "
-            + (f"The last good checkpoint is {good[-1]}." if good else "No checkpoint was written yet.")
-        )
+        raise TrainingDiverged(f"training diverged at step {step}: loss={loss_sum}, grad_norm={grad_norm}; try a lower train.lr")
     run.optimizer.step()
     run.method.after_step(model, step, run.total_steps)
     run.optimizer.zero_grad(set_to_none=True)
@@ -487,6 +500,7 @@ def _check_output(output: Path, config: RunConfig, resume: bool, overwrite: bool
     """Refuse to mix runs in one directory; return the old run's files that `overwrite` will replace."""
     existing = [name for name in RUN_FILES if (output / name).exists()]
     if resume and (output / "config.yaml").is_file():
+        check_run_format(output)
         _check_resumable(output / "config.yaml", config)
         return []
     if existing and not resume and not overwrite:
@@ -499,7 +513,9 @@ def _init_output(output: Path, config: RunConfig, replaced: list[str]) -> None:
         path = output / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     output.mkdir(parents=True, exist_ok=True)
-    clean_staging(output / "checkpoints")
+    remove_leftovers(output)
+    remove_leftovers(output / "checkpoints")
+    write_run_file(output)
     dump_config(config, output / "config.yaml")
 
 
@@ -510,7 +526,7 @@ def config_changes(saved_path: Path, config: RunConfig, ignored: frozenset[str] 
 
 
 def _check_resumable(saved_path: Path, config: RunConfig) -> None:
-    changed = config_changes(saved_path, config)
+    changed = config_changes(saved_path, config, frozenset({"output"}))  # a run directory moved elsewhere resumes
     if changed:
         raise TunelabError(f"--resume: the config differs from the run's saved config.yaml at {', '.join(changed)}")
 

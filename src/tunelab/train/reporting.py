@@ -36,8 +36,11 @@ class MetricsSink:
         self.trackers = [_open_tracker(name, output, resumed_step, run_config) for name in report_to]
 
     def log(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as err:
+            raise TunelabError(f"cannot write {self.path}: {err.strerror or err}") from None
         scalars = {_tracker_key(key): value for key, value in record.items() if key != "step" and isinstance(value, (int, float))}
         for tracker in self.trackers:
             tracker.log(scalars, record["step"])
@@ -63,8 +66,16 @@ def _truncate_metrics(path: Path, after_step: int) -> None:
     """Drop metric lines past the step being resumed from (they will be recomputed)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
+    kept = [line for line in path.read_text().splitlines() if _step_of(line) <= after_step]
     write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _step_of(line: str) -> float:
+    """A metrics line's step; a line that a killed run left half-written (or a blank one) counts as past every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 class _TensorBoard:
