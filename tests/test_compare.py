@@ -5,6 +5,7 @@ an interrupted one exactly) on every backend."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import signal
 import statistics
@@ -25,6 +26,7 @@ from tunelab.compare.sweep import FIXED_TRAIN_KEYS
 from tunelab.errors import TunelabError
 from tunelab.eval import harness
 from tunelab.plots import pareto_front
+from tunelab.train.checkpoint import CHECKSUMS_FILE
 
 SENTIMENT = "label\tsentence\n1\tgreat film\n0\tawful film\n1\tloved it\n0\tboring and slow\n"
 TASK = {"type": "classification", "data": "cls.tsv", "prompt": "Review: {sentence}\nSentiment:", "labels": {"0": "negative", "1": "positive"}}
@@ -218,6 +220,10 @@ def test_a_resumed_cells_wall_seconds_count_the_interrupted_attempts_time(tmp_pa
     checkpoint = cell.run_dir / "checkpoints" / "step-2"
     checkpoint.mkdir(parents=True)
     (checkpoint / "state.json").write_text(json.dumps({"state": {"step": 2, "tokens_seen": 10, "train_seconds": 1000.0, "prepare_seconds": 5.0}}))
+    for name in ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors"):  # intact, as far as its checksums tell
+        (checkpoint / name).write_bytes(b"")
+    checksums = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in checkpoint.iterdir()}
+    (checkpoint / CHECKSUMS_FILE).write_text(json.dumps(checksums))
 
     def resumed_train(config, resume, overwrite):
         assert resume
