@@ -42,7 +42,8 @@ The cases are tests of the default suite (`python -m pytest`). This page is writ
 """
 
 CLASS_NOTES = {
-    "data files": "every reader (.jsonl, .json, .csv, .tsv, .parquet; SFT, preference and prompt rows) through `train`, `eval --task`, `bench --data`",
+    "data files": "every reader (.jsonl, .json, .csv, .tsv, .parquet, gzipped; SFT, preference, prompt and task rows) through `train`, `eval --task`, `bench --data`: "
+    "defects refused, and valid variants (BOM, CRLF, TSV, gzip, a quoted newline, a 10 MB row) read as the plain file",
     "configs": "every key of every schema (run, method and objective options, eval task, sweep) with a wrong type and an out-of-range value, YAML tags and anchors, non-mapping configs",
     "paths": "outputs that are files or read-only, relative paths from another directory, runs from another tunelab, pickle-only models, missing or corrupt adapters, for every command",
     "property: data converters": "hypothesis: any row or file either converts or raises TunelabError",

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 import tunelab
-from helpers import assert_clean_failure, invoke, read_metrics, read_report, tiny_run_config, write_jsonl, write_records_data, write_yaml
+from helpers import assert_clean_failure, invoke, read_metrics, read_report, tiny_run_config, write_jsonl, write_yaml
 from tunelab import quickstart
 from tunelab.generation import generate
 from tunelab.models.loader import load_model
@@ -25,19 +25,6 @@ from tunelab.runs import load_run
 
 SRC_DIR = Path(tunelab.__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def records(module_cache, tmp_path_factory) -> tuple[Path, Path]:
-    return write_records_data(tmp_path_factory.mktemp("records"), n_train=8, n_eval=2, seed=0)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(module_cache, tmp_path_factory, records) -> Path:
-    """A finished LoRA run (trained through the Python API), for the commands that read runs."""
-    train_file, eval_file = records
-    config = tiny_run_config(tmp_path_factory.mktemp("cli-run") / "run", train_file, eval_file, train={"max_steps": 2, "lr": 1e-2})
-    return tunelab.train(config).output_dir
 
 
 def test_python_dash_m_tunelab_help():
@@ -73,7 +60,7 @@ def test_train_unknown_config_key(tmp_path, records):
     train_file, _ = records
     config_path = write_yaml(tmp_path / "run.yaml", tiny_run_config(tmp_path / "run", train_file, train={"learning_rate": 1e-3}))
     where = f"{config_path}:{yaml_line_of(config_path, 'learning_rate:')}"
-    assert_clean_failure(invoke("train", config_path), where, "train.learning_rate", "unknown key", one_line=False)
+    assert_clean_failure(invoke("train", config_path), where, "train.learning_rate", "unknown key")
     assert not (tmp_path / "run").exists()  # validation fails before any work
 
 

@@ -199,9 +199,9 @@ def test_every_error_of_a_file_is_reported_at_once(tmp_path):
 def test_unknown_method_name(tmp_path):
     text = "model: m\ndata:\n  train: t.jsonl\nmethod:\n  name: dora\n  r: 4\n"
     path = write(tmp_path, text)
-    line = error_line(config_error(path), "method")
+    line = error_line(config_error(path), "method.name")
     assert "dora" in line and "lora" in line  # names the bad one and the choices
-    assert f"{path}:{line_of(text, 'method:')}:" in line
+    assert f"{path}:{line_of(text, 'name: dora')}:" in line
 
 
 def test_unknown_method_name_as_shorthand(tmp_path):

@@ -308,15 +308,8 @@ def records(module_cache, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained_run(module_cache, tmp_path_factory, records):
-    train_file, eval_file = records
-    config = tiny_run_config(tmp_path_factory.mktemp("eval-run") / "run", train_file, eval_file, train={"max_steps": 2, "lr": 1e-2})
-    return tunelab.train(config).output_dir
-
-
-@pytest.fixture(scope="module")
-def run_eval(module_cache, trained_run):
-    return evaluate(trained_run, max_new_tokens=4)
+def run_eval(module_cache, tiny_run):
+    return evaluate(tiny_run, max_new_tokens=4)
 
 
 @torch.no_grad()
@@ -337,9 +330,9 @@ def eval_rows(eval_file: Path) -> list[dict]:
     return [json.loads(line) for line in eval_file.read_text().splitlines()]
 
 
-def test_evaluate_run_scores_base_and_tuned(trained_run, run_eval, records):
+def test_evaluate_run_scores_base_and_tuned(tiny_run, run_eval, records):
     _, eval_file = records
-    saved = json.loads((trained_run / "eval.json").read_text())
+    saved = json.loads((tiny_run / "eval.json").read_text())
     assert saved["n"] == 4
     for label in ("base", "tuned"):
         metrics = saved[label]
@@ -350,22 +343,22 @@ def test_evaluate_run_scores_base_and_tuned(trained_run, run_eval, records):
             assert 0.0 <= metrics[key] <= 1.0
     assert saved["tuned"]["eval_loss"] != saved["base"]["eval_loss"]
     # The run's own end-of-training eval saw the same model and data.
-    assert saved["tuned"]["eval_loss"] == pytest.approx(read_report(trained_run)["eval_loss"], rel=1e-5)
+    assert saved["tuned"]["eval_loss"] == pytest.approx(read_report(tiny_run)["eval_loss"], rel=1e-5)
 
 
-def test_evaluate_eval_loss_matches_a_plain_forward(trained_run, run_eval):
+def test_evaluate_eval_loss_matches_a_plain_forward(tiny_run, run_eval):
     """eval_loss (packed batches) equals the loss computed one sample at a time."""
-    config = tunelab.load_config(trained_run / "config.yaml")
-    run = load_run(trained_run)
+    config = tunelab.load_config(tiny_run / "config.yaml")
+    run = load_run(tiny_run)
     samples = build_datasets(config.data, run.tokenizer, config.train.seed).eval
     assert run_eval["tuned"]["eval_loss"] == pytest.approx(mean_target_loss(run.model, samples), rel=1e-5)
     base, _ = load_model(config.model)
     assert run_eval["base"]["eval_loss"] == pytest.approx(mean_target_loss(base, samples), rel=1e-5)
 
 
-def test_evaluate_writes_one_sample_line_per_case(trained_run, run_eval, records):
+def test_evaluate_writes_one_sample_line_per_case(tiny_run, run_eval, records):
     _, eval_file = records
-    lines = [json.loads(line) for line in (trained_run / "eval_samples.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tiny_run / "eval_samples.jsonl").read_text().splitlines()]
     rows = eval_rows(eval_file)
     assert len(lines) == len(rows)
     for line, row in zip(lines, rows):

@@ -265,7 +265,7 @@ def test_read_task_rows_formats(tmp_path):
 @pytest.mark.parametrize(
     ("name", "content", "line", "message"),
     [
-        ("bad.jsonl", '{"a": 1}\n{"a": \n', 2, "invalid JSON"),
+        ("bad.jsonl", '{"a": 1}\n{"a": \n', 2, "bad JSON"),
         ("bad.csv", "a,b\n1,2\n1,2,3\n", 3, "3 columns, the header has 2"),
     ],
 )

@@ -19,7 +19,6 @@ import random
 import shutil
 import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,19 +46,25 @@ class Trigger:
     nth: int
     when: str = "before"
     signum: int = signal.SIGKILL
+    reached: object = None  # a multiprocessing Event, set just before the signal is sent
 
     def arm(self) -> None:
         module = importlib.import_module(self.module)
         real, calls = getattr(module, self.attr), 0
 
+        def fire() -> None:
+            if self.reached is not None:
+                self.reached.set()
+            os.kill(os.getpid(), self.signum)
+
         def triggered(*args, **kwargs):
             nonlocal calls
             calls += 1
             if calls == self.nth and self.when == "before":
-                os.kill(os.getpid(), self.signum)
+                fire()
             result = real(*args, **kwargs)
             if calls == self.nth and self.when == "after":
-                os.kill(os.getpid(), self.signum)
+                fire()
             return result
 
         setattr(module, self.attr, triggered)
@@ -242,6 +247,22 @@ def test_a_full_disk_is_one_error_and_the_last_checkpoint_stays_good(where, erro
     assert_tensors_equal(load_adapter(run_dir), reference)
 
 
+@pytest.mark.parametrize("error", NO_SPACE)
+def test_a_full_disk_during_an_export_leaves_nothing_at_out(error, finished_run, tmp_path, monkeypatch, record_property):
+    record_property("reliability", "fault: disk full")
+    exporters = importlib.import_module("tunelab.export.exporters")
+
+    def disk_full(*args, **kwargs):
+        raise NO_SPACE[error]
+
+    monkeypatch.setattr(exporters, "save_file", disk_full)
+    before = tree_state(tmp_path)
+    assert_clean_failure(
+        invoke("export", finished_run, "--format", "peft", "--out", tmp_path / "exports" / "peft"), f"cannot write {tmp_path / 'exports' / 'peft'}", "No space left on device"
+    )
+    assert tree_state(tmp_path) == before
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1 MiB tmpfs, where this machine lets the test mount one (root in a container, as in CI)."""
@@ -291,10 +312,6 @@ def test_a_second_trainer_is_refused_at_once(records, tmp_path, record_property)
     assert tree_state(tmp_path) == before
 
 
-def process_state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-
-
 def test_a_sigkilled_trainer_leaves_no_stale_lock(forked, records, tmp_path, record_property):
     """A trainer stopped (SIGSTOP) mid-run holds the directory; once it is SIGKILLed, the next one trains."""
     record_property("reliability", "fault: two trainers")
@@ -302,12 +319,11 @@ def test_a_sigkilled_trainer_leaves_no_stale_lock(forked, records, tmp_path, rec
     context = multiprocessing.get_context("forkserver")
     log = tmp_path / "first.log"
     env = {"TUNELAB_CACHE": str(tmp_path / "cache" / "tunelab"), "HF_DATASETS_CACHE": str(tmp_path / "cache" / "hf")}
-    first = context.Process(target=_cli_child, args=(["train", str(config)], env, (Trigger("tunelab.train.loop", "step_loss", 3, signum=signal.SIGSTOP),), str(log)))
+    in_step_3 = context.Event()
+    stop_in_step_3 = Trigger("tunelab.train.loop", "step_loss", 3, signum=signal.SIGSTOP, reached=in_step_3)
+    first = context.Process(target=_cli_child, args=(["train", str(config)], env, (stop_in_step_3,), str(log)))
     first.start()
-    deadline = time.monotonic() + 120
-    while process_state(first.pid) != "T":  # wait until it has stopped itself inside step 3
-        assert first.exitcode is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.01)
+    assert in_step_3.wait(timeout=120), log.read_text()  # it holds the directory, and stops (or has stopped) itself
     assert_clean_failure(invoke("train", config, "--resume"), "is in use")
     first.kill()
     first.join()
@@ -388,10 +404,12 @@ def test_sigkill_at_a_seeded_point_then_resume_is_bitwise_exact(trial, forked, r
     code, output = forked(["train", config], tmp_path / "cache", trigger)
     assert code == -signal.SIGKILL, output
     left = assert_readable_or_refused(tmp_path / "run", forked_reference)
+    newest = checkpoint.newest_intact_checkpoint(tmp_path / "run" / "checkpoints")
 
     code, output = forked(["train", config, "--resume"], tmp_path / "cache")
     assert code == 0, output
     resumed_from = read_report(tmp_path / "run")["resumed_from_step"]
+    assert resumed_from == (int(newest.name.split("-")[1]) if newest else None)  # no work past it was redone
     assert_tensors_equal(load_adapter(tmp_path / "run"), forked_reference)
     record_property("after the kill", f"a run directory that loads {'as the finished run' if left == 'complete' else 'nothing (a clear refusal)'}")
     record_property("resumed from step", str(resumed_from))

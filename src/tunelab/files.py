@@ -5,13 +5,17 @@ writes a run into."""
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import fcntl
+import gzip
+import hashlib
 import json
 import os
 import re
 import shutil
-import tempfile
+import stat
+import zlib
 from pathlib import Path
 
 import torch
@@ -26,42 +30,35 @@ STAGING_PREFIX = ".tmp-"
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{STAGING_PREFIX}{path.name}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise TunelabError(f"cannot write {path}: {err.strerror or err}") from None
+    with staged_write(path, directory=False) as staging:
+        staging.write_text(text)
 
 
 @contextlib.contextmanager
-def staged_directory(target: Path):
-    """Yield an empty temp directory beside `target` to write into; when the block ends it replaces
-    `target` whole (fsynced first, so a power cut leaves the old or the new one). If writing fails
-    (disk full, I/O error) the temp directory goes and `target` stays as it was: a TunelabError names it."""
-    staging = target.parent / f"{STAGING_PREFIX}{target.name}-{os.getpid()}"
+def staged_write(target: Path, directory: bool = True):
+    """Yield a temp path to write `target` at: an empty directory, or (`directory=False`) a file
+    path. When the block ends, what was written replaces `target` whole, fsynced first, so a crash
+    or power cut leaves the old one or the new one. If writing fails (disk full, I/O error), the
+    temp path goes and `target` stays as it was, and a TunelabError names it. The temp path lives in
+    the nearest folder that exists: folders missing above `target` are made only when it is done."""
+    home = next(folder for folder in target.parents if folder.exists())
+    staging = home / f"{STAGING_PREFIX}{target.name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)  # what an earlier process of this pid left
     try:
         staging.mkdir()
-        yield staging
-        for file in staging.rglob("*"):
-            if file.is_file():
-                _fsync(file)
-        _fsync(staging)
+        written = staging if directory else staging / target.name
+        yield written
+        for file in [*staging.rglob("*"), staging]:
+            _fsync(file)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_dir():  # move the old one aside first: a crash between the renames leaves it, not nothing
+            os.replace(target, staging.with_name(staging.name + "-old"))
+        os.replace(written, target)
     except (OSError, SafetensorError) as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise TunelabError(f"cannot write {target}: {_reason(err)}") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if target.exists():  # move the old one aside first: a crash between the renames leaves it, not nothing
-        old = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}old-{target.name}-", dir=target.parent))
-        os.replace(target, old / target.name)
-        os.replace(staging, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, target)
+        raise TunelabError(f"cannot write {target}: {failure_reason(err)}") from None
+    finally:
+        for leftover in (staging, staging.with_name(staging.name + "-old")):
+            shutil.rmtree(leftover, ignore_errors=True)
     _fsync(target.parent)
 
 
@@ -72,7 +69,7 @@ def remove_leftovers(directory: Path) -> None:
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
 
 
-def _reason(err: Exception) -> str:
+def failure_reason(err: Exception) -> str:
     """The system's words for a failed write: an OSError's, or those of the OS error safetensors wraps."""
     if isinstance(err, OSError):
         return err.strerror or str(err)
@@ -90,6 +87,67 @@ def _fsync(path: Path) -> None:
 
 def write_json_atomic(path: Path, value: dict) -> None:
     write_text_atomic(path, json.dumps(value, indent=2) + "\n")
+
+
+def describe_path(path: str | os.PathLike) -> str:
+    """A path for a message about a missing file: a relative one also as the absolute path it
+    resolved to and the working directory it was resolved from (paths in a config are relative to
+    the working directory, not to the config file)."""
+    path = Path(path)
+    if path.is_absolute():
+        return str(path)
+    return f"{path.absolute()} ({path} resolved from the working directory {Path.cwd()})"
+
+
+def check_regular_file(path: Path, what: str = "data file") -> None:
+    """Refuse anything but an existing regular file, before it is opened (opening a FIFO would wait
+    for a writer)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise TunelabError(f"{what} not found: {describe_path(path)}") from None
+    except (OSError, ValueError) as err:  # ValueError: a NUL in the path
+        raise TunelabError(f"{path!r}: cannot read the {what}: {getattr(err, 'strerror', None) or err}") from None
+    if stat.S_ISDIR(mode):
+        raise TunelabError(f"{path}: a directory, not a {what}")
+    if not stat.S_ISREG(mode):
+        raise TunelabError(f"{path}: not a regular file (a FIFO, socket or device), so not a {what}")
+
+
+def read_bytes(path: Path, what: str = "data file") -> bytes:
+    """The bytes of a file, decompressed when its name ends in .gz; a file that cannot be read (not
+    a regular file, gone since it was checked, unreadable, a damaged .gz) is one error naming it."""
+    check_regular_file(path, what)
+    try:
+        data = path.read_bytes()
+        return gzip.decompress(data) if path.suffix.lower() == ".gz" else data
+    except (OSError, EOFError, zlib.error) as err:  # EOFError, zlib.error: a cut or damaged .gz
+        raise TunelabError(f"{path}: cannot read the {what}: {getattr(err, 'strerror', None) or err}") from None
+
+
+def read_text(path: Path, what: str = "data file") -> str:
+    """A file's text: UTF-8, with or without a byte-order mark. A byte that is not UTF-8 is refused
+    naming its line, like every other defect of a file."""
+    data = read_bytes(path, what).removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - data.rfind(b"\n", 0, err.start)
+        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            found = "it starts with a UTF-16 byte-order mark"
+        else:
+            found = f"byte 0x{data[err.start]:02x} at column {column}"
+        raise TunelabError(f"{path}:{line}: not UTF-8 text ({found}); save the file as UTF-8") from None
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in blocks (a large file is never held in memory)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -16,14 +16,15 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import get_args
 
-from tunelab.config import load_config
+from tunelab.config import ModelConfig, load_config
 from tunelab.console import console
 from tunelab.data import records_task
 from tunelab.errors import TunelabError
 from tunelab.eval.evaluate import evaluate
 from tunelab.files import write_json_atomic
-from tunelab.models.loader import SMOLLM2, cache_dir
+from tunelab.models.loader import SMOLLM2, cache_dir, local_source
 from tunelab.plots import plot_loss
 from tunelab.train import train
 
@@ -34,13 +35,15 @@ DEFAULTS = {"n_train": 2000, "n_eval": 100, "steps": 60, "batch_size": 8, "lr": 
 # Adam's normalized steps drag the chosen log-probabilities down with the rejected ones: 5e-5.
 PREFERENCE = {"lr": 5e-4, "max_new_tokens": 64}
 PREFERENCE_LR = {"dpo": 5e-5, "kto": 5e-5}
+# sft, then the objectives that train on the task's preference pairs.
+OBJECTIVES = ("sft", "dpo", "simpo", "cpo", "orpo", "kto", "reward")
+QUANTIZE = get_args(ModelConfig.model_fields["quantize"].annotation)
 
 
 def run_quickstart(out: str | Path = "runs/quickstart", model: str = SMOLLM2, steps: int | None = None, seed: int = 0, objective: str = "sft", quantize: str = "none") -> dict:
     """`quantize`: model.quantize of the run (nf4: QLoRA)."""
+    check_options(Path(out), model, steps, objective, quantize)
     if objective != "sft":
-        if quantize != "none":  # its "before" scores are taken on the base by name, in full precision
-            raise TunelabError(f"quickstart --quantize: only with --objective sft, not {objective}")
         return run_preference_quickstart(out, model, steps, seed, objective)
     started = time.perf_counter()
     out = Path(out)
@@ -93,6 +96,21 @@ def run_quickstart(out: str | Path = "runs/quickstart", model: str = SMOLLM2, st
         f"(train {report['train_seconds']:.0f} s, total {report['total_seconds']:.0f} s) -> {out / 'report.json'}"
     )
     return report
+
+
+def check_options(out: Path, model: str, steps: int | None, objective: str, quantize: str) -> None:
+    """Refuse bad options before anything is written."""
+    if objective not in OBJECTIVES:
+        raise TunelabError(f"quickstart --objective {objective}: expected one of {', '.join(OBJECTIVES)}")
+    if quantize not in QUANTIZE:
+        raise TunelabError(f"quickstart --quantize {quantize}: expected one of {', '.join(QUANTIZE)}")
+    if quantize != "none" and objective != "sft":  # its "before" scores are taken on the base by name, in full precision
+        raise TunelabError(f"quickstart --quantize: only with --objective sft, not {objective}")
+    if steps is not None and steps < 1:
+        raise TunelabError(f"quickstart --steps {steps}: at least 1")
+    if out.exists() and not out.is_dir():
+        raise TunelabError(f"quickstart --out {out} is a file; the quickstart writes a directory")
+    local_source(model)  # a model that is neither an alias, a model directory, a .gguf nor a hub id
 
 
 def write_rows(folder: Path, splits: dict[str, list[dict]]) -> dict[str, Path]:

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from tunelab.config import RunConfig, load_config
 from tunelab.errors import TunelabError
-from tunelab.files import read_safetensors, staged_directory, write_json_atomic
+from tunelab.files import read_safetensors, staged_write, write_json_atomic
 from tunelab.methods import Method, build_method
 from tunelab.methods.peft_io import method_options_from_peft, read_peft_adapter
 from tunelab.methods.registry import method_options_model
@@ -47,7 +47,7 @@ def save_artifacts(method: Method, model, tokenizer, config: RunConfig, output: 
     """Write the final weights into `output/adapter` or `output/model` (with the objective's own
     tensors, if it has any), atomically."""
     target = output / method.artifact
-    with staged_directory(target) as staging:
+    with staged_write(target) as staging:
         if objective is not None and objective.state_dict():
             save_file({k: v.contiguous() for k, v in objective.state_dict().items()}, staging / OBJECTIVE_FILE)
         if method.artifact == "model":

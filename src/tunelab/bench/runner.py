@@ -50,7 +50,6 @@ def run_bench(workload: Workload, out: Path, repeats: int = 1, long_context_mb: 
     peer = PEERS[workload.objective]
     side_names = ("tunelab", peer)
     _check_peers_installed(peer + ("_4bit" if workload.quantize == "nf4" else ""))
-    out.parent.mkdir(parents=True, exist_ok=True)  # now, not after minutes of training
     if workload.data is None:
         workload.data = default_data(workload.objective)
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-") as tmp:
@@ -63,6 +62,7 @@ def run_bench(workload: Workload, out: Path, repeats: int = 1, long_context_mb: 
         # Done here, once, so that neither side pays for model conversion or tokenizing in its memory.
         local_source(config.model.name)
         data = build_datasets(config.data, load_tokenizer(config.model), config.train.seed, objective.rows)
+        out.parent.mkdir(parents=True, exist_ok=True)  # the inputs read, and not after minutes of training
         spec = {"config": config.to_dict()}
         spec_path = tmp / "spec.json"
         spec_path.write_text(json.dumps(spec))

@@ -13,6 +13,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tunelab.data.arithmetic_task import make_splits as make_arithmetic_splits
+from tunelab.data.formats import load_examples, read_rows
+from tunelab.data.preference import load_preference_examples
+from tunelab.data.prompts import load_prompt_examples
 from tunelab.data.records_task import make_preference_splits
 from tunelab.errors import TunelabError
 from tunelab.models.loader import SMOLLM2
@@ -38,8 +41,9 @@ OBJECTIVES = {
 class Workload:
     model: str = SMOLLM2
     objective: str = "sft"  # a key of OBJECTIVES
-    # sft: an Alpaca-format file, None: DEFAULT_DATA when present, else synthetic;
-    # dpo: a JSON array of preference rows, None: record-extraction pairs (or synthetic ones)
+    # A data file of the objective's rows, in any format training reads. sft: e.g. Alpaca's, None:
+    # DEFAULT_DATA when present, else synthetic; dpo: preference rows, None: record-extraction pairs
+    # (or synthetic ones); grpo: prompt rows, None: arithmetic questions
     data: str | None = None
     method: str = "lora"
     steps: int = 12
@@ -83,21 +87,32 @@ def write_splits(workload: Workload, folder: Path) -> tuple[Path, Path]:
     elif workload.data == SYNTHETIC:
         records = (synthetic_pairs if workload.objective == "dpo" else synthetic_records)(n, workload.seed)
     else:
-        try:
-            records = json.loads(Path(workload.data).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise TunelabError(f"bench --data: cannot read {workload.data} as a JSON array: {err}") from None
-        if not isinstance(records, list) or len(records) <= workload.eval_samples:
+        records = read_records(workload.data, workload.objective)
+        if len(records) <= workload.eval_samples:
             raise TunelabError(f"bench --data: {workload.data} needs more than {workload.eval_samples} records")
-    records = list(records)
     random.Random(workload.seed).shuffle(records)
     eval_records, pool = records[: workload.eval_samples], records[workload.eval_samples :]
     train_records = [pool[i % len(pool)] for i in range(workload.train_samples)]
+    try:
+        train_text, eval_text = json.dumps(train_records), json.dumps(eval_records)
+    except TypeError as err:  # a parquet cell of a type JSON has none of (bytes, a timestamp)
+        raise TunelabError(f"bench --data: {workload.data}: the rows must hold JSON values: {err}") from None
     folder.mkdir(parents=True, exist_ok=True)
     train_path, eval_path = folder / "train.json", folder / "eval.json"
-    train_path.write_text(json.dumps(train_records))
-    eval_path.write_text(json.dumps(eval_records))
+    train_path.write_text(train_text)
+    eval_path.write_text(eval_text)
     return train_path, eval_path
+
+
+# Each objective's reader of a --data file, as training reads it: a bad row is refused at its line in
+# the user's file (not in the copies write_splits makes of it).
+ROW_READERS = {"sft": load_examples, "dpo": lambda path: load_preference_examples(path, "preference"), "grpo": load_prompt_examples}
+
+
+def read_records(path: str, objective: str) -> list[dict]:
+    """The rows of a --data file (any data file training reads), each checked as the objective reads it."""
+    ROW_READERS[objective](path)
+    return [row for _, row in read_rows(path)]
 
 
 def synthetic_records(n: int, seed: int) -> list[dict]:

@@ -143,6 +143,12 @@ def generate_command(
         from tunelab.models.loader import load_model
         from tunelab.runs import load_run
 
+        if max_new_tokens < 1:
+            raise TunelabError(f"--max-new-tokens {max_new_tokens}: at least 1")
+        if temperature < 0:
+            raise TunelabError(f"--temperature {temperature}: 0 (greedy) or more")
+        if not 0 < top_p <= 1:
+            raise TunelabError(f"--top-p {top_p}: more than 0, at most 1")
         if base:
             model, tokenizer = load_model(load_config(run_dir / "config.yaml").model)
         else:
@@ -302,9 +308,15 @@ def bench_command(
     """Train the same samples with tunelab and with its peer; compare tokens/s, memory and losses."""
 
     def action():
+        from typing import get_args
+
         from tunelab.bench import Workload, run_bench
         from tunelab.bench.runner import PEERS
+        from tunelab.config import TrainConfig
 
+        frozen_dtypes = get_args(TrainConfig.model_fields["frozen_dtype"].annotation)
+        if frozen_dtype not in frozen_dtypes:
+            raise TunelabError(f"bench --frozen-dtype {frozen_dtype}: expected one of {', '.join(frozen_dtypes)}")
         if method != "lora":
             raise TunelabError(f"bench --method: only 'lora' has an HF Trainer + peft counterpart here, not '{method}'")
         if objective not in PEERS:

@@ -152,6 +152,8 @@ def run_sweep(
     """Every cell's record, in grid order (zero-shot first when the sweep asks for it)."""
     if backend not in BACKENDS:
         raise TunelabError(f"--backend {backend}: use one of {', '.join(BACKENDS)}")
+    if workers < 1:
+        raise TunelabError(f"--workers {workers}: at least 1")
     zero_shot = [run_zero_shot(sweep)] if sweep.config.zero_shot else []
     task = sweep.task.model_dump()
     jobs = [(cell.name, cell.seed, cell.config, task) for cell in sweep.cells]

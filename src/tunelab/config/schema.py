@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from tunelab.errors import TunelabError
 from tunelab.methods.registry import method_options_model
@@ -100,7 +101,7 @@ class TrainConfig(Strict):
             return {**values, **{k: v for k, v in GALORE_DEFAULTS.items() if values.get(k) is None}}
         given = [k for k in GALORE_DEFAULTS if values.get(k) is not None]
         if given:
-            raise ValueError(f"train.{given[0]} is a GaLore option: it needs train.optimizer: galore")
+            raise error_at(given[0], values[given[0]], f"train.{given[0]} is a GaLore option: it needs train.optimizer: galore")
         return values
 
     @model_validator(mode="after")
@@ -129,15 +130,15 @@ class RunConfig(Strict):
     @classmethod
     def _method_options(cls, value: Any) -> Any:
         value = _named_section(value, "method")
-        if value.get("from_peft"):
+        if isinstance(value.get("from_peft"), str) and value["from_peft"]:
             value = _options_with_peft_adapter(value)
-        return method_options_model(value.get("name", "lora")).model_validate(value)
+        return _options_model(value, "lora", method_options_model).model_validate(value)
 
     @field_validator("objective", mode="before")
     @classmethod
     def _objective_options(cls, value: Any) -> Any:
         value = _named_section(value, "objective")
-        return objective_options_model(value.get("name", "sft")).model_validate(value)
+        return _options_model(value, "sft", objective_options_model).model_validate(value)
 
     @model_validator(mode="after")
     def _objective_fits_training(self) -> RunConfig:
@@ -150,6 +151,12 @@ class RunConfig(Strict):
         return self.model_dump(mode="json")
 
 
+def error_at(key: str, value: Any, message: str) -> ValidationError:
+    """A validation error about `key` of the section a validator checks (pydantic puts the
+    section's own location in front), so that the message names the dotted key and its line."""
+    return ValidationError.from_exception_data("config", [{"type": PydanticCustomError("value_error", "{message}", {"message": message}), "loc": (key,), "input": value}])
+
+
 def _named_section(value: Any, section: str) -> dict:
     """`method: lora` is `method: {name: lora}`; the named class then validates its own options
     (unknown keys fail, naming the key)."""
@@ -160,6 +167,17 @@ def _named_section(value: Any, section: str) -> dict:
     return value
 
 
+def _options_model(section: dict[str, Any], default: str, options_model_of) -> type[BaseModel]:
+    """The options class of the section's `name` (a registry lookup: `options_model_of`)."""
+    name = section.get("name", default)
+    try:
+        if not isinstance(name, str):
+            raise ValueError("a name must be a string")
+        return options_model_of(name)
+    except ValueError as err:  # an unknown name: the registry's message lists the choices
+        raise error_at("name", name, str(err)) from None
+
+
 def _options_with_peft_adapter(given: dict[str, Any]) -> dict[str, Any]:
     """`from_peft: DIR`: the options come from the adapter's config; keys given as well must agree."""
     from tunelab.methods.peft_io import method_options_from_peft
@@ -167,7 +185,7 @@ def _options_with_peft_adapter(given: dict[str, Any]) -> dict[str, Any]:
     try:
         options = method_options_from_peft(given["from_peft"])
     except TunelabError as err:
-        raise ValueError(str(err)) from None
+        raise error_at("from_peft", given["from_peft"], str(err)) from None
     conflicts = [key for key, v in given.items() if key != "from_peft" and key in options and options[key] != v]
     if conflicts:
         raise ValueError(f"{', '.join(f'{k}={given[k]!r}' for k in conflicts)} differ from the peft adapter ({', '.join(f'{k}={options[k]!r}' for k in conflicts)})")

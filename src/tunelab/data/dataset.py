@@ -15,6 +15,7 @@ from tunelab.data.preference import fit_to_length, load_preference_examples, tok
 from tunelab.data.prompts import load_prompt_examples, tokenize_prompt
 from tunelab.data.tokenize import tokenize_example
 from tunelab.errors import TunelabError
+from tunelab.files import check_regular_file, sha256_file
 from tunelab.models.loader import cache_dir
 
 # Bump when tokenization changes, so stale caches are not reused.
@@ -72,8 +73,6 @@ def tokenized_split(path: str, config: DataConfig, tokenizer, rows: str = "sft")
     tokenized; which rows train, and the counts of cut and dropped ones, are worked out from it on
     each run.
     """
-    if not Path(path).is_file():  # checked here because the cache key hashes the file before it is read
-        raise TunelabError(f"data file not found: {path}")
     if rows == "text" and config.format not in ("auto", "text"):
         raise TunelabError(f"objective 'pretrain' reads text rows ({{\"text\": ...}}); data.format is '{config.format}'")
     cache_file = cache_dir() / "tokenized" / f"{_fingerprint(path, config, tokenizer, rows)}.arrow"
@@ -170,15 +169,13 @@ def _reader(path: str, config: DataConfig, tokenizer, rows: str):
 
 def _prompt_rows(path: str, config: DataConfig) -> bool:
     """Whether a file holds prompt-only rows (`{prompt, ...}` without a completion), judged by its first row."""
-    first = next(read_rows(path), (None, None))[1]
-    return config.format == "auto" and isinstance(first, dict) and "prompt" in first and "completion" not in first
+    first = next(read_rows(path), (None, {}))[1]
+    return config.format == "auto" and "prompt" in first and "completion" not in first
 
 
 def _fingerprint(path: str, config: DataConfig, tokenizer, rows: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    check_regular_file(Path(path))  # missing, a directory, a FIFO: refused before it is opened
+    digest = hashlib.sha256(sha256_file(Path(path)).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     identity = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
     for part in (

@@ -8,11 +8,13 @@ malformed row stops the run with one message naming the file and line, before an
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any, Iterator
 
 from tunelab.errors import TunelabError
+from tunelab.files import read_bytes, read_text
 
 FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant")
@@ -24,25 +26,41 @@ SHAREGPT_ROLES = {
     "assistant": "assistant",
     "model": "assistant",
 }
-SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv")  # each may be gzipped too (.jsonl.gz)
+DELIMITERS = {".csv": ",", ".tsv": "\t"}
 
 
-def read_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """(location, row) for each row of a .json/.jsonl/.parquet/.csv file; location is `file:line`."""
+def read_rows(path: str | Path, columns: list[str] | None = None, what: str = "data file", empty_cell=None) -> Iterator[tuple[str, dict]]:
+    """(location, row) for each row of a data file (see SUFFIXES); location is `file:line` (`file: row N`
+    in parquet). Every row is an object: a mapping of field names to values. A table's empty cell
+    is `empty_cell`: None by default, a missing field (a table cannot leave a field out otherwise);
+    `columns` name a table's cells (see delimited_rows)."""
     path = Path(path)
-    if not path.is_file():
-        raise TunelabError(f"data file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        yield from _jsonl_rows(path)
-    elif suffix == ".json":
-        yield from _json_array_rows(path)
-    elif suffix == ".csv":
-        yield from _csv_rows(path)
-    elif suffix == ".parquet":
-        yield from _parquet_rows(path)
+    suffix = data_suffix(path)
+    if suffix not in SUFFIXES:
+        raise TunelabError(f"{path}: unsupported {what} type '{suffix}' (use one of {', '.join(SUFFIXES)}, or one of them gzipped)")
+    if suffix == ".parquet":
+        rows = _parquet_rows(path)
+    elif suffix in DELIMITERS:
+        table = delimited_rows(path, read_text(path, what), DELIMITERS[suffix], columns)
+        rows = ((where, {key: cell if cell else empty_cell for key, cell in row.items()}) for where, row in table)
     else:
-        raise TunelabError(f"{path}: unsupported data file type '{suffix}' (use one of {', '.join(SUFFIXES)})")
+        values = jsonl_values if suffix == ".jsonl" else json_array_values
+        rows = ((f"{path}:{line}", value) for line, value in values(read_text(path, what)))
+    try:
+        for where, row in rows:
+            if not isinstance(row, dict):
+                raise TunelabError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+            yield where, row
+    except BadJson as err:
+        raise TunelabError(f"{path}:{err.line}: bad JSON: {err}") from None
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """`value` as a message quotes it: its repr, cut short, so that a message stays one short line
+    whatever a file holds."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def detect_format(row: dict, where: str) -> str:
@@ -57,15 +75,16 @@ def detect_format(row: dict, where: str) -> str:
         return "prompt_completion"
     if "text" in keys:
         return "text"
-    raise TunelabError(f"{where}: cannot tell the data format from the keys {sorted(keys)}; set data.format to one of {', '.join(FORMATS)}")
+    raise TunelabError(
+        f"{where}: cannot tell the data format from the keys {shown(sorted(keys))} (expected messages, conversations, instruction and output, "
+        f"prompt and completion, or text); or set data.format to one of {', '.join(FORMATS)}"
+    )
 
 
 def load_examples(path: str | Path, data_format: str = "auto") -> tuple[str, list[dict]]:
     """The detected format and the canonical examples of a file."""
     examples, fmt = [], None if data_format == "auto" else data_format
     for where, row in read_rows(path):
-        if not isinstance(row, dict):
-            raise TunelabError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
         fmt = fmt or detect_format(row, where)
         examples.append(CONVERTERS[fmt](row, where))
     if not examples:
@@ -83,7 +102,14 @@ def _text_field(row: dict, key: str, where: str, required: bool = True) -> str:
             raise TunelabError(f"{where}: missing field '{key}'")
         return ""
     if not isinstance(value, str):
-        raise TunelabError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+        raise TunelabError(f"{where}: field '{key}' must be a string, got {shown(value)}")
+    return value
+
+
+def _nonempty_text_field(row: dict, key: str, where: str) -> str:
+    value = _text_field(row, key, where)
+    if not value.strip():
+        raise TunelabError(f"{where}: field '{key}' is empty")
     return value
 
 
@@ -99,7 +125,7 @@ def _from_alpaca(row: dict, where: str) -> dict:
     prompt = f"{instruction}\n\n{extra_input}" if extra_input.strip() else instruction
     if not prompt.strip():
         raise TunelabError(f"{where}: field 'instruction' is empty")
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text_field(row, "output", where)}]
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _nonempty_text_field(row, "output", where)}]
     system = _text_field(row, "system", where, required=False)
     return {"messages": ([{"role": "system", "content": system}] if system else []) + messages}
 
@@ -112,11 +138,13 @@ def _turns(row: dict, key: str, role_key: str, text_key: str, roles: dict, where
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
             raise TunelabError(f"{where}: {key}[{i}] must be an object with '{role_key}' and '{text_key}'")
-        role = roles.get(turn[role_key])
+        role = roles.get(turn[role_key]) if isinstance(turn[role_key], str) else None
         if role is None:
-            raise TunelabError(f"{where}: {key}[{i}] has unknown role '{turn[role_key]}' (expected one of {', '.join(roles)})")
+            raise TunelabError(f"{where}: {key}[{i}] has unknown role {shown(turn[role_key])} (expected one of {', '.join(roles)})")
         if not isinstance(turn[text_key], str):
-            raise TunelabError(f"{where}: {key}[{i}].{text_key} must be a string")
+            raise TunelabError(f"{where}: {key}[{i}].{text_key} must be a string, got {shown(turn[text_key])}")
+        if role == "assistant" and not turn[text_key].strip():
+            raise TunelabError(f"{where}: {key}[{i}].{text_key} is empty: an assistant turn with nothing to learn")
         messages.append({"role": role, "content": turn[text_key]})
     return _checked_messages(messages, where)
 
@@ -130,17 +158,12 @@ def _from_sharegpt(row: dict, where: str) -> dict:
 
 
 def _from_prompt_completion(row: dict, where: str) -> dict:
-    prompt, completion = _text_field(row, "prompt", where), _text_field(row, "completion", where)
-    if not completion:
-        raise TunelabError(f"{where}: field 'completion' is empty")
+    prompt, completion = _text_field(row, "prompt", where), _nonempty_text_field(row, "completion", where)
     return {"segments": [{"text": prompt, "train": False}, {"text": completion, "train": True}]}
 
 
 def _from_text(row: dict, where: str) -> dict:
-    text = _text_field(row, "text", where)
-    if not text.strip():
-        raise TunelabError(f"{where}: field 'text' is empty")
-    return {"segments": [{"text": text, "train": True}]}
+    return {"segments": [{"text": _nonempty_text_field(row, "text", where), "train": True}]}
 
 
 CONVERTERS = {
@@ -155,49 +178,98 @@ CONVERTERS = {
 # --- file readers ----------------------------------------------------------------------------------
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{number}", json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TunelabError(f"{path}:{number}: bad JSON: {err.msg} (column {err.colno})") from None
+def data_suffix(path: Path) -> str:
+    """The suffix that names a file's format: `.jsonl` for `rows.jsonl` and `rows.jsonl.gz` alike."""
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if suffixes[-1:] == [".gz"]:
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
 
 
-def _json_array_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """Rows of a JSON array file, each located by the line its object starts on."""
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        return  # an empty file: no rows (reported as an empty data set)
-    decoder = json.JSONDecoder()
+class BadJson(ValueError):
+    """Text that is not JSON as data rows need it: the reason, and the line (of the text) it is on."""
 
-    def fail(err: json.JSONDecodeError):
-        return TunelabError(f"{path}:{err.lineno}: bad JSON: {err.msg} (column {err.colno})")
+    def __init__(self, reason: str, line: int):
+        super().__init__(reason)
+        self.line = line
 
+
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    row = {}
+    for key, value in pairs:
+        if key in row:
+            raise _RepeatedKey(key)
+        row[key] = value
+    return row
+
+
+# A key repeated in one object is an error: which value is meant is ambiguous (json's own decoder
+# keeps the last one silently). NaN and Infinity parse; a converter refuses them where text belongs.
+_JSON = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
+def _decode(text: str, index: int, first_line: int = 1) -> tuple[Any, int]:
+    """The JSON value that starts at text[index] and the index after it; `first_line`: the line
+    `text` starts on, for the line BadJson names."""
+    try:
+        return _JSON.raw_decode(text, index)
+    except json.JSONDecodeError as err:
+        raise BadJson(f"{err.msg.removesuffix(' at')} at column {err.colno}", first_line + err.lineno - 1) from None
+    except _RepeatedKey as err:
+        reason = f"the key {shown(err.args[0])} appears twice in one object"
+    except RecursionError:
+        reason = "nested too deeply"
+    except ValueError:  # int() refuses more digits than sys.get_int_max_str_digits()
+        reason = "a number with too many digits"
+    raise BadJson(reason, first_line + text.count("\n", 0, index))
+
+
+def jsonl_values(text: str) -> Iterator[tuple[int, Any]]:
+    """(line, value) of each non-blank line of a JSON Lines text; BadJson for a line that is not one
+    JSON value."""
+    # Lines end at \n, \r\n or \r, as a text file's lines do; not at the other characters that
+    # str.splitlines takes (a JSON string may hold U+2028).
+    lines = io.StringIO(text, newline=None).read().split("\n")
+    for number, line in enumerate(lines, start=1):
+        start = _skip_space(line, 0)
+        if start < len(line):
+            value, end = _decode(line, start, number)
+            if _skip_space(line, end) < len(line):
+                raise BadJson(f"more after the row at column {end + 1}; one row per line", number)
+            yield number, value
+
+
+def json_array_values(text: str) -> Iterator[tuple[int, Any]]:
+    """(line, value) of each element of a JSON array text, located by the line the element starts
+    on; an empty text has none. BadJson for anything but one array."""
     index = _skip_space(text, 0)
-    if index >= len(text) or text[index] != "[":
-        try:  # a single object, or invalid JSON: let the decoder say where
-            value = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise fail(err) from None
-        raise TunelabError(f"{path}: expected a JSON array of rows (or use .jsonl), got {type(value).__name__}")
+    if index == len(text):
+        return
+    if text[index] != "[":
+        value, _ = _decode(text, index)  # one object, or not JSON at all: the decoder says where
+        raise BadJson(f"expected an array of rows (or use .jsonl), got {type(value).__name__}", 1)
     index = _skip_space(text, index + 1)
     while index < len(text) and text[index] != "]":
-        try:
-            row, end = decoder.raw_decode(text, index)
-        except json.JSONDecodeError as err:
-            raise fail(err) from None
-        yield f"{path}:{text.count(chr(10), 0, index) + 1}", row
+        value, end = _decode(text, index)
+        yield _line_at(text, index), value
         index = _skip_space(text, end)
         if index < len(text) and text[index] == ",":
             index = _skip_space(text, index + 1)
         elif index < len(text) and text[index] != "]":
-            line = text.count(chr(10), 0, index) + 1
-            raise TunelabError(f"{path}:{line}: bad JSON: expected ',' or ']' between rows")
+            raise BadJson("expected ',' or ']' between rows", _line_at(text, index))
     if index >= len(text):
-        raise TunelabError(f"{path}:{text.count(chr(10)) + 1}: bad JSON: the array is not closed")
+        raise BadJson("the array is not closed", _line_at(text, len(text)))
+    after = _skip_space(text, index + 1)
+    if after < len(text):
+        raise BadJson("more after the array's closing ']'", _line_at(text, after))
+
+
+def _line_at(text: str, index: int) -> int:
+    return text.count("\n", 0, index) + 1
 
 
 def _skip_space(text: str, index: int) -> int:
@@ -206,36 +278,48 @@ def _skip_space(text: str, index: int) -> int:
     return index
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    """Rows of a CSV file with a header line, each located by the line its record starts on.
-
-    Cells stay the text they are (no type guessing: a completion `42` or `NA` is that string); an
-    empty cell is a missing field.
-    """
+def delimited_rows(path: Path, text: str, delimiter: str, columns: list[str] | None = None) -> Iterator[tuple[str, dict[str, str]]]:
+    """(file:line, {column: cell}) of each record of a CSV or TSV text after its header line, located
+    by the line the record starts on (a quoted cell may hold line breaks). Cells are the text they
+    are: no type guessing, and an empty cell is ''. `columns` name the cells by position instead of
+    the header, unless the header names them all (in any order)."""
     csv.field_size_limit(2**31 - 1)  # a long text cell is data, not an error (the default is 128 KiB)
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
-        try:
-            header = next(reader, None)
+    # strict: a quote left open is an error, not a cell that swallows the rest of the file
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    names, start = None, 1
+    try:
+        for cells in reader:
+            if not cells:  # the reader gives blank lines as []
+                pass
+            elif names is None:
+                names = cells if not columns or set(columns) <= set(cells) else columns
+                _refuse_repeated(names, f"{path}:{start}")
+            elif len(cells) != len(names):
+                raise TunelabError(f"{path}:{start}: {len(cells)} columns, the header has {len(names)}")
+            else:
+                yield f"{path}:{start}", dict(zip(names, cells))
             start = reader.line_num + 1
-            for cells in reader:
-                if cells:  # the reader gives blank lines as []
-                    if len(cells) != len(header):
-                        raise TunelabError(f"{path}:{start}: {len(cells)} cells, but the header has {len(header)}")
-                    yield f"{path}:{start}", {key: cell or None for key, cell in zip(header, cells)}
-                start = reader.line_num + 1
-        except csv.Error as err:
-            raise TunelabError(f"{path}:{reader.line_num}: bad CSV: {err}") from None
-        except UnicodeDecodeError as err:
-            raise TunelabError(f"{path}: cannot read csv file: it is not UTF-8 text ({err.reason})") from None
+    except csv.Error as err:
+        kind = "TSV" if delimiter == "\t" else "CSV"
+        # Strict quoting ends the text with this error only inside a quoted cell.
+        reason = "a quote opened in this record is never closed" if str(err) == "unexpected end of data" else err
+        raise TunelabError(f"{path}:{start}: bad {kind}: {reason}") from None
+
+
+def _refuse_repeated(columns: list[str], where: str) -> None:
+    repeated = next((name for i, name in enumerate(columns) if name in columns[:i]), None)
+    if repeated is not None:
+        raise TunelabError(f"{where}: the column {shown(repeated)} is named twice")
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    from datasets import Dataset
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     try:
-        table = Dataset.from_parquet(str(path))
-    except Exception as err:  # noqa: BLE001  (any parse failure is a bad input file)
-        raise TunelabError(f"{path}: cannot read parquet file: {err}") from None
-    for i, row in enumerate(table):
+        table = pq.read_table(pa.BufferReader(read_bytes(path)))
+    except pa.ArrowException as err:
+        raise TunelabError(f"{path}: cannot read parquet file: {str(err).splitlines()[0]}") from None
+    _refuse_repeated(table.column_names, str(path))
+    for i, row in enumerate(table.to_pylist()):
         yield f"{path}: row {i + 1}", row

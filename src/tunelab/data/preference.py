@@ -14,7 +14,7 @@ end-of-turn token (the chat template's, or EOS for plain text).
 
 from __future__ import annotations
 
-from tunelab.data.formats import read_rows
+from tunelab.data.formats import read_rows, shown
 from tunelab.data.tokenize import render_prompt
 from tunelab.errors import TunelabError
 
@@ -26,8 +26,6 @@ def load_preference_examples(path: str, kind: str) -> tuple[str, list[dict], int
     """(format, canonical rows, rows whose chosen equals rejected) of a preference or unpaired file."""
     examples, formats, identical = [], set(), 0
     for where, row in read_rows(path):
-        if not isinstance(row, dict):
-            raise TunelabError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
         if kind == "preference" or "completion" not in row:
             pair = _paired(row, where)
             identical += pair["chosen"] == pair["rejected"]
@@ -61,7 +59,7 @@ def _unpaired(row: dict, where: str) -> dict:
         if key not in row or row[key] is None:
             raise TunelabError(f"{where}: missing field '{key}' (unpaired rows are {{prompt, completion, label}})")
     if not isinstance(row["label"], bool):
-        raise TunelabError(f"{where}: field 'label' must be true or false, got {row['label']!r}")
+        raise TunelabError(f"{where}: field 'label' must be true or false, got {shown(row['label'])}")
     prompt = parse_prompt(row["prompt"], where)
     return {"prompt": prompt, "completion": _completion(row["completion"], "completion", prompt, where), "label": row["label"]}
 
@@ -72,6 +70,8 @@ def _unpaired_from(pair: dict, key: str) -> dict:
 
 def parse_prompt(value, where: str) -> str | list[dict]:
     if isinstance(value, str):
+        if not value.strip():
+            raise TunelabError(f"{where}: field 'prompt' is empty")
         return value
     if isinstance(value, list) and value:
         return _messages(value, "prompt", where)
@@ -81,7 +81,7 @@ def parse_prompt(value, where: str) -> str | list[dict]:
 def _completion(value, key: str, prompt, where: str) -> str | list[dict]:
     if isinstance(prompt, str):
         if not isinstance(value, str):
-            raise TunelabError(f"{where}: field '{key}' must be a string (the prompt is plain text), got {type(value).__name__}")
+            raise TunelabError(f"{where}: field '{key}' must be a string (the prompt is plain text), got {shown(value)}")
         if not value.strip():
             raise TunelabError(f"{where}: field '{key}' is empty")
         return value
@@ -100,7 +100,7 @@ def _messages(value: list, key: str, where: str) -> list[dict]:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
             raise TunelabError(f"{where}: {key}[{i}] must be an object with string 'role' and 'content'")
         if message["role"] not in ROLES:
-            raise TunelabError(f"{where}: {key}[{i}] has unknown role '{message['role']}' (expected one of {', '.join(ROLES)})")
+            raise TunelabError(f"{where}: {key}[{i}] has unknown role {shown(message['role'])} (expected one of {', '.join(ROLES)})")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 

@@ -19,8 +19,6 @@ def load_prompt_examples(path: str) -> tuple[str, list[dict]]:
     """(format, rows as {prompt, fields}) of a prompt-only file."""
     examples, formats = [], set()
     for where, row in read_rows(path):
-        if not isinstance(row, dict):
-            raise TunelabError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
         if row.get("prompt") is None:
             raise TunelabError(f"{where}: missing field 'prompt' (prompt rows are {{prompt, ...fields the rewards read}})")
         prompt = parse_prompt(row["prompt"], where)
@@ -28,7 +26,11 @@ def load_prompt_examples(path: str) -> tuple[str, list[dict]]:
         if len(formats) > 1:
             raise TunelabError(f"{where}: rows mix plain-text and conversational prompts; use one kind per file")
         fields = {key: value for key, value in row.items() if key != "prompt"}
-        examples.append({"prompt": json.dumps(prompt), "fields": json.dumps(fields), "where": where})
+        try:
+            fields_json = json.dumps(fields)
+        except TypeError as err:  # a parquet cell of a type JSON has none of (bytes, a timestamp)
+            raise TunelabError(f"{where}: the row's fields must be JSON values: {err}") from None
+        examples.append({"prompt": json.dumps(prompt), "fields": fields_json, "where": where})
     if not examples:
         raise TunelabError(f"{path}: the data set is empty")
     return f"prompt:{formats.pop()}", examples

@@ -16,10 +16,9 @@ completion): the prompt is everything before the final answer and the reference 
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
 import json
+import math
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,8 +27,9 @@ from pydantic import Field, model_validator
 
 from tunelab.config import load_config
 from tunelab.config.schema import Strict
+from tunelab.data.formats import read_rows, shown
 from tunelab.errors import TunelabError
-from tunelab.scoring.answers import fenced_code
+from tunelab.scoring.answers import fenced_code, final_number
 
 TaskType = Literal["math_exact", "multiple_choice", "classification", "code_pass_at_k", "json_fields", "exact_match", "perplexity", "preference"]
 GENERATION_TYPES = ("math_exact", "code_pass_at_k", "json_fields", "exact_match")
@@ -181,49 +181,9 @@ class Sample:
 
 
 def read_task_rows(path: str | Path, columns: list[str] | None = None) -> list[tuple[str, dict]]:
-    """(file:line, row) of a .jsonl/.json/.csv/.tsv file, gzipped or not."""
-    path = Path(path)
-    if not path.is_file():
-        raise TunelabError(f"task data file not found: {path}")
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        text, suffix = gzip.decompress(path.read_bytes()).decode("utf-8"), suffixes[-2] if len(suffixes) > 1 else ""
-    else:
-        text, suffix = path.read_text(encoding="utf-8"), suffixes[-1] if suffixes else ""
-    if suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((f"{path}:{number}", json.loads(line)))
-                except json.JSONDecodeError as err:
-                    raise TunelabError(f"{path}:{number}: invalid JSON: {err.msg}") from None
-        return rows
-    if suffix == ".json":
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise TunelabError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
-        if not isinstance(value, list):
-            raise TunelabError(f"{path}: a .json task file must hold a list of rows")
-        return [(f"{path}[{i}]", row) for i, row in enumerate(value)]
-    if suffix in (".csv", ".tsv"):
-        reader = csv.reader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
-        header = next(reader, None)
-        if header is None:
-            raise TunelabError(f"{path}: the file is empty")
-        # `columns` name the fields by position, unless the header names them all (in any order:
-        # GLUE's SST-2 is `sentence, label`, other copies `label, sentence`).
-        names = header if not columns or set(columns) <= set(header) else columns
-        rows = []
-        for number, values in enumerate(reader, 2):
-            if not values:
-                continue
-            if len(values) != len(names):
-                raise TunelabError(f"{path}:{number}: {len(values)} columns, the header has {len(names)}")
-            rows.append((f"{path}:{number}", dict(zip(names, values))))
-        return rows
-    raise TunelabError(f"{path}: unsupported task data type '{suffix}' (use .jsonl, .json, .csv or .tsv, optionally .gz)")
+    """(file:line, row) of a task's data file, read as training data files are (data/formats.py),
+    except that a table's cell stays the text it is, '' when empty."""
+    return list(read_rows(path, columns, "task data file", empty_cell=""))
 
 
 class Lines(list):
@@ -237,6 +197,11 @@ class Lines(list):
 def render(template: str, row: dict, where: str, what: str) -> str:
     fields = {key: Lines(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else value for key, value in row.items()}
     try:
+        for _, name, _, _ in string.Formatter().parse(template):
+            # A field the template uses whole (`{answer}`, not `{choices[0]}`) must have a value to write.
+            value = row.get(name)
+            if name in row and (value is None or isinstance(value, float) and not math.isfinite(value)):
+                raise TunelabError(f"{where}: field '{name}' is {shown(value)}, which the task's `{what}` template cannot render as text")
         return template.format_map(fields)
     except KeyError as err:
         raise TunelabError(f"{where}: task `{what}` uses the field {err}, which the row does not have (fields: {sorted(row)})") from None
@@ -270,8 +235,6 @@ def task_samples(task: TaskConfig, chat: bool) -> list[Sample]:
 
 
 def _sample(task: TaskConfig, where: str, row: dict, chat: bool) -> Sample:
-    if not isinstance(row, dict):
-        raise TunelabError(f"{where}: a row must be an object, got {type(row).__name__}")
     ident = str(row.get("task_id", row.get("id", where)))
     if task.type == "perplexity":
         return Sample(ident, "", render(task.text, row, where, "text"), row)
@@ -299,7 +262,10 @@ def code_program(task: TaskConfig, sample: Sample, completion: str) -> str:
 
 
 def _reference(task: TaskConfig, text: str, where: str):
-    """The reference as scoring wants it: a JSON object for json_fields tasks, else the text."""
+    """The reference as scoring wants it: a JSON object for json_fields tasks, else the text (for
+    math_exact, one that holds a number: checked here, before any generation)."""
+    if task.type == "math_exact" and final_number(text) is None:
+        raise TunelabError(f"{where}: the reference answer holds no number: {shown(text[-80:])}")
     if task.type != "json_fields":
         return text
     try:

@@ -4,9 +4,6 @@ llama.cpp (the merged model, or a LoRA adapter for `--lora`); a base model alone
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -18,6 +15,7 @@ from tunelab.config.schema import ModelConfig
 from tunelab.console import console
 from tunelab.errors import TunelabError
 from tunelab.export.gguf_export import GGUF_TYPES, write_lora, write_model
+from tunelab.files import staged_write
 from tunelab.models.loader import load_model, source_gguf
 from tunelab.models.quantize import dequantize_linears
 from tunelab.runs import LoadedRun, load_run
@@ -36,19 +34,19 @@ def export_run(source: str | Path, export_format: str, out: str | Path, gguf_typ
     to_file = export_format.startswith("gguf")
     if to_file and out.suffix != ".gguf":
         raise TunelabError(f"--out {out}: a GGUF export is one file; name it *.gguf")
-    if out.exists() and (to_file or any(out.iterdir())):
-        raise TunelabError(f"--out {out} exists" + ("" if to_file else " and is not empty"))
+    if out.exists():
+        if to_file:
+            raise TunelabError(f"--out {out} exists")
+        if not out.is_dir():
+            raise TunelabError(f"--out {out} is a file; --format {export_format} writes a directory")
+        if any(out.iterdir()):
+            raise TunelabError(f"--out {out} exists and is not empty")
+    existing = next(folder for folder in out.parents if folder.exists())
+    if not existing.is_dir():
+        raise TunelabError(f"--out {out}: {existing} is a file, not a directory")
     write = _writer(source, export_format, gguf_type)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        written = staging / out.name if to_file else staging
-        write(written)
-        if out.exists():
-            out.rmdir()  # an empty directory (checked above)
-        os.replace(written, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already when it was the export itself
+    with staged_write(out, directory=not to_file) as staging:  # nothing is left at --out on failure
+        write(staging)
     return out
 
 

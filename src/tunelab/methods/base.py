@@ -299,7 +299,7 @@ class LinearAdapterMethod(Method):
 
     def attach(self, model: nn.Module) -> None:
         model.requires_grad_(False)
-        for name in find_target_linears(model, self.options.target):
+        for name in find_target_linears(model, self.options):
             replace_module(model, name, self.wrap(name, model.get_submodule(name)))
 
     def adapter_layers(self, model: nn.Module) -> dict[str, AdapterLayer]:
@@ -340,22 +340,26 @@ def output_embedding_names(model: nn.Module) -> set[str]:
     return {name for name, module in model.named_modules() if output is not None and module is output}
 
 
-def find_target_linears(model: nn.Module, target: str | list[str]) -> list[str]:
-    """Names of the nn.Linear modules that `target` selects.
+def find_target_linears(model: nn.Module, options: BaseModel) -> list[str]:
+    """Names of the nn.Linear modules that `options.target` selects.
 
     `all-linear` selects every linear layer except the output head (as peft does). A list of
     patterns selects a module when a pattern equals its name, is its last dotted component(s)
-    (`q_proj` matches `model.layers.0.self_attn.q_proj`), or fully matches it as a regex.
+    (`q_proj` matches `model.layers.0.self_attn.q_proj`), or fully matches it as a regex. A name
+    the config wrote must select something (a misspelt one would leave its layers untrained,
+    silently); a method's default list, written for several architectures, needs one match in all.
     """
+    target = options.target
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     if target == "all-linear":
         excluded = output_embedding_names(model)
         return [name for name in linears if name not in excluded]
     patterns = [target] if isinstance(target, str) else list(target)
     chosen = [name for name in linears if name_matches(name, patterns)]
-    if not chosen:
+    unmatched = [p for p in patterns if not any(name_matches(name, [p]) for name in linears)]
+    if not chosen or (unmatched and "target" in options.model_fields_set):
         leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
-        raise TunelabError(f"method.target: no linear layer matches {patterns}; this model has {leaves}")
+        raise TunelabError(f"method.target: no linear layer matches {', '.join(map(repr, unmatched))}; this model has {leaves}")
     return chosen
 
 

@@ -84,7 +84,7 @@ class Ia3(LinearAdapterMethod):
         # A feedforward pattern given explicitly must select a target, or a typo would silently
         # turn an input scaling into an output scaling (the default may match nothing).
         if "feedforward" in self.options.model_fields_set:
-            targeted = find_target_linears(model, self.options.target)
+            targeted = find_target_linears(model, self.options)
             unmatched = [p for p in feedforward if not any(name_matches(name, [p]) for name in targeted)]
             if unmatched:
                 leaves = sorted({name.rsplit(".", 1)[-1] for name in targeted})

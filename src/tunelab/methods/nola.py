@@ -120,7 +120,7 @@ class Nola(LinearAdapterMethod):
     Options = NolaOptions
 
     def attach(self, model: nn.Module) -> None:
-        targets = [model.get_submodule(name) for name in find_target_linears(model, self.options.target)]
+        targets = [model.get_submodule(name) for name in find_target_linears(model, self.options)]
         if not targets:
             raise TunelabError("method.target: this model has no linear layer for NOLA to adapt")
         max_in, max_out = max(t.in_features for t in targets), max(t.out_features for t in targets)

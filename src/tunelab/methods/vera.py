@@ -114,7 +114,7 @@ class Vera(LinearAdapterMethod):
 
     def attach(self, model: nn.Module) -> None:
         opts = self.options
-        targets = [model.get_submodule(name) for name in find_target_linears(model, opts.target)]
+        targets = [model.get_submodule(name) for name in find_target_linears(model, opts)]
         if not targets:
             raise TunelabError("method.target: this model has no linear layer for VeRA to adapt")
         self._projections = VeraProjections(

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from tunelab.config.schema import ModelConfig
 from tunelab.console import console
 from tunelab.errors import TunelabError
+from tunelab.files import describe_path
 from tunelab.models.attention import enable_packed_attention
 from tunelab.models.quantize import quantize_linears
 from tunelab.models.swiglu import enable_swiglu
@@ -115,7 +116,7 @@ def local_source(name: str) -> str:
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise TunelabError(f"model: GGUF file not found: {path}")
+            raise TunelabError(f"model: GGUF file not found: {describe_path(path)}")
         stat = path.stat()
         key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
         return str(_cached_gguf(path, key=f"gguf-{key}"))
@@ -124,7 +125,7 @@ def local_source(name: str) -> str:
             raise TunelabError(f"model: '{name}' is a path but not a Hugging Face model directory (no config.json)")
         return str(path)
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) or name.startswith((".", "/")):
-        raise TunelabError(f"model: '{name}' is not a built-in alias ({', '.join(ALIASES)}), a local directory, a .gguf file or a Hugging Face hub id")
+        raise TunelabError(f"model: '{name}' is not a built-in alias ({', '.join(ALIASES)}), a local directory (no {describe_path(path)}), a .gguf file or a Hugging Face hub id")
     return name  # a hub id: transformers downloads (or finds it in the HF cache)
 
 
@@ -180,11 +181,18 @@ def _load_tokenizer(source: str, config: ModelConfig):
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
     except Exception as err:  # noqa: BLE001
-        raise TunelabError(f"model: could not load the tokenizer of '{config.name}': {err}") from None
+        raise _not_loaded(f"the tokenizer of '{config.name}'", source, err) from None
 
 
 def _from_pretrained(source: str, config: ModelConfig, dtype: torch.dtype) -> PreTrainedModel:
     try:
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, trust_remote_code=config.trust_remote_code)
     except Exception as err:  # noqa: BLE001
-        raise TunelabError(f"model: could not load '{config.name}' (safetensors weights required): {err}") from None
+        raise _not_loaded(f"'{config.name}' (safetensors weights required)", source, err) from None
+
+
+def _not_loaded(what: str, source: str, err: Exception) -> TunelabError:
+    """One line (transformers' messages run over several): what failed to load and why; for a hub
+    id, also the local directory looked for first."""
+    local = "" if Path(source).exists() else f" (no local directory {describe_path(source)}; tried as a Hugging Face hub id)"
+    return TunelabError(f"model: could not load {what}{local}: {' '.join(str(err).split())}")

@@ -49,7 +49,7 @@ class RewardSpec(BaseModel):
                 raise ValueError("reward 'format' needs a 'pattern' (a regex)")
             try:
                 re.compile(self.pattern)
-            except re.error as error:
+            except (re.error, OverflowError) as error:  # OverflowError: a repeat count past what re can hold
                 raise ValueError(f"reward 'format': pattern {self.pattern!r} is not a valid regex ({error})") from None
         if self.name == "length" and self.target is None:
             raise ValueError("reward 'length' needs a 'target' (completion tokens)")

@@ -24,7 +24,7 @@ from torch import nn
 from tunelab.config import load_config
 from tunelab.config.schema import ModelConfig
 from tunelab.errors import TunelabError
-from tunelab.files import read_safetensors
+from tunelab.files import describe_path, read_safetensors
 from tunelab.methods import build_method
 from tunelab.methods.base import PEFT_PREFIX, LinearAdapterMethod
 from tunelab.methods.peft_io import method_options_from_peft, read_peft_adapter
@@ -83,7 +83,7 @@ def read_adapter(name: str, source: str | Path, base_model: str) -> ServedAdapte
         option_map = method_options_from_peft(source)
         options, trained_on = method_options_model(option_map["name"]).model_validate(option_map), None
     else:
-        raise TunelabError(f"adapter '{name}': {source} is neither a tunelab run directory nor a peft adapter directory")
+        raise TunelabError(f"adapter '{name}': {describe_path(source)} is neither a tunelab run directory nor a peft adapter directory")
     if options.name == "lora" and not options.dora and options.init in ("kaiming", "gaussian"):
         tensors = _lora_tensors(name, source)
         scale = build_method(options).scaling

@@ -2,7 +2,7 @@
 
 A checkpoint is `OUTPUT/checkpoints/step-N/`: the trainable weights, the optimizer state, every RNG
 state and the step (which fixes the data position). It is written into a hidden temp directory,
-fsynced, and renamed into place (files.staged_directory), so `step-N` either exists complete or not
+fsynced, and renamed into place (files.staged_write), so `step-N` either exists complete or not
 at all. A failed write (disk full) removes its temp directory and leaves the checkpoints before it
 as they were.
 `checksums.json` records each file's SHA-256: a checkpoint damaged on disk later (a bit flip, a
@@ -12,7 +12,6 @@ is safetensors or JSON: loading a checkpoint never unpickles anything.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -27,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from tunelab.console import console
 from tunelab.errors import TunelabError
-from tunelab.files import staged_directory
+from tunelab.files import sha256_file, staged_write
 
 STEP_DIR = re.compile(r"step-(\d+)")
 CHECKSUMS_FILE = "checksums.json"
@@ -50,7 +49,7 @@ class TrainState:
 def save_checkpoint(checkpoints_dir: Path, state: TrainState, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, keep: int) -> Path:
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / f"step-{state.step}"
-    with staged_directory(final) as staging:  # a failed write (disk full) leaves nothing of this step
+    with staged_write(final) as staging:  # a failed write (disk full) leaves nothing of this step
         _write_files(staging, state, trainable, optimizer)
     for stale in list_checkpoints(checkpoints_dir)[:-keep]:
         shutil.rmtree(stale)
@@ -66,7 +65,7 @@ def _write_files(staging: Path, state: TrainState, trainable: dict[str, torch.Te
     save_file(rng_tensors, staging / "rng.safetensors")
     meta = {"state": state.__dict__, "optimizer": optimizer_meta, "rng": rng_meta}
     (staging / "state.json").write_text(json.dumps(meta))
-    checksums = {file.name: _sha256(file) for file in sorted(staging.iterdir())}
+    checksums = {file.name: sha256_file(file) for file in sorted(staging.iterdir())}
     (staging / CHECKSUMS_FILE).write_text(json.dumps(checksums, indent=1))
 
 
@@ -83,7 +82,7 @@ def damage(checkpoint: Path) -> str | None:
         file = checkpoint / name
         if not file.is_file():
             return f"{name} is missing"
-        if _sha256(file) != digest:
+        if sha256_file(file) != digest:
             return f"{name} does not match its checksum (changed on disk since it was written)"
     return None
 
@@ -164,11 +163,3 @@ def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate((version, tuple(python_state), gauss))
     kind, keys, pos, has_gauss, cached = meta["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -222,6 +222,8 @@ def set_up(config: RunConfig, resume: bool, overwrite: bool) -> tuple[Run, list[
     quantized = None if config.model.quantize == "none" else quantization_report(model, config.model.quantize).as_dict()
     method = build_method(config.method)
     method.attach(model)
+    if config.method.from_peft:  # read before anything is written: a bad adapter leaves the output as it was
+        method.peft_import(model, *read_peft_adapter(config.method.from_peft))
     objective = build_objective(config.objective)
     objective.attach(model)
     teacher = objective.teacher_source()
@@ -282,8 +284,6 @@ def restore_or_prepare(run: Run, output: Path, resume: bool, replaced: list[str]
     fresh run (peft weights to start from, the method's choice from training data); build the optimizer."""
     config, tcfg, model, method = run.config, run.config.train, run.model, run.method
     _init_output(output, config, replaced)
-    if config.method.from_peft:
-        method.peft_import(model, *read_peft_adapter(config.method.from_peft))
     state = TrainState(step=0, tokens_seen=0, train_seconds=0.0)
     checkpoint = newest_intact_checkpoint(output / "checkpoints") if resume else None
     if checkpoint is None and method.prepare_steps:
