@@ -7,16 +7,16 @@ Every path these helpers write into a config is absolute, so a run does not depe
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import importlib
 import json
+import multiprocessing
 import os
 import signal
-import subprocess
-import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -193,59 +193,112 @@ def train_keeping_model(monkeypatch, config: dict):
     return result, kept
 
 
-DRIVER = """\
-import sys
+@dataclass(frozen=True)
+class Trigger:
+    """Send `signum` to a forked run itself at the `nth` call of `module.attr`, `when` before or
+    after the real call: the point of a fault is then exact, not a race against a timer."""
 
-import tunelab
+    module: str
+    attr: str
+    nth: int
+    when: str = "before"
+    signum: int = signal.SIGKILL
+    reached: object = None  # a multiprocessing Event, set just before the signal is sent
 
-tunelab.train(sys.argv[1], resume="--resume" in sys.argv[2:])
-"""
+    def arm(self) -> None:
+        module = importlib.import_module(self.module)
+        real, calls = getattr(module, self.attr), 0
+
+        def fire() -> None:
+            if self.reached is not None:
+                self.reached.set()
+            os.kill(os.getpid(), self.signum)
+
+        def triggered(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            if calls == self.nth and self.when == "before":
+                fire()
+            result = real(*args, **kwargs)
+            if calls == self.nth and self.when == "after":
+                fire()
+            return result
+
+        setattr(module, self.attr, triggered)
+
+
+@functools.cache
+def forkserver():
+    """The multiprocessing context whose server imported tunelab once: a run forked from it starts
+    in a fraction of a second instead of a fresh interpreter's several seconds of imports."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["tunelab.cli.main", "tunelab.train.loop", "tunelab.runs", "tunelab.eval", "tunelab.export", "datasets"])
+    return context
+
+
+def _cli_child(argv: list[str], env: dict, triggers: tuple[Trigger, ...], log: str) -> None:
+    """A forked `tunelab ARGV` with its output in `log` and the triggers armed; exits with the CLI's code."""
+    import datasets.config
+
+    from tunelab.cli.main import app
+
+    os.environ.update(env)
+    datasets.config.HF_DATASETS_CACHE = Path(env["HF_DATASETS_CACHE"])  # read once, at import
+    # One thread: forked runs may run two at a time, and every one computes alike.
+    torch.set_num_threads(1)
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    for trigger in triggers:
+        trigger.arm()
+    try:
+        app(argv, prog_name="tunelab")
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    os._exit(code)
+
+
+def start_cli(argv: list, cache: Path, *triggers: Trigger) -> tuple[multiprocessing.Process, Path]:
+    """Start `tunelab ARGV` forked from the forkserver, with its own cache; returns the process and its log file."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    log = cache.parent / f"{cache.name}-{len(list(cache.parent.glob(cache.name + '-*.log')))}.log"
+    env = {"TUNELAB_CACHE": str(cache / "tunelab"), "HF_DATASETS_CACHE": str(cache / "hf-datasets")}
+    process = forkserver().Process(target=_cli_child, args=([str(a) for a in argv], env, triggers, str(log)))
+    process.start()
+    return process, log
+
+
+def finish_cli(process: multiprocessing.Process, log: Path) -> tuple[int, str]:
+    """Wait for a started run: its exit code (-N for signal N) and its output."""
+    process.join(timeout=300)
+    assert process.exitcode is not None, f"the forked run did not end:\n{log.read_text()[-3000:]}"
+    return process.exitcode, log.read_text()
+
+
+def run_cli(argv: list, cache: Path, *triggers: Trigger) -> tuple[int, str]:
+    """`tunelab ARGV` in a forked process: its exit code and output."""
+    return finish_cli(*start_cli(argv, cache, *triggers))
 
 
 def kill_and_resume(tmp_path: Path, config: dict, kill_after: int) -> tuple[Path, Path]:
-    """Run `config` twice in subprocesses: once uninterrupted, once SIGKILLed as soon as its
-    checkpoint `step-{kill_after}` exists and then resumed with --resume. Returns the run
-    directories (killed-and-resumed, uninterrupted), both finished."""
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    src_dir = Path(tunelab.__file__).resolve().parents[1]
+    """Run `config` twice in forked processes: once uninterrupted, once SIGKILLed right after it wrote
+    checkpoint `step-{kill_after}` and then resumed with --resume. Returns the run directories
+    (killed-and-resumed, uninterrupted), both finished."""
+    save_every = config["train"]["save_every"]
+    assert kill_after % save_every == 0, "the kill follows a checkpoint"
     configs = {name: write_yaml(tmp_path / f"{name}.yaml", {**config, "output": str(tmp_path / name)}) for name in ("uninterrupted", "killed")}
-
-    def start(name: str, resume: bool = False) -> subprocess.Popen:
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(src_dir),
-            "TUNELAB_CACHE": str(tmp_path / f"cache-{name}"),
-            # Two runs at once: one thread each, as spinning OpenMP threads of both would fight for
-            # the cores. Every process gets the same count, so their arithmetic stays identical.
-            "OMP_NUM_THREADS": "1",
-        }
-        log = (tmp_path / f"{name}{'-resume' if resume else ''}.log").open("w")
-        argv = [sys.executable, str(driver), str(configs[name])] + (["--resume"] if resume else [])
-        return subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
-
-    def log_of(name: str) -> str:
-        return (tmp_path / f"{name}.log").read_text()[-3000:]
-
-    uninterrupted = start("uninterrupted")
-    killed = start("killed")
+    uninterrupted = start_cli(["train", configs["uninterrupted"]], tmp_path / "cache-uninterrupted")
+    after_checkpoint = Trigger("tunelab.train.loop", "save_checkpoint", kill_after // save_every, when="after")
+    code, output = run_cli(["train", configs["killed"]], tmp_path / "cache-killed", after_checkpoint)
+    assert code == -signal.SIGKILL, output
     run_dir = tmp_path / "killed"
-    deadline = time.monotonic() + 120
-    while not (run_dir / "checkpoints" / f"step-{kill_after}").is_dir():
-        if killed.poll() is not None:
-            pytest.fail(f"the run exited (rc {killed.returncode}) before step {kill_after}:\n{log_of('killed')}")
-        if time.monotonic() > deadline:
-            killed.kill()
-            pytest.fail(f"no checkpoint step-{kill_after} within 120 s:\n{log_of('killed')}")
-        time.sleep(0.01)
-    finished_before_kill = (run_dir / "report.json").exists()
-    os.kill(killed.pid, signal.SIGKILL)
-    assert killed.wait(timeout=60) == -signal.SIGKILL
-    assert not finished_before_kill and not (run_dir / "report.json").exists(), "the kill came after the run ended"
-    assert not (run_dir / "adapter").exists() and not (run_dir / "model").exists()
+    assert (run_dir / "checkpoints" / f"step-{kill_after}").is_dir()
+    assert not (run_dir / "adapter").exists() and not (run_dir / "model").exists() and not (run_dir / "report.json").exists()
 
-    resumed = start("killed", resume=True)
-    assert resumed.wait(timeout=300) == 0, log_of("killed-resume")
-    assert uninterrupted.wait(timeout=300) == 0, log_of("uninterrupted")
+    code, output = run_cli(["train", configs["killed"], "--resume"], tmp_path / "cache-killed")
+    assert code == 0, output
+    code, output = finish_cli(*uninterrupted)
+    assert code == 0, output
     assert not [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
     return run_dir, tmp_path / "uninterrupted"

@@ -2,10 +2,9 @@
 SIGINT/SIGTERM, and SIGKILL at seeded points of a run. Every resume must end bitwise equal to the
 uninterrupted run, and nothing a fault leaves may be misread by `eval` or `export`.
 
-Runs that must die are forked from a forkserver that imported tunelab once, so each costs a
-second instead of a fresh interpreter's imports. A "trigger" sends a signal to the run itself at
-the n-th call of a named function (before or after the real call), so the point of every fault is
-exact and repeatable instead of a race against a timer.
+Runs that must die are forked from a forkserver that imported tunelab once (helpers.run_cli), so
+each costs a second instead of a fresh interpreter's imports. A helpers.Trigger sends a signal to the
+run itself at the n-th call of a named function, so the point of every fault is exact and repeatable.
 """
 
 from __future__ import annotations
@@ -13,20 +12,32 @@ from __future__ import annotations
 import errno
 import importlib
 import json
-import multiprocessing
 import os
 import random
 import shutil
 import signal
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from safetensors import SafetensorError
 
 import tunelab
-from helpers import assert_clean_failure, assert_tensors_equal, invoke, load_adapter, read_report, tiny_run_config, tree_state, write_records_data, write_yaml
+from helpers import (
+    Trigger,
+    assert_clean_failure,
+    assert_tensors_equal,
+    forkserver,
+    invoke,
+    load_adapter,
+    read_report,
+    run_cli,
+    start_cli,
+    tiny_run_config,
+    tree_state,
+    write_records_data,
+    write_yaml,
+)
 from tunelab.errors import TunelabError
 from tunelab.files import exclusive_directory
 from tunelab.runs import RUN_FILE, load_run
@@ -35,78 +46,6 @@ from tunelab.train import checkpoint, loop
 # Eight steps of four rows over 24 rows (an epoch boundary inside), held-out loss at steps 4 and 8,
 # a checkpoint every 2 steps of which the newest 2 are kept.
 RUN = {"max_steps": 8, "batch_size": 4, "save_every": 2, "eval_every": 4, "keep_checkpoints": 2}
-
-
-@dataclass(frozen=True)
-class Trigger:
-    """Send `signum` to the run itself at the `nth` call of `module.attr`, `when` before or after the real call."""
-
-    module: str
-    attr: str
-    nth: int
-    when: str = "before"
-    signum: int = signal.SIGKILL
-    reached: object = None  # a multiprocessing Event, set just before the signal is sent
-
-    def arm(self) -> None:
-        module = importlib.import_module(self.module)
-        real, calls = getattr(module, self.attr), 0
-
-        def fire() -> None:
-            if self.reached is not None:
-                self.reached.set()
-            os.kill(os.getpid(), self.signum)
-
-        def triggered(*args, **kwargs):
-            nonlocal calls
-            calls += 1
-            if calls == self.nth and self.when == "before":
-                fire()
-            result = real(*args, **kwargs)
-            if calls == self.nth and self.when == "after":
-                fire()
-            return result
-
-        setattr(module, self.attr, triggered)
-
-
-def _cli_child(argv: list[str], env: dict, triggers: tuple[Trigger, ...], log: str) -> None:
-    """A forked `tunelab ARGV` with its output in `log` and the triggers armed; exits with the CLI's code."""
-    import datasets.config
-
-    from tunelab.cli.main import app
-
-    os.environ.update(env)
-    datasets.config.HF_DATASETS_CACHE = Path(env["HF_DATASETS_CACHE"])  # read once, at import
-    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    for trigger in triggers:
-        trigger.arm()
-    try:
-        app(argv, prog_name="tunelab")
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    os._exit(code)
-
-
-@pytest.fixture(scope="module")
-def forked():
-    """`forked(argv, cache, *triggers) -> (exit code, log text)`: `tunelab ARGV` in a forked process."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["tunelab.cli.main", "tunelab.train.loop", "tunelab.runs", "tunelab.eval", "tunelab.export", "datasets"])
-
-    def run(argv: list, cache: Path, *triggers: Trigger) -> tuple[int, str]:
-        log = cache.parent / f"{cache.name}-{len(list(cache.parent.glob(cache.name + '-*.log')))}.log"
-        env = {"TUNELAB_CACHE": str(cache / "tunelab"), "HF_DATASETS_CACHE": str(cache / "hf-datasets")}
-        process = context.Process(target=_cli_child, args=([str(a) for a in argv], env, triggers, str(log)))
-        process.start()
-        process.join(timeout=300)
-        assert process.exitcode is not None, f"tunelab {argv} did not end:\n{log.read_text()[-3000:]}"
-        return process.exitcode, log.read_text()
-
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +58,10 @@ def config_file(directory: Path, records, name: str = "run", **train) -> Path:
 
 
 @pytest.fixture(scope="module")
-def forked_reference(forked, records, tmp_path_factory):
+def forked_reference(records, tmp_path_factory):
     """The final adapter of the uninterrupted run, trained in a forked process like the faulted ones."""
     directory = tmp_path_factory.mktemp("reference")
-    code, log = forked(["train", config_file(directory, records)], directory / "cache")
+    code, log = run_cli(["train", config_file(directory, records)], directory / "cache")
     assert code == 0, log
     return load_adapter(directory / "run")
 
@@ -312,23 +251,18 @@ def test_a_second_trainer_is_refused_at_once(records, tmp_path, record_property)
     assert tree_state(tmp_path) == before
 
 
-def test_a_sigkilled_trainer_leaves_no_stale_lock(forked, records, tmp_path, record_property):
+def test_a_sigkilled_trainer_leaves_no_stale_lock(records, tmp_path, record_property):
     """A trainer stopped (SIGSTOP) mid-run holds the directory; once it is SIGKILLed, the next one trains."""
     record_property("reliability", "fault: two trainers")
     config = config_file(tmp_path, records)
-    context = multiprocessing.get_context("forkserver")
-    log = tmp_path / "first.log"
-    env = {"TUNELAB_CACHE": str(tmp_path / "cache" / "tunelab"), "HF_DATASETS_CACHE": str(tmp_path / "cache" / "hf")}
-    in_step_3 = context.Event()
-    stop_in_step_3 = Trigger("tunelab.train.loop", "step_loss", 3, signum=signal.SIGSTOP, reached=in_step_3)
-    first = context.Process(target=_cli_child, args=(["train", str(config)], env, (stop_in_step_3,), str(log)))
-    first.start()
+    in_step_3 = forkserver().Event()
+    first, log = start_cli(["train", config], tmp_path / "cache", Trigger("tunelab.train.loop", "step_loss", 3, signum=signal.SIGSTOP, reached=in_step_3))
     assert in_step_3.wait(timeout=120), log.read_text()  # it holds the directory, and stops (or has stopped) itself
     assert_clean_failure(invoke("train", config, "--resume"), "is in use")
     first.kill()
     first.join()
     assert first.exitcode == -signal.SIGKILL
-    code, output = forked(["train", config, "--resume"], tmp_path / "cache")
+    code, output = run_cli(["train", config, "--resume"], tmp_path / "cache")
     assert code == 0, output
 
 
@@ -336,32 +270,32 @@ def test_a_sigkilled_trainer_leaves_no_stale_lock(forked, records, tmp_path, rec
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
-def test_a_signal_writes_a_checkpoint_and_resume_is_exact(signum, forked, records, forked_reference, tmp_path, record_property):
+def test_a_signal_writes_a_checkpoint_and_resume_is_exact(signum, records, forked_reference, tmp_path, record_property):
     record_property("reliability", "fault: SIGINT/SIGTERM")
     config = config_file(tmp_path, records, save_every=0)  # the only checkpoint is the one the signal asks for
-    code, output = forked(["train", config], tmp_path / "cache", Trigger("tunelab.train.loop", "step_loss", 5, signum=signum))
+    code, output = run_cli(["train", config], tmp_path / "cache", Trigger("tunelab.train.loop", "step_loss", 5, signum=signum))
     assert code == 128 + signum, output
     stopped_at = int(output.split(" at step ")[1].split()[0])
     assert f"{signal.Signals(signum).name} at step {stopped_at} of 8: checkpoint" in output and "Traceback" not in output
     assert checkpoint.damage(tmp_path / "run" / "checkpoints" / f"step-{stopped_at}") is None
 
-    code, output = forked(["train", config, "--resume"], tmp_path / "cache")
+    code, output = run_cli(["train", config, "--resume"], tmp_path / "cache")
     assert code == 0, output
     assert read_report(tmp_path / "run")["resumed_from_step"] == stopped_at
     assert_tensors_equal(load_adapter(tmp_path / "run"), forked_reference)
 
 
-def test_a_second_ctrl_c_stops_at_once(forked, records, forked_reference, tmp_path, record_property):
+def test_a_second_ctrl_c_stops_at_once(records, forked_reference, tmp_path, record_property):
     record_property("reliability", "fault: SIGINT/SIGTERM")
     config = config_file(tmp_path, records, save_every=0)
     # The second Ctrl-C comes while the first one's checkpoint is being written.
     first = Trigger("tunelab.train.loop", "step_loss", 5, signum=signal.SIGINT)
     second = Trigger("tunelab.train.checkpoint", "save_file", 1, when="after", signum=signal.SIGINT)
-    code, output = forked(["train", config], tmp_path / "cache", first, second)
+    code, output = run_cli(["train", config], tmp_path / "cache", first, second)
     assert code == 130, output
     assert "interrupted" in output and "Traceback" not in output
     assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
-    code, output = forked(["train", config, "--resume"], tmp_path / "cache")
+    code, output = run_cli(["train", config, "--resume"], tmp_path / "cache")
     assert code == 0, output
     assert_tensors_equal(load_adapter(tmp_path / "run"), forked_reference)
 
@@ -395,18 +329,18 @@ def seeded_kills() -> list[tuple[str, Trigger]]:
 
 
 @pytest.mark.parametrize("trial", range(KILLS), ids=[f"kill-{i:02d}" for i in range(KILLS)])
-def test_sigkill_at_a_seeded_point_then_resume_is_bitwise_exact(trial, forked, records, forked_reference, tmp_path, record_property):
+def test_sigkill_at_a_seeded_point_then_resume_is_bitwise_exact(trial, records, forked_reference, tmp_path, record_property):
     point, trigger = seeded_kills()[trial]
     record_property("reliability", "fault: SIGKILL loop")
     record_property("kill", f"{point}: call {trigger.nth} of {trigger.module}.{trigger.attr}, {trigger.when}")
     config = config_file(tmp_path, records)
 
-    code, output = forked(["train", config], tmp_path / "cache", trigger)
+    code, output = run_cli(["train", config], tmp_path / "cache", trigger)
     assert code == -signal.SIGKILL, output
     left = assert_readable_or_refused(tmp_path / "run", forked_reference)
     newest = checkpoint.newest_intact_checkpoint(tmp_path / "run" / "checkpoints")
 
-    code, output = forked(["train", config, "--resume"], tmp_path / "cache")
+    code, output = run_cli(["train", config, "--resume"], tmp_path / "cache")
     assert code == 0, output
     resumed_from = read_report(tmp_path / "run")["resumed_from_step"]
     assert resumed_from == (int(newest.name.split("-")[1]) if newest else None)  # no work past it was redone
