@@ -41,6 +41,19 @@ The cases are tests of the default suite (`python -m pytest`). This page is writ
 "holds" when its test passed, i.e. everything the contract says was asserted and held.
 """
 
+LIMITS = """\
+## Outside the contract
+
+- Command-line usage errors that typer itself catches (an unknown option, a word where a number
+  belongs, `--max-batch 0` below an option's minimum) keep typer's convention: exit status 2 with
+  its usage box.
+- The SIGKILL loop and the signal tests kill `tunelab train` on the tiny in-process model (LoRA, SFT);
+  the other objectives' SIGKILL-resume tests (`tests/test_objectives.py`, `tests/test_sampling_objectives.py`)
+  kill right after a checkpoint.
+- A data file is read whole into memory before its rows are converted (the converted rows were
+  always held whole).
+"""
+
 CLASS_NOTES = {
     "data files": "every reader (.jsonl, .json, .csv, .tsv, .parquet, gzipped; SFT, preference, prompt and task rows) through `train`, `eval --task`, `bench --data`: "
     "defects refused, and valid variants (BOM, CRLF, TSV, gzip, a quoted newline, a 10 MB row) read as the plain file",
@@ -104,7 +117,9 @@ def render(cases: list[dict], seconds: float) -> str:
     for case in kills:
         trial = case["id"].rsplit("[", 1)[-1].rstrip("]")
         result = "bitwise equal" if case["outcome"] == "held" else case["outcome"].upper()
-        lines.append(f"| {trial} | {case.get('kill', '?')} | {case.get('after the kill', '?')} | {case.get('resumed from step', '?')} | {result} |")
+        resumed = {"None": "none: from the start"}.get(case.get("resumed from step", "?"), case.get("resumed from step", "?"))
+        lines.append(f"| {trial} | {case.get('kill', '?')} | {case.get('after the kill', '?')} | {resumed} | {result} |")
+    lines += ["", LIMITS]
     failed = [c["id"] for c in cases if c["outcome"] == "failed"]
     if failed:
         lines += ["", "## Failing cases", "", *(f"- `{case_id}`" for case_id in failed)]
