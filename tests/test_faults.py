@@ -318,13 +318,14 @@ KILLS = 20
 
 
 def seeded_kills() -> list[tuple[str, Trigger]]:
-    """20 kill points: every kind of point in turn, the call and its side (before or after) drawn from the seed."""
+    """20 kill points: every kind of point in turn, before its call and after it on alternate rounds,
+    the call drawn from the seed."""
     draw = random.Random(KILL_SEED)
     kills = []
     for trial in range(KILLS):
-        point = list(KILL_POINTS)[trial % len(KILL_POINTS)]
-        module, attr, calls = KILL_POINTS[point]
-        kills.append((point, Trigger(module, attr, draw.randint(1, calls), draw.choice(["before", "after"]))))
+        round_, kind = divmod(trial, len(KILL_POINTS))
+        module, attr, calls = KILL_POINTS[list(KILL_POINTS)[kind]]
+        kills.append((list(KILL_POINTS)[kind], Trigger(module, attr, draw.randint(1, calls), ("before", "after")[round_ % 2])))
     return kills
 
 
