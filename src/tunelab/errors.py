@@ -1,4 +1,11 @@
-"""The exceptions the CLI turns into a clear message and a non-zero exit, without a traceback."""
+"""The exceptions the CLI turns into a clear message and a non-zero exit, without a traceback, and
+how such a message quotes a bad value."""
+
+import reprlib
+from typing import Any
+
+# How much of a bad value a message shows: enough to recognize it, and a message stays one line.
+SHOWN_VALUE_CHARS = 60
 
 
 class TunelabError(Exception):
@@ -19,3 +26,12 @@ class RunStopped(Exception):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+def shown(value: Any) -> str:
+    """`value` as an error message quotes it: its repr, at most SHOWN_VALUE_CHARS characters however
+    big the value (reprlib builds no more of it than that)."""
+    brief = reprlib.Repr()
+    brief.maxstring = brief.maxother = SHOWN_VALUE_CHARS
+    text = brief.repr(value)
+    return text if len(text) <= SHOWN_VALUE_CHARS else text[: SHOWN_VALUE_CHARS - 3] + "..."

@@ -4,7 +4,6 @@ overrides, validate, and report errors by key and line."""
 from __future__ import annotations
 
 import os
-import reprlib
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
 
@@ -12,14 +11,10 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from tunelab.config.schema import RunConfig
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, shown
 from tunelab.files import read_text, write_text_atomic
 
 Schema = TypeVar("Schema", bound=BaseModel)
-# How much of a bad value an error message shows.
-SHOWN_VALUE_CHARS = 80
-SHORT_REPR = reprlib.Repr()
-SHORT_REPR.maxstring = SHOWN_VALUE_CHARS
 
 
 def load_config(source: str | os.PathLike | dict, overrides: Iterable[str] | dict | None = None, schema: type[Schema] = RunConfig) -> Schema:
@@ -33,9 +28,9 @@ def load_config(source: str | os.PathLike | dict, overrides: Iterable[str] | dic
         raw, lines = _read_mapping(Path(source), schema)
         where = str(source)
     overridden: dict[str, str] = {}
-    for key, value, shown in _override_items(overrides):
+    for key, value, given in _override_items(overrides):
         _set_path(raw, key, value)
-        overridden[key] = shown
+        overridden[key] = given
     return parse_config(raw, where, lines, overridden, schema)
 
 
@@ -118,7 +113,7 @@ def _format_errors(err: ValidationError, raw: dict, where: str, lines: dict, ove
             line = _nearest_line(lines, key)
             origin = f"{where}:{line}" if line else where
         problem = "; or ".join(found)
-        got = f" (got {_shown(inputs[key])})" if key in inputs and _shown(inputs[key]) not in problem else ""
+        got = f" (got {shown(inputs[key])})" if key in inputs and shown(inputs[key]) not in problem else ""
         messages.append(f"{origin}: `{key or '(top level)'}`: {problem}{got}")
     if len(messages) == 1:
         return f"invalid config: {messages[0]}"
@@ -144,12 +139,6 @@ def _override_of(key: str, overridden: dict[str, str]) -> str | None:
     """The override (as given) that set `key` or a section holding it, if one did."""
     setting = [k for k in overridden if key == k or key.startswith(f"{k}.")]
     return overridden[max(setting, key=len)] if setting else None
-
-
-def _shown(value: Any) -> str:
-    """A bad value as a message quotes it: short, however big the value (reprlib stops early)."""
-    text = SHORT_REPR.repr(value)
-    return text if len(text) <= SHOWN_VALUE_CHARS else text[: SHOWN_VALUE_CHARS - 3] + "..."
 
 
 def _nearest_line(lines: dict, key: str) -> int | None:

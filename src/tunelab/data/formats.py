@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, shown
 from tunelab.files import read_bytes, read_text
 
 FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
@@ -54,13 +54,6 @@ def read_rows(path: str | Path, columns: list[str] | None = None, what: str = "d
             yield where, row
     except BadJson as err:
         raise TunelabError(f"{path}:{err.line}: bad JSON: {err}") from None
-
-
-def shown(value: Any, limit: int = 60) -> str:
-    """`value` as a message quotes it: its repr, cut short, so that a message stays one short line
-    whatever a file holds."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def detect_format(row: dict, where: str) -> str:
@@ -252,24 +245,35 @@ def json_array_values(text: str) -> Iterator[tuple[int, Any]]:
     if text[index] != "[":
         value, _ = _decode(text, index)  # one object, or not JSON at all: the decoder says where
         raise BadJson(f"expected an array of rows (or use .jsonl), got {type(value).__name__}", 1)
+    line_at = _LineCounter(text)
     index = _skip_space(text, index + 1)
     while index < len(text) and text[index] != "]":
         value, end = _decode(text, index)
-        yield _line_at(text, index), value
+        yield line_at(index), value
         index = _skip_space(text, end)
         if index < len(text) and text[index] == ",":
             index = _skip_space(text, index + 1)
         elif index < len(text) and text[index] != "]":
-            raise BadJson("expected ',' or ']' between rows", _line_at(text, index))
+            raise BadJson("expected ',' or ']' between rows", line_at(index))
     if index >= len(text):
-        raise BadJson("the array is not closed", _line_at(text, len(text)))
+        raise BadJson("the array is not closed", line_at(len(text)))
     after = _skip_space(text, index + 1)
     if after < len(text):
-        raise BadJson("more after the array's closing ']'", _line_at(text, after))
+        raise BadJson("more after the array's closing ']'", line_at(after))
 
 
-def _line_at(text: str, index: int) -> int:
-    return text.count("\n", 0, index) + 1
+class _LineCounter:
+    """The 1-based line of a position in a text, for positions that only move forward: each call
+    counts the line breaks since the last one (counting from the start every time is quadratic in
+    the size of a file)."""
+
+    def __init__(self, text: str):
+        self.text, self.position, self.line = text, 0, 1
+
+    def __call__(self, index: int) -> int:
+        self.line += self.text.count("\n", self.position, index)
+        self.position = index
+        return self.line
 
 
 def _skip_space(text: str, index: int) -> int:

@@ -14,9 +14,9 @@ end-of-turn token (the chat template's, or EOS for plain text).
 
 from __future__ import annotations
 
-from tunelab.data.formats import read_rows, shown
+from tunelab.data.formats import read_rows
 from tunelab.data.tokenize import render_prompt
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, shown
 
 COMPLETIONS = {"preference": ("chosen", "rejected"), "unpaired": ("completion",)}
 ROLES = ("system", "user", "assistant", "tool")

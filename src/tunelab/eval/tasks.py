@@ -27,8 +27,8 @@ from pydantic import Field, model_validator
 
 from tunelab.config import load_config
 from tunelab.config.schema import Strict
-from tunelab.data.formats import read_rows, shown
-from tunelab.errors import TunelabError
+from tunelab.data.formats import read_rows
+from tunelab.errors import TunelabError, shown
 from tunelab.scoring.answers import fenced_code, final_number
 
 TaskType = Literal["math_exact", "multiple_choice", "classification", "code_pass_at_k", "json_fields", "exact_match", "perplexity", "preference"]
@@ -273,7 +273,7 @@ def _reference(task: TaskConfig, text: str, where: str):
     except json.JSONDecodeError:
         reference = None
     if not isinstance(reference, dict):
-        raise TunelabError(f"{where}: the reference of a json_fields task must be a JSON object, got {text[:60]!r}")
+        raise TunelabError(f"{where}: the reference of a json_fields task must be a JSON object, got {shown(text)}")
     return reference
 
 
