@@ -21,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from tunelab.console import console
 from tunelab.errors import TunelabError
-from tunelab.files import sha256_file, staged_write
+from tunelab.files import read_safetensors, sha256_file, staged_write
 
 STEP_DIR = re.compile(r"step-(\d+)")
 CHECKSUMS_FILE = "checksums.json"
@@ -110,11 +109,9 @@ def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer) -> tuple[Train
     """Restore the optimizer and RNG states; return the loop state and the trainable weights."""
     try:
         meta = json.loads((path / "state.json").read_text())
-        trainable = load_file(path / "trainable.safetensors")
-        optimizer_tensors = load_file(path / "optimizer.safetensors")
-        rng_tensors = load_file(path / "rng.safetensors")
-    except (OSError, ValueError, SafetensorError) as err:
+    except (OSError, ValueError) as err:
         raise TunelabError(f"checkpoint {path} is unreadable: {err}") from None
+    trainable, optimizer_tensors, rng_tensors = (read_safetensors(path / f"{name}.safetensors") for name in ("trainable", "optimizer", "rng"))
     optimizer.load_state_dict(_unflatten_optimizer(optimizer_tensors, meta["optimizer"]))
     _restore_rng(rng_tensors, meta["rng"])
     return TrainState(**meta["state"]), trainable
