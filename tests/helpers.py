@@ -179,9 +179,9 @@ def train_keeping_model(monkeypatch, config: dict):
     kept = {}
     real_save_artifacts, real_build_optimizer = loop.save_artifacts, loop.build_optimizer
 
-    def save_and_keep(method, model, tokenizer, run_config, output, objective=None):
+    def save_and_keep(method, model, tokenizer, *rest):
         kept.update(method=method, model=model, tokenizer=tokenizer)
-        return real_save_artifacts(method, model, tokenizer, run_config, output, objective)
+        return real_save_artifacts(method, model, tokenizer, *rest)
 
     def build_and_keep(tcfg, model, groups):
         kept["initial"] = {id(p): p.detach().clone() for group in groups for p in group["params"]}

@@ -43,15 +43,16 @@ class LoadedRun:
     objective: Objective
 
 
-def save_artifacts(method: Method, model, tokenizer, config: RunConfig, output: Path, objective: Objective | None = None) -> Path:
+def save_artifacts(method: Method, model, tokenizer, config: RunConfig, output: Path, objective: Objective | None = None, state_dict: dict | None = None) -> Path:
     """Write the final weights into `output/adapter` or `output/model` (with the objective's own
-    tensors, if it has any), atomically."""
+    tensors, if it has any), atomically. `state_dict`: the model's, where `model.state_dict()`
+    would not give it whole (a sharded model)."""
     target = output / method.artifact
     with staged_write(target) as staging:
         if objective is not None and objective.state_dict():
             save_file({k: v.contiguous() for k, v in objective.state_dict().items()}, staging / OBJECTIVE_FILE)
         if method.artifact == "model":
-            model.save_pretrained(staging)
+            model.save_pretrained(staging, state_dict=state_dict)
             tokenizer.save_pretrained(staging)
         else:
             save_file({k: v.contiguous() for k, v in method.state_dict(model).items()}, staging / ADAPTER_FILE)

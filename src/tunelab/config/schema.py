@@ -89,6 +89,12 @@ class TrainConfig(Strict):
     log_every: int = Field(default=1, ge=1)
     # Trackers that get every logged record besides metrics.jsonl (train/reporting.py).
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
+    # Under torchrun or Ray Train (train/distributed.py): "ddp" replicates the model on every rank
+    # and sums gradients; "fsdp" shards parameters, gradients and optimizer state (FSDP2); "auto":
+    # fsdp for methods that train the whole model, ddp for adapters. One process: ignored.
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    # Seconds a rank waits in a collective (model loading included) before it gives up on the others.
+    distributed_timeout: float = Field(default=1800, gt=0)
 
     @model_validator(mode="before")
     @classmethod

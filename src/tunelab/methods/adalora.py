@@ -140,6 +140,7 @@ class AdaLora(LinearAdapterMethod):
 
     name = "adalora"
     Options = AdaLoraOptions
+    whole_tensors_reason = "its rank allocation ranks the importance of whole singular-value vectors across layers"
     peft_type = "ADALORA"
 
     def __init__(self, options: AdaLoraOptions):

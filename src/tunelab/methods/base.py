@@ -83,6 +83,11 @@ class Method(ABC):
     shares_prefixes: ClassVar[bool] = True
     # Whether `merge` can fold the trained state into the base weights (a change of weights).
     mergeable: ClassVar[bool] = False
+    # Whether it trains exactly with its tensors sharded over ranks (train.distributed: fsdp): its
+    # state is its parameters, updated elementwise, and read only inside the model's forward. If
+    # not, `whole_tensors_reason` says why it needs each tensor whole (it then trains under ddp).
+    shards: ClassVar[bool] = False
+    whole_tensors_reason: ClassVar[str] = "it is not verified to train exactly on sharded parameters"
     # How many training steps' micro-batches `prepare` gets; 0: the method has no `prepare`.
     prepare_steps: int = 0
 

@@ -20,6 +20,7 @@ class Full(Method):
     Options = FullOptions
     artifact = "model"
     mergeable = True
+    shards = True
 
     def attach(self, model: nn.Module) -> None:
         model.requires_grad_(True)

@@ -77,6 +77,7 @@ class Ia3(LinearAdapterMethod):
 
     name = "ia3"
     Options = Ia3Options
+    shards = True
     peft_type = "IA3"
 
     def attach(self, model: nn.Module) -> None:

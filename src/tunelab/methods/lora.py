@@ -231,6 +231,7 @@ class Lora(LinearAdapterMethod):
 
     name = "lora"
     Options = LoraOptions
+    shards = True
     peft_type = "LORA"
 
     @property

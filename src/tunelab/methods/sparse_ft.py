@@ -151,6 +151,7 @@ class SparseFt(BufferedAdapterMethod):
 
     name = "sparse_ft"
     Options = SparseFtOptions
+    whole_tensors_reason = "its prune-and-regrow step ranks the entries of whole weight matrices and gradients"
 
     def __init__(self, options: SparseFtOptions):
         super().__init__(options)

@@ -148,6 +148,18 @@ class StepTotals:
             self.units[name] = summed.unit
         self.terms = self.terms or list(output.terms)
 
+    def sums_share(self) -> dict:
+        """The sums as plain numbers, for another process to add (`add_sums`): a step's forwards
+        spread over several processes add up to the step's totals."""
+        return {"sums": {name: float(total) for name, total in self.sums.items()}, "units": dict(self.units), "terms": list(self.terms)}
+
+    def add_sums(self, share: dict) -> None:
+        for name, total in share["sums"].items():
+            value = torch.tensor(total, dtype=torch.float64)
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+            self.units[name] = share["units"][name]
+        self.terms = self.terms or share["terms"]
+
     def figures(self, objective: Objective) -> dict[str, float]:
         """`loss` (the sum of the terms' means, as the step's loss is), every metric's mean (but those
         whose unit did not occur: KTO's rewards of a step without an undesirable example), and the

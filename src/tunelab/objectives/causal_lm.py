@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 
 from tunelab.data.batching import IGNORE, Batch
 from tunelab.methods.base import visible_targets
@@ -95,7 +96,9 @@ def at_targets(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None, 
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     head = model.get_output_embeddings()
     with visible_targets(targets):
-        if backbone is None or backbone is model or head is None or head.bias is not None or _has_logit_postprocessing(model.config):
+        # A sharded model (FSDP) holds its head's weight whole only inside its own forward.
+        whole_forward = backbone is None or backbone is model or head is None or head.bias is not None or isinstance(model, FSDPModule)
+        if whole_forward or _has_logit_postprocessing(model.config):
             return model(**inputs, use_cache=False).logits[targets], None, labels
         return backbone(**inputs, use_cache=False).last_hidden_state[targets], _head_weight(head), labels
 

@@ -41,6 +41,7 @@ from tunelab.objectives.sampled import SampledObjective
 from tunelab.runs import RUN_FILE, check_run_format, load_peft_model, load_run, save_artifacts, write_run_file
 from tunelab.train.allocator import keep_freed_memory, peak_memory_mb, reset_peak_memory
 from tunelab.train.checkpoint import TrainState, list_checkpoints, load_checkpoint, newest_intact_checkpoint, save_checkpoint
+from tunelab.train.distributed import SINGLE, Ranks, join, leave, resolve_mode, shard_model, unshard_model, whole
 from tunelab.train.galore import GaLoreAdamW, galore_param_groups
 from tunelab.train.interrupt import StopRequests
 from tunelab.train.neftune import add_embedding_noise
@@ -103,12 +104,14 @@ class Run:
     params: dict = field(default_factory=dict)
     rollouts: Rollouts | None = None  # completions sampled in training (objective.samples_completions)
     quantized: dict | None = None  # what model.quantize stored in low precision (models/quantize.py)
+    ranks: Ranks = SINGLE  # this process among the run's processes (train/distributed.py)
 
     def micro_batches(self, step: int) -> list[list[dict]]:
-        """The step's samples, one list per micro-batch. They follow from the step number alone, so
-        a resumed run sees the same data."""
+        """The step's samples (of all ranks), one list per micro-batch. They follow from the step
+        number alone, so a resumed run sees the same data."""
         tcfg = self.config.train
-        indices = step_sample_indices(step, len(self.data.train), tcfg.batch_size * tcfg.grad_accum, self.epoch_steps, tcfg.seed)
+        per_step = tcfg.batch_size * tcfg.grad_accum * self.ranks.world
+        indices = step_sample_indices(step, len(self.data.train), per_step, self.epoch_steps, tcfg.seed)
         return [[self.data.train[i] for i in indices[k : k + tcfg.batch_size]] for k in range(0, len(indices), tcfg.batch_size)]
 
     def step_samples(self, step: int) -> tuple[list[list[dict]], dict]:
@@ -125,15 +128,21 @@ class Run:
 
 
 def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
-    # One process at a time trains into an output directory (the lock is dropped when it exits).
-    with exclusive_directory(Path(config.output), "tunelab train"):
-        return _train(config, resume, overwrite)
+    """Train in this process, or as one rank of several (torchrun, Ray Train: train/distributed.py)."""
+    ranks = join(config.train.distributed_timeout)
+    try:
+        # One process at a time trains into an output directory (the lock is dropped when it
+        # exits); of a run's ranks, rank 0 holds it.
+        with exclusive_directory(Path(config.output), "tunelab train") if ranks.is_writer else contextlib.nullcontext():
+            return _train(config, resume, overwrite, ranks)
+    finally:
+        leave(ranks)
 
 
-def _train(config: RunConfig, resume: bool, overwrite: bool) -> RunResult:
+def _train(config: RunConfig, resume: bool, overwrite: bool, ranks: Ranks) -> RunResult:
     started = time.perf_counter()
-    run, replaced = set_up(config, resume, overwrite)
-    tcfg, output = config.train, Path(config.output)
+    run, replaced = set_up(config, resume, overwrite, ranks)
+    tcfg, output, ranks = config.train, Path(config.output), run.ranks
     checkpoint, state = restore_or_prepare(run, output, resume, replaced)
 
     last_loss = float("nan")
@@ -152,8 +161,8 @@ def _train(config: RunConfig, resume: bool, overwrite: bool) -> RunResult:
         console=console,
     )
     try:
-        sink = MetricsSink(output, tcfg.report_to, state.step, config.to_dict())
-        with progress, sink, StopRequests() as stop:
+        sink = MetricsSink(output, tcfg.report_to, state.step, config.to_dict()) if ranks.is_writer else None
+        with progress, sink or contextlib.nullcontext(), StopRequests() as stop:
             bar = progress.add_task("train", total=run.total_steps, completed=state.step, loss="-", speed="-", extra="")
             for step in range(state.step + 1, run.total_steps + 1):
                 record = train_step(run, step)
@@ -166,21 +175,25 @@ def _train(config: RunConfig, resume: bool, overwrite: bool) -> RunResult:
                     else:
                         eval_metrics = evaluate_objective(run.objective, run.model, run.data.eval, tcfg.batch_size, run.layout, eval_reference)
                     record.update(eval_metrics)
-                if step % tcfg.log_every == 0 or "eval_loss" in record or step == run.total_steps or stop.signum:
+                signum = next((s for s in ranks.gather(stop.signum) if s is not None), None)  # all ranks stop at one step
+                if sink and (step % tcfg.log_every == 0 or "eval_loss" in record or step == run.total_steps or signum):
                     sink.log(record)
-                stopping = stop.signum is not None and step < run.total_steps
+                stopping = signum is not None and step < run.total_steps
                 if (tcfg.save_every and step % tcfg.save_every == 0 and step < run.total_steps) or stopping:
                     if run.rollouts is not None:
                         state = replace(state, rollout=run.rollouts.checkpoint_state(step, run.objective.round_steps))
-                    saved = save_checkpoint(output / "checkpoints", state, checkpoint_tensors(run), run.optimizer, tcfg.keep_checkpoints)
+                    saved = save_checkpoint(output / "checkpoints", state, checkpoint_tensors(run), run.optimizer, tcfg.keep_checkpoints, ranks, run.model)
                 if stopping:
-                    name = signal.Signals(stop.signum).name
+                    name = signal.Signals(signum).name
                     raise RunStopped(f"{name} at step {step} of {run.total_steps}: checkpoint {saved} written; continue with --resume", stop.signum)
                 shown = "  ".join(f"{key} {record[key]:.3f}" for key in run.objective.progress_metrics if key in record)
                 progress.update(bar, completed=step, loss=f"{record['loss']:.4f}", speed=f"{record['tokens_per_s']:.0f}", extra=shown)
 
         run.model.eval()
-        save_artifacts(run.method, run.model, run.tokenizer, config, output, run.objective)
+        whole_state = unshard_model(run.model) if ranks.sharded else None  # rank 0 writes the whole weights
+        memory_per_rank = ranks.gather(peak_memory_mb())
+        if ranks.is_writer:
+            save_artifacts(run.method, run.model, run.tokenizer, config, output, run.objective, whole_state)
         report = {
             "final_train_loss": last_loss,
             **eval_metrics,
@@ -192,7 +205,10 @@ def _train(config: RunConfig, resume: bool, overwrite: bool) -> RunResult:
             "reference": getattr(run.reference, "kind", None),
             "reference_logps_computed": run.reference_logps_computed,
             "total_seconds": time.perf_counter() - started,
-            "peak_memory_mb": peak_memory_mb(),
+            "peak_memory_mb": memory_per_rank[0],
+            "processes": ranks.world,
+            "distributed": ranks.mode,
+            "peak_memory_mb_per_rank": memory_per_rank,
             "trainable_params": sum(p.numel() for p in run.params.values()),
             "total_params": sum(p.numel() for p in run.model.parameters()),
             "method": run.method.name,
@@ -202,7 +218,9 @@ def _train(config: RunConfig, resume: bool, overwrite: bool) -> RunResult:
             "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint is not None else None,
             "quantize": run.quantized,
         }
-        write_json_atomic(output / "report.json", report)
+        if ranks.is_writer:
+            write_json_atomic(output / "report.json", report)
+        ranks.barrier("writing the final weights")
     except TunelabError as err:  # mid-run (disk full, divergence): say what is kept, keeping the error's type
         good = list_checkpoints(output / "checkpoints")
         err.args = (f"{err}; " + (f"the last good checkpoint is {good[-1]} (continue with --resume)" if good else "no checkpoint was written yet"),)
@@ -210,8 +228,9 @@ def _train(config: RunConfig, resume: bool, overwrite: bool) -> RunResult:
     return RunResult(output_dir=output, report=report)
 
 
-def set_up(config: RunConfig, resume: bool, overwrite: bool) -> tuple[Run, list[str]]:
-    """Model, method, objective and data of a run; fails before any write on a bad input."""
+def set_up(config: RunConfig, resume: bool, overwrite: bool, ranks: Ranks = SINGLE) -> tuple[Run, list[str]]:
+    """Model, method, objective and data of a run; fails before any write on a bad input (on every
+    rank alike: each checks the same inputs)."""
     tcfg, dcfg = config.train, config.data
     replaced = _check_output(Path(config.output), config, resume, overwrite)
     check_trackers(tcfg.report_to)
@@ -226,6 +245,8 @@ def set_up(config: RunConfig, resume: bool, overwrite: bool) -> tuple[Run, list[
         method.peft_import(model, *read_peft_adapter(config.method.from_peft))
     objective = build_objective(config.objective)
     objective.attach(model)
+    if ranks.world > 1:
+        ranks = replace(ranks, mode=resolve_mode(tcfg.distributed, method, objective, tcfg.optimizer))
     teacher = objective.teacher_source()
     if teacher is not None:
         objective.teacher = load_teacher(*teacher, config.model, tokenizer)
@@ -242,7 +263,8 @@ def set_up(config: RunConfig, resume: bool, overwrite: bool) -> tuple[Run, list[
             "ia3, ...) or set model.quantize: none"
         )
     device = next(iter(params.values())).device
-    frozen_dtype = resolve_frozen_dtype(tcfg.frozen_dtype, model.dtype, device)
+    # Sharded weights have no whole copy to keep in another dtype.
+    frozen_dtype = model.dtype if ranks.sharded else resolve_frozen_dtype(tcfg.frozen_dtype, model.dtype, device)
     if frozen_dtype != model.dtype:
         copied = method.store_frozen_weights(model, frozen_dtype)
         if set_compute_dtype(model, frozen_dtype) or copied:
@@ -257,7 +279,10 @@ def set_up(config: RunConfig, resume: bool, overwrite: bool) -> tuple[Run, list[
     padding_free = dcfg.packing and uses_packed_attention(model)
     if dcfg.packing and not padding_free and not method.supports_mask_packing:
         raise TunelabError(f"method '{method.name}' cannot train on rows packed behind a mask ({type(model).__name__} has no padding-free attention); set data.packing: false")
-    epoch_steps = steps_per_epoch(len(data.train), tcfg.batch_size * tcfg.grad_accum)
+    if ranks.sharded:
+        shard_model(model)
+        params = trainable_tensors(method, objective, model)  # now the ranks' shards
+    epoch_steps = steps_per_epoch(len(data.train), tcfg.batch_size * tcfg.grad_accum * ranks.world)
     total_steps = tcfg.max_steps or math.ceil((tcfg.epochs or 1.0) * epoch_steps)
     run = Run(
         config=config,
@@ -275,6 +300,7 @@ def set_up(config: RunConfig, resume: bool, overwrite: bool) -> tuple[Run, list[
         params=params,
         rollouts=Rollouts() if objective.samples_completions else None,
         quantized=quantized,
+        ranks=ranks,
     )
     return run, replaced
 
@@ -282,10 +308,12 @@ def set_up(config: RunConfig, resume: bool, overwrite: bool) -> tuple[Run, list[
 def restore_or_prepare(run: Run, output: Path, resume: bool, replaced: list[str]) -> tuple[Path | None, TrainState]:
     """Write the run's config, then either restore the newest checkpoint (`--resume`) or prepare a
     fresh run (peft weights to start from, the method's choice from training data); build the optimizer."""
-    config, tcfg, model, method = run.config, run.config.train, run.model, run.method
-    _init_output(output, config, replaced)
+    config, tcfg, model, method, ranks = run.config, run.config.train, run.model, run.method, run.ranks
+    if ranks.is_writer:
+        _init_output(output, config, replaced)
+    ranks.barrier("preparing the output directory")
     state = TrainState(step=0, tokens_seen=0, train_seconds=0.0)
-    checkpoint = newest_intact_checkpoint(output / "checkpoints") if resume else None
+    checkpoint = ranks.broadcast(newest_intact_checkpoint(output / "checkpoints") if resume and ranks.is_writer else None)
     if checkpoint is None and method.prepare_steps:
         # A choice made from training data (LoFiT's heads, SubTuning's layers), on a fresh run only:
         # the method's state holds it for resume and load_run. Its forwards leave the RNG as it was.
@@ -306,10 +334,11 @@ def restore_or_prepare(run: Run, output: Path, resume: bool, replaced: list[str]
     run.optimizer = build_optimizer(tcfg, model, param_groups(run))
     if checkpoint is not None:
         # The method's init above drew from the RNG; the checkpoint restores the RNG to its saved point.
-        state, trainable = load_checkpoint(checkpoint, run.optimizer)
-        own = {name.removeprefix(OBJECTIVE_PREFIX): t for name, t in trainable.items() if name.startswith(OBJECTIVE_PREFIX)}
-        run.objective.load_state_dict(own)
-        method.load_checkpoint_state(model, {n: t for n, t in trainable.items() if not n.startswith(OBJECTIVE_PREFIX)}, source=str(checkpoint))
+        state, trainable = load_checkpoint(checkpoint, run.optimizer, ranks, model)
+        if trainable is not None:  # else (fsdp) the shards are already in the model
+            own = {name.removeprefix(OBJECTIVE_PREFIX): t for name, t in trainable.items() if name.startswith(OBJECTIVE_PREFIX)}
+            run.objective.load_state_dict(own)
+            method.load_checkpoint_state(model, {n: t for n, t in trainable.items() if not n.startswith(OBJECTIVE_PREFIX)}, source=str(checkpoint))
         if method.prepare_steps:
             # The state holds prepare's choice, which may train other tensors than attach's placeholder
             # (SubTuning's layers, all of one shape): move the restored optimizer state onto them.
@@ -379,7 +408,8 @@ def set_up_reference(run: Run, output: Path, resumed: bool) -> tuple[object, int
         batches["eval"] = eval_batches(run.objective, run.data.eval, run.config.train.batch_size, run.layout)
     with console.status(f"reference policy ({live.kind}): computing its log-probabilities once"):
         reference = precompute(live, batches, run.device)
-    save_precomputed(reference, output)
+    if run.ranks.is_writer:
+        save_precomputed(reference, output)
     computed = sum(len(table) for table in reference.tables.values())
     console.print(f"reference policy: {live.kind}, precomputed for {computed} sequences")
     return reference, computed
@@ -387,7 +417,7 @@ def set_up_reference(run: Run, output: Path, resumed: bool) -> tuple[object, int
 
 def train_step(run: Run, step: int) -> dict:
     """One optimizer step; returns its metrics record."""
-    tcfg, model, objective = run.config.train, run.model, run.objective
+    tcfg, model, objective, ranks = run.config.train, run.model, run.objective, run.ranks
     step_started = time.perf_counter()
     # This step's learning rate (each group may scale it: LoRA+).
     lr = lr_at(step, run.total_steps, tcfg.lr, tcfg.scheduler, run.warmup)
@@ -395,12 +425,17 @@ def train_step(run: Run, step: int) -> dict:
         group["lr"] = lr * group["lr_scale"]
 
     # Forward and backward, batch by batch. Each loss term is divided by its unit's count over the
-    # whole accumulated step, not per batch: then batch 8 x accum 1 and batch 1 x accum 8 agree.
+    # whole accumulated step (on all ranks), not per batch: then batch 8 x accum 1, batch 1 x
+    # accum 8 and 2 ranks x batch 4 agree.
     micro_batches, sampling = run.step_samples(step)
-    batches = run.forward_batches(micro_batches)
+    batches = run.forward_batches(ranks.share(micro_batches))
     totals = StepTotals()
     for batch in batches:
         totals.add_counts(batch.counts)
+    shares = ranks.gather((totals.counts, len(batches)))  # every rank's, for the whole step's counts
+    for rank, (counts, _) in enumerate(shares):
+        if rank != ranks.rank:
+            totals.add_counts(counts)
     loss_sum = 0.0
     for batch in batches:
         output = objective.output(model, batch.to(run.device), run.reference)
@@ -408,15 +443,28 @@ def train_step(run: Run, step: int) -> dict:
         loss.backward()
         loss_sum += loss.item()
         totals.add(output)
+    if ranks.sharded:
+        # FSDP's collectives run inside forward and backward: a rank with fewer forwards than
+        # another runs forwards of weight zero until they match.
+        filler = batches[-1] if batches else run.forward_batches([micro_batches[0][:1]])[0]
+        for _ in range(max(n for _, n in shares) - len(batches)):
+            (step_loss(objective.output(model, filler.to(run.device), run.reference), totals.counts) * 0.0).backward()
 
-    # The method's own loss term (AdaLoRA's orthogonality), once per step.
-    regularization = run.method.regularization(model)
+    # The method's own loss term (AdaLoRA's orthogonality), once per step (on rank 0: the ranks' gradients add up).
+    regularization = run.method.regularization(model) if ranks.is_writer else None
     if regularization is not None:
         regularization.backward()
         loss_sum += regularization.item()
+    if ranks.world > 1:  # the step's loss and metrics are sums over all ranks' forwards
+        shares = ranks.gather((loss_sum, totals.sums_share()))
+        loss_sum = sum(loss for loss, _ in shares)
+        for rank, (_, share) in enumerate(shares):
+            if rank != ranks.rank:
+                totals.add_sums(share)
+    ranks.sum_gradients(list(run.params.values()))
 
     # Clip, stop on a non-finite loss or gradient (the last checkpoint stays good), step.
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params.values(), tcfg.max_grad_norm or float("inf")))
+    grad_norm = float(whole(torch.nn.utils.clip_grad_norm_(run.params.values(), tcfg.max_grad_norm or float("inf"))))
     if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
         raise TrainingDiverged(f"training diverged at step {step}: loss={loss_sum}, grad_norm={grad_norm}; try a lower train.lr")
     run.optimizer.step()
@@ -424,7 +472,7 @@ def train_step(run: Run, step: int) -> dict:
     run.optimizer.zero_grad(set_to_none=True)
 
     seconds = time.perf_counter() - step_started
-    tokens = sum(b.n_tokens for b in batches)
+    tokens = sum(ranks.gather(sum(b.n_tokens for b in batches)))
     figures = {key: value for key, value in totals.figures(objective).items() if key != "loss"}
     return {
         "step": step,

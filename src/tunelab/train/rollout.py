@@ -79,7 +79,7 @@ def sample_round(run, round_: int, step: int) -> Rollout:
     seconds = time.perf_counter() - started
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     steps, metrics, records = objective.round_batches(prompt_steps, request, completions, texts, truncated)
-    if records:
+    if records and run.ranks.is_writer:
         folder = Path(run.config.output) / ROUNDS_DIR
         folder.mkdir(exist_ok=True)
         write_text_atomic(folder / f"round-{round_}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
