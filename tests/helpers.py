@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,6 +134,64 @@ def tiny_run_config(
     return config
 
 
+# Each objective's data and options for a tiny run.
+OBJECTIVES = {
+    "sft": {"name": "sft"},
+    "pretrain": {"name": "pretrain"},
+    "dpo": {"name": "dpo"},
+    "dpo-precomputed": {"name": "dpo", "precompute_reference": True},
+    "cpo": {"name": "cpo"},
+    "simpo": {"name": "simpo"},
+    "orpo": {"name": "orpo"},
+    # KTO's KL point is a per-micro-batch statistic (as in TRL), so accumulation changes it: the GA
+    # test takes the variant without it; test_kto_kl_point_is_the_micro_batches covers the point.
+    "kto": {"name": "kto", "loss_type": "apo_zero_unpaired"},
+    "reward": {"name": "reward"},
+    # Two steps per batch of samples, so the second trains with importance ratios off 1.
+    "grpo": {"name": "grpo", "num_generations": 4, "max_completion_length": 8, "num_iterations": 2, "rewards": [{"name": "format", "pattern": "[a-m]"}]},
+    # The teacher is the student's base: the SFT half moves the student, the divergence then grows.
+    "distill": {"name": "distill", "teacher": "tiny-random-llama", "alpha": 0.5},
+    # Steps 2, 4, ... train on the student's own completions, the others on the data's.
+    "distill-on-policy": {"name": "distill", "teacher": "tiny-random-llama", "alpha": 0.5, "on_policy_fraction": 0.5, "max_completion_length": 8},
+    # Prompt-only rows: the teacher samples the completions of the steps that are not on-policy.
+    "distill-prompts": {"name": "distill", "teacher": "tiny-random-llama", "alpha": 0.5, "on_policy_fraction": 0.5, "max_completion_length": 8},
+    "raft": {"name": "raft", "num_generations": 4, "max_completion_length": 8, "steps_per_round": 2, "rewards": [{"name": "format", "pattern": "[a-m]"}]},
+}
+# The cases whose data is not the kind of rows their objective reads first.
+OBJECTIVE_ROWS = {"distill-prompts": "prompt"}
+
+
+def write_objective_data(folder: Path) -> dict[str, Path]:
+    """The data files of every objective case, by the kind of rows they hold (`<kind>_eval`: held out)."""
+    records, records_eval = write_records_data(folder, n_train=16, n_eval=4)
+    pairs, pairs_eval = write_preference_data(folder, n_train=16, n_eval=4)
+    text = write_jsonl(folder / "text.jsonl", [{"text": json.loads(line)["messages"][1]["content"] * 3} for line in records.read_text().splitlines()])
+    prompts = write_jsonl(folder / "prompts.jsonl", [{"prompt": f"Question {i}:", "answer": str(i)} for i in range(16)])
+    prompts_eval = write_jsonl(folder / "prompts_eval.jsonl", [{"prompt": f"Question {i}:", "answer": str(i)} for i in range(16, 20)])
+    return {
+        "sft": records,
+        "text": text,
+        "preference": pairs,
+        "preference_eval": pairs_eval,
+        "unpaired": pairs,
+        "unpaired_eval": pairs_eval,
+        "prompt": prompts,
+        "prompt_eval": prompts_eval,
+        "sft_or_prompt": records,
+        "sft_or_prompt_eval": records_eval,
+    }
+
+
+def objective_config(tmp_path, files, case: str, **sections) -> dict:
+    """A tiny run of objective `case` (a key of OBJECTIVES) on the rows it reads."""
+    from tunelab.objectives.registry import get_objective_class
+
+    options = OBJECTIVES[case]
+    rows = OBJECTIVE_ROWS.get(case) or get_objective_class(options["name"]).rows
+    train_file, eval_file = files[rows], files.get(f"{rows}_eval")
+    return tiny_run_config(tmp_path, train_file, eval_file, objective=options, **sections)
+
+
 def write_yaml(path: str | Path, mapping: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -236,7 +295,7 @@ def forkserver():
     return context
 
 
-def _cli_child(argv: list[str], env: dict, triggers: tuple[Trigger, ...], log: str) -> None:
+def _cli_child(argv: list[str], env: dict, triggers: tuple, log: str) -> None:
     """A forked `tunelab ARGV` with its output in `log` and the triggers armed; exits with the CLI's code."""
     import datasets.config
 
@@ -259,14 +318,74 @@ def _cli_child(argv: list[str], env: dict, triggers: tuple[Trigger, ...], log: s
     os._exit(code)
 
 
-def start_cli(argv: list, cache: Path, *triggers: Trigger) -> tuple[multiprocessing.Process, Path]:
-    """Start `tunelab ARGV` forked from the forkserver, with its own cache; returns the process and its log file."""
+def start_cli(argv: list, cache: Path, *triggers, env: dict | None = None, log: Path | None = None) -> tuple[multiprocessing.Process, Path]:
+    """Start `tunelab ARGV` forked from the forkserver, with its own cache (and `env`); returns the
+    process and its log file. `triggers`: objects whose `arm()` the child calls first (Trigger, WriteAudit)."""
     cache.parent.mkdir(parents=True, exist_ok=True)
-    log = cache.parent / f"{cache.name}-{len(list(cache.parent.glob(cache.name + '-*.log')))}.log"
-    env = {"TUNELAB_CACHE": str(cache / "tunelab"), "HF_DATASETS_CACHE": str(cache / "hf-datasets")}
+    log = log or cache.parent / f"{cache.name}-{len(list(cache.parent.glob(cache.name + '-*.log')))}.log"
+    env = {"TUNELAB_CACHE": str(cache / "tunelab"), "HF_DATASETS_CACHE": str(cache / "hf-datasets"), **(env or {})}
     process = forkserver().Process(target=_cli_child, args=([str(a) for a in argv], env, triggers, str(log)))
     process.start()
     return process, log
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_ranks(argv: list, cache: Path, world: int = 2, triggers: dict | None = None, timeout_s: float = 60) -> list[tuple[multiprocessing.Process, Path]]:
+    """`tunelab ARGV` as ranks 0..world-1 of one run, forked from the forkserver with torchrun's
+    environment (one thread each, one shared cache); `triggers`: rank -> objects to arm in it."""
+    env = {"WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    argv = [*argv, f"train.distributed_timeout={timeout_s}"]
+    logs = cache.parent / f"{cache.name}-ranks-{len(list(cache.parent.glob(cache.name + '-ranks-*')))}"
+    logs.mkdir(parents=True)
+    return [start_cli(argv, cache, *(triggers or {}).get(rank, ()), env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, log=logs / f"rank{rank}.log") for rank in range(world)]
+
+
+def finish_ranks(started: list) -> list[tuple[int, str]]:
+    return [finish_cli(process, log) for process, log in started]
+
+
+def run_ranks(argv: list, cache: Path, world: int = 2, triggers: dict | None = None, timeout_s: float = 60) -> list[tuple[int, str]]:
+    """`tunelab ARGV` in `world` forked ranks: each rank's exit code and output."""
+    return finish_ranks(start_ranks(argv, cache, world, triggers, timeout_s))
+
+
+@dataclass(frozen=True)
+class WriteAudit:
+    """Record, in `record`, every file-system change a forked run makes through Python under `root`
+    (opens for writing, mkdir, rename, remove), via an audit hook: which process wrote what."""
+
+    root: str
+    record: str
+
+    def arm(self) -> None:
+        import sys
+
+        fd = os.open(self.record, os.O_WRONLY | os.O_CREAT | os.O_APPEND)  # os.write raises no audit event
+        writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+        def hook(event: str, args: tuple) -> None:
+            if event == "open":
+                path, mode, flags = args
+                changed = [path] if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (mode is None and isinstance(flags, int) and flags & writing) else []
+            elif event in ("os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree", "os.truncate"):
+                changed = [args[0]]
+            elif event in ("os.rename", "os.replace"):
+                changed = [args[0], args[1]]
+            else:
+                return
+            for path in changed:
+                if isinstance(path, (str, bytes, os.PathLike)) and os.path.abspath(os.fsdecode(path)).startswith(self.root):
+                    os.write(fd, f"{event} {os.fsdecode(path)}\n".encode())
+
+        sys.addaudithook(hook)
+
+    def paths(self) -> list[str]:
+        return Path(self.record).read_text().splitlines() if Path(self.record).is_file() else []
 
 
 def finish_cli(process: multiprocessing.Process, log: Path) -> tuple[int, str]:

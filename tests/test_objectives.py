@@ -4,7 +4,6 @@ reads text, and metrics reach the trackers. TRL equality lives in test_objective
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import types
@@ -15,79 +14,25 @@ from safetensors.torch import load_file
 
 import tunelab
 from helpers import (
+    OBJECTIVES,
     assert_tensors_equal,
     kill_and_resume,
     load_adapter,
+    objective_config,
     read_metrics,
     read_report,
-    tiny_run_config,
-    write_jsonl,
-    write_preference_data,
-    write_records_data,
+    write_objective_data,
 )
 from tunelab.errors import TunelabError
 from tunelab.objectives.reference import PRECOMPUTED_FILE
-from tunelab.objectives.registry import get_objective_class, objective_names
+from tunelab.objectives.registry import objective_names
 from tunelab.runs import load_run
 from tunelab.train import loop, reporting
-
-# Each objective's data and options for a tiny run.
-OBJECTIVES = {
-    "sft": {"name": "sft"},
-    "pretrain": {"name": "pretrain"},
-    "dpo": {"name": "dpo"},
-    "dpo-precomputed": {"name": "dpo", "precompute_reference": True},
-    "cpo": {"name": "cpo"},
-    "simpo": {"name": "simpo"},
-    "orpo": {"name": "orpo"},
-    # KTO's KL point is a per-micro-batch statistic (as in TRL), so accumulation changes it: the GA
-    # test takes the variant without it; test_kto_kl_point_is_the_micro_batches covers the point.
-    "kto": {"name": "kto", "loss_type": "apo_zero_unpaired"},
-    "reward": {"name": "reward"},
-    # Two steps per batch of samples, so the second trains with importance ratios off 1.
-    "grpo": {"name": "grpo", "num_generations": 4, "max_completion_length": 8, "num_iterations": 2, "rewards": [{"name": "format", "pattern": "[a-m]"}]},
-    # The teacher is the student's base: the SFT half moves the student, the divergence then grows.
-    "distill": {"name": "distill", "teacher": "tiny-random-llama", "alpha": 0.5},
-    # Steps 2, 4, ... train on the student's own completions, the others on the data's.
-    "distill-on-policy": {"name": "distill", "teacher": "tiny-random-llama", "alpha": 0.5, "on_policy_fraction": 0.5, "max_completion_length": 8},
-    # Prompt-only rows: the teacher samples the completions of the steps that are not on-policy.
-    "distill-prompts": {"name": "distill", "teacher": "tiny-random-llama", "alpha": 0.5, "on_policy_fraction": 0.5, "max_completion_length": 8},
-    "raft": {"name": "raft", "num_generations": 4, "max_completion_length": 8, "steps_per_round": 2, "rewards": [{"name": "format", "pattern": "[a-m]"}]},
-}
 
 
 @pytest.fixture(scope="module")
 def data(module_cache, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    records, records_eval = write_records_data(folder, n_train=16, n_eval=4)
-    pairs, pairs_eval = write_preference_data(folder, n_train=16, n_eval=4)
-    text = write_jsonl(folder / "text.jsonl", [{"text": json.loads(line)["messages"][1]["content"] * 3} for line in records.read_text().splitlines()])
-    prompts = write_jsonl(folder / "prompts.jsonl", [{"prompt": f"Question {i}:", "answer": str(i)} for i in range(16)])
-    prompts_eval = write_jsonl(folder / "prompts_eval.jsonl", [{"prompt": f"Question {i}:", "answer": str(i)} for i in range(16, 20)])
-    return {
-        "sft": records,
-        "text": text,
-        "preference": pairs,
-        "preference_eval": pairs_eval,
-        "unpaired": pairs,
-        "unpaired_eval": pairs_eval,
-        "prompt": prompts,
-        "prompt_eval": prompts_eval,
-        "sft_or_prompt": records,
-        "sft_or_prompt_eval": records_eval,
-    }
-
-
-# The cases whose data is not the kind of rows their objective reads first.
-ROWS = {"distill-prompts": "prompt"}
-
-
-def objective_config(tmp_path, files, case: str, **sections) -> dict:
-    """A tiny run of objective `case` on the rows it reads."""
-    options = OBJECTIVES[case]
-    rows = ROWS.get(case) or get_objective_class(options["name"]).rows
-    train_file, eval_file = files[rows], files.get(f"{rows}_eval")
-    return tiny_run_config(tmp_path, train_file, eval_file, objective=options, **sections)
+    return write_objective_data(tmp_path_factory.mktemp("data"))
 
 
 def test_every_registered_objective_is_covered():

@@ -35,3 +35,8 @@ def shown(value: Any) -> str:
     brief.maxstring = brief.maxother = SHOWN_VALUE_CHARS
     text = brief.repr(value)
     return text if len(text) <= SHOWN_VALUE_CHARS else text[: SHOWN_VALUE_CHARS - 3] + "..."
+
+
+class RankLost(TunelabError):
+    """A process of a multi-process run found another one gone (exited, or silent past the
+    collective timeout): every surviving rank says so, naming the rank where it can."""

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from tunelab.console import console
-from tunelab.errors import RunStopped, TunelabError
+from tunelab.errors import RankLost, RunStopped, TunelabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Adapt Hugging Face causal LMs: train, evaluate, export.")
 
@@ -24,18 +25,20 @@ def _run(action):
     try:
         return action()
     except TunelabError as err:
+        if isinstance(err, RankLost):  # every rank of a multi-process run says which peer it lost
+            console.quiet = False
         # soft_wrap: no line breaks inserted at the console width, so a long path or file:line
         # stays whole (and greppable) in logs and pipes.
-        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except OSError as err:
         # The file system refused (disk full, read-only, permissions, a file gone mid-read): the
         # same one line, naming the path; what a command writes is atomic, so nothing is half-written.
         where = " -> ".join(str(name) for name in (err.filename, err.filename2) if name)
-        console.print(f"[bold red]error:[/] {where + ': ' if where else ''}{err.strerror or err}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(where + ': ' if where else '')}{escape(str(err.strerror or err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except RunStopped as stopped:  # SIGINT/SIGTERM in training: a checkpoint was written first
-        console.print(f"[yellow]stopped:[/] {stopped}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]stopped:[/] {escape(str(stopped))}", highlight=False, soft_wrap=True)
         raise typer.Exit(stopped.exit_code) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
@@ -48,14 +51,33 @@ def train_command(
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides, e.g. train.lr=1e-4"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in the output dir"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a finished or failed run in the output dir"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="train in N processes on this machine (launches torchrun; train.distributed picks ddp or fsdp)"),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray-address", help="train on a Ray cluster through Ray Train: auto, local (a new local cluster), host:port or ray://host:port"
+    ),
+    ray_workers: int = typer.Option(2, "--ray-workers", min=1, help="with --ray-address: how many Ray Train workers (ranks)"),
 ):
     """Fine-tune a model as CONFIG says; writes checkpoints, metrics.jsonl, the weights and report.json."""
 
     def action():
         from tunelab import load_config
-        from tunelab.train import train
 
-        result = train(load_config(config, overrides), resume=resume, overwrite=overwrite)
+        run_config = load_config(config, overrides)  # a bad config stops here, before any process starts
+        flags = ["--resume"] * resume + ["--overwrite"] * overwrite
+        if nproc > 1 and ray_address:
+            raise TunelabError("give --nproc or --ray-address, not both")
+        if nproc > 1:
+            from tunelab.train.launch import launch_processes
+
+            raise typer.Exit(launch_processes(nproc, ["train", str(config), *(overrides or []), *flags]))
+        if ray_address:
+            from tunelab.train.ray_launch import train_on_ray
+
+            result = train_on_ray(run_config, ray_address, ray_workers, resume=resume, overwrite=overwrite)
+        else:
+            from tunelab.train import train
+
+            result = train(run_config, resume=resume, overwrite=overwrite)
         r = result.report
         console.print(
             f"[bold green]done[/]: final loss {r['final_train_loss']:.4f}"

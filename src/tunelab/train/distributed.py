@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tunelab.console import console
-from tunelab.errors import TunelabError
+from tunelab.errors import RankLost, TunelabError
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,26 @@ class Ranks:
             with self.collective(what):
                 dist.barrier()
 
+    @contextlib.contextmanager
+    def writer_first(self):
+        """Rank 0 runs the block first (it may fill a cache: tokenized data), then the others; a
+        bad input that rank 0 finds ends every rank with its message, shown once (by rank 0)."""
+        if self.world == 1:
+            yield
+            return
+        if not self.is_writer:
+            failure = self.broadcast(None)
+            if failure is not None:
+                raise TunelabError(failure)
+            yield
+            return
+        try:
+            yield
+        except TunelabError as err:
+            self.broadcast(str(err))
+            raise
+        self.broadcast(None)
+
     def sum_gradients(self, params: list[torch.Tensor]) -> None:
         """`ddp`: each gradient becomes its sum over the ranks (one flat all-reduce)."""
         if self.mode != "ddp":
@@ -106,7 +126,7 @@ class Ranks:
         try:
             yield
         except (RuntimeError, dist.DistError) as err:  # gloo's and NCCL's errors, timeouts included
-            raise TunelabError(f"rank {self.rank} of {self.world}: {self._lost()} while {what} ({_first_line(err)})") from None
+            raise RankLost(f"rank {self.rank} of {self.world}: {self._lost()} while {what} ({_first_line(err)})") from None
 
     def _lost(self) -> str:
         host = socket.gethostname()

@@ -68,7 +68,7 @@ RUN_FILES = (
     ROUNDS_DIR,
 )
 # Config keys that may change between a run and its resumption without breaking exactness.
-RESUMABLE_CHANGES = {"save_every", "eval_every", "keep_checkpoints", "log_every", "report_to"}  # under train.
+RESUMABLE_CHANGES = {"save_every", "eval_every", "keep_checkpoints", "log_every", "report_to", "distributed_timeout"}  # under train.
 
 
 @dataclass
@@ -185,7 +185,7 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, ranks: Ranks) -> Ru
                     saved = save_checkpoint(output / "checkpoints", state, checkpoint_tensors(run), run.optimizer, tcfg.keep_checkpoints, ranks, run.model)
                 if stopping:
                     name = signal.Signals(signum).name
-                    raise RunStopped(f"{name} at step {step} of {run.total_steps}: checkpoint {saved} written; continue with --resume", stop.signum)
+                    raise RunStopped(f"{name} at step {step} of {run.total_steps}: checkpoint {saved} written; continue with --resume", signum)
                 shown = "  ".join(f"{key} {record[key]:.3f}" for key in run.objective.progress_metrics if key in record)
                 progress.update(bar, completed=step, loss=f"{record['loss']:.4f}", speed=f"{record['tokens_per_s']:.0f}", extra=shown)
 
@@ -270,7 +270,8 @@ def set_up(config: RunConfig, resume: bool, overwrite: bool, ranks: Ranks = SING
         if set_compute_dtype(model, frozen_dtype) or copied:
             store_head_weight(model, frozen_dtype)  # the output head is ours to compute (objectives/causal_lm.py)
             console.print(f"frozen weights compute in {str(frozen_dtype).removeprefix('torch.')} (train.frozen_dtype)")
-    data = build_datasets(dcfg, tokenizer, tcfg.seed, objective.rows)
+    with ranks.writer_first():  # rank 0 fills the tokenized-data cache, the others read it
+        data = build_datasets(dcfg, tokenizer, tcfg.seed, objective.rows)
     _report_data(data.stats)
     if teacher is not None and data.eval is not None and "prompt_ids" in data.eval.column_names:  # label-free held-out rows
         with console.status(f"teacher: completing the {len(data.eval)} held-out prompts (greedy)"):
