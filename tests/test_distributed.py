@@ -53,13 +53,13 @@ def weights(run_dir) -> dict[str, torch.Tensor]:
     return {f"{file.name}/{name}": t for file in sorted(folder.glob("*.safetensors")) for name, t in load_file(file).items()}
 
 
-def one_and_two_processes(tmp_path, files, case: str, method: dict | None = None, distributed: str = "ddp", **train) -> tuple:
+def one_and_two_processes(tmp_path, files, case: str, method: dict | None = None, distributed: str = "ddp", model: dict | None = None, **train) -> tuple:
     """The run of `case` in one process with batch 8, and in 2 ranks with batch 4 each."""
     # lr 1e-4: Adam divides each gradient entry by its own size, so for entries near zero it turns
     # the ranks' other summation order (a relative 1e-7) into updates of up to 1e-3 x lr.
     settings = {"max_steps": 3, "lr": 1e-4, **train}
-    one = objective_config(tmp_path / "one", files, case, method=method, train={**settings, "batch_size": 8})
-    two = objective_config(tmp_path / "two", files, case, method=method, train={**settings, "batch_size": 4, "distributed": distributed})
+    one = objective_config(tmp_path / "one", files, case, method=method, model=model, train={**settings, "batch_size": 8})
+    two = objective_config(tmp_path / "two", files, case, method=method, model=model, train={**settings, "batch_size": 4, "distributed": distributed})
     tunelab.train(one)
     results = run_ranks(["train", write_yaml(tmp_path / "two.yaml", two)], tmp_path / "cache")
     for code, output in results:
@@ -96,6 +96,29 @@ def test_fsdp_two_ranks_of_batch_4_are_one_process_of_batch_8(method, case, file
     assert any((two / "checkpoints").glob("*/sharded/*.safetensors")) or not (two / "checkpoints").exists()
 
 
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory):
+    """A 2-layer random Llama 4x as wide as tiny-random-llama, saved as a model directory: its
+    weights' NF4 blocks divide in 2 (tiny-random-llama's 64 x 64 weights hold one scale block)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunelab.models.tiny import tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("wide-llama")
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    shape = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **shape)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_fsdp_shards_a_4bit_base_under_lora(files, wide_model, tmp_path):
+    one, two = one_and_two_processes(tmp_path, files, "sft", distributed="fsdp", model={"name": str(wide_model), "quantize": "nf4"})
+    assert_same_run(one, two)
+    assert read_report(two)["quantize"]["scheme"] == "nf4"
+
+
 def test_every_method_either_trains_sharded_here_or_says_why_it_cannot():
     sft = build_objective(objective_options_model("sft")(name="sft"))
     sharding = {name for name in method_names() if get_method_class(name).shards}
@@ -112,13 +135,24 @@ def test_every_method_either_trains_sharded_here_or_says_why_it_cannot():
         resolve_mode("fsdp", full, types.SimpleNamespace(name="reward", trainable_parameters=lambda: {"head": None}), "adamw")
 
 
-def test_a_method_refused_under_fsdp_fails_on_every_rank_before_any_write(files, tmp_path):
-    config = objective_config(tmp_path / "run", files, "sft", method={"name": "adalora"}, train={"distributed": "fsdp"})
+REFUSED_UNDER_FSDP = {
+    "adalora": ({"method": {"name": "adalora"}}, "train.distributed: fsdp: method 'adalora' needs each trainable tensor whole"),
+    "nf4-one-block": (
+        {"model": {"quantize": "nf4"}},
+        "train.distributed: fsdp: the NF4 weight model.layers.0.self_attn.q_proj.base_layer.weight (64, 64) cannot be cut in 2 equal shards",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_UNDER_FSDP)
+def test_what_cannot_shard_fails_on_every_rank_before_any_write(case, files, tmp_path):
+    sections, message = REFUSED_UNDER_FSDP[case]
+    config = objective_config(tmp_path / "run", files, "sft", train={"distributed": "fsdp"}, **sections)
     path = write_yaml(tmp_path / "run.yaml", config)
     before = tree_state(tmp_path)
     results = run_ranks(["train", path], tmp_path / "cache")
     assert [code for code, _ in results] == [1, 1]
-    assert "error: train.distributed: fsdp: method 'adalora' needs each trainable tensor whole" in results[0][1]
+    assert f"error: {message}" in results[0][1]
     assert "error:" not in results[1][1]  # said once, by rank 0
     assert {p: s for p, s in tree_state(tmp_path).items() if not p.startswith("cache")} == {p: s for p, s in before.items() if not p.startswith("cache")}
 

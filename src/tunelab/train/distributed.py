@@ -187,8 +187,10 @@ def shard_model(model: nn.Module) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
+    world = dist.get_world_size()
+    _check_quantized_shards(model, world)
     device = next(model.parameters()).device
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mesh = init_device_mesh(device.type, (world,))
     layer_classes = set(getattr(model, "_no_split_modules", None) or [])
     layers = [module for module in model.modules() if type(module).__name__ in layer_classes]
     if not layers:
@@ -200,6 +202,21 @@ def shard_model(model: nn.Module) -> None:
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+
+
+def _check_quantized_shards(model: nn.Module, world: int) -> None:
+    """torchao's NF4 weights shard by rows, each inner tensor (codes, scales, their scales) cut in
+    `world` equal parts: refuse, naming it, a weight whose blocks do not divide so."""
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import _INNER_TENSOR_NAMES_FOR_SHARDING, NF4Tensor
+
+    for name, param in model.named_parameters():
+        if isinstance(param, NF4Tensor):
+            uneven = [attr for attr in _INNER_TENSOR_NAMES_FOR_SHARDING if getattr(param, attr).numel() % world] + (["rows"] if param.size(0) % world else [])
+            if uneven:
+                raise TunelabError(
+                    f"train.distributed: fsdp: the NF4 weight {name} {tuple(param.shape)} cannot be cut in {world} equal shards ({uneven[0]} do not divide); "
+                    "use train.distributed: ddp, or another number of processes"
+                )
 
 
 def unshard_model(model: nn.Module) -> dict[str, torch.Tensor]:
