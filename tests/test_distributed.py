@@ -180,15 +180,17 @@ def test_a_killed_rank_is_named_and_the_run_resumes_bitwise(distributed, killed,
         files,
         "sft",
         method={"name": "full"} if distributed == "fsdp" else None,
-        train={"max_steps": 5, "batch_size": 4, "save_every": 2, "distributed": distributed},
+        train={"max_steps": 5, "batch_size": 4, "save_every": 2, "distributed": distributed, "max_tokens_per_forward": 0},  # one forward a step
     )
     runs = {}
     for name in ("uninterrupted", "killed"):
         runs[name] = write_yaml(tmp_path / f"{name}.yaml", {**config, "output": str(tmp_path / name)})
     uninterrupted = start_ranks(["train", runs["uninterrupted"]], tmp_path / "cache-u")
-    # Rank `killed` dies at the start of step 4, after checkpoint step-2.
+    # Rank `killed` dies in step 4, after checkpoint step-2: under ddp as the step starts, under
+    # fsdp inside its forward (the survivor is then inside FSDP's own collectives).
+    point = Trigger("tunelab.train.loop", "train_step", 4) if distributed == "ddp" else Trigger("tunelab.train.loop", "step_loss", 4)
     started = time.monotonic()
-    results = run_ranks(["train", runs["killed"]], tmp_path / "cache-k", triggers={killed: (Trigger("tunelab.train.loop", "train_step", 4),)})
+    results = run_ranks(["train", runs["killed"]], tmp_path / "cache-k", triggers={killed: (point,)})
     survivor = 1 - killed
     assert results[killed][0] == -signal.SIGKILL
     code, output = results[survivor]
@@ -241,7 +243,8 @@ def test_resuming_with_another_number_of_processes_is_refused(files, tmp_path):
 @pytest.mark.parametrize("launcher", ["--nproc", "torchrun"])
 def test_both_launchers_train_the_same_run(launcher, files, tmp_path):
     """`tunelab train --nproc 2` (which starts torchrun's launcher) and `torchrun -m tunelab train`."""
-    one, _ = one_and_two_processes(tmp_path, files, "sft")
+    one = objective_config(tmp_path / "one", files, "sft", train={"max_steps": 3, "lr": 1e-4, "batch_size": 8})
+    one = tunelab.train(one).output_dir
     config = objective_config(tmp_path / "launched", files, "sft", train={"max_steps": 3, "lr": 1e-4, "batch_size": 4})
     path = write_yaml(tmp_path / "launched.yaml", config)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TUNELAB_CACHE": str(tmp_path / "cache" / "tunelab"), "HF_DATASETS_CACHE": str(tmp_path / "cache" / "hf")}

@@ -96,10 +96,13 @@ def at_targets(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None, 
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     head = model.get_output_embeddings()
     with visible_targets(targets):
-        # A sharded model (FSDP) holds its head's weight whole only inside its own forward.
-        whole_forward = backbone is None or backbone is model or head is None or head.bias is not None or isinstance(model, FSDPModule)
-        if whole_forward or _has_logit_postprocessing(model.config):
+        if backbone is None or backbone is model or head is None or head.bias is not None or _has_logit_postprocessing(model.config):
             return model(**inputs, use_cache=False).logits[targets], None, labels
+        if isinstance(model, FSDPModule):
+            # Sharded (FSDP2): the model's own forward gathers the embeddings and head, which it keeps
+            # whole until backward (the root unit is not resharded after forward); no logits.
+            output = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=torch.zeros(0, dtype=torch.long))
+            return output.hidden_states[-1][targets], _head_weight(head), labels
         return backbone(**inputs, use_cache=False).last_hidden_state[targets], _head_weight(head), labels
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
@@ -125,12 +126,19 @@ class Ranks:
         """Turn a failed or timed-out collective into one message naming the rank that is gone."""
         try:
             yield
-        except (RuntimeError, dist.DistError) as err:  # gloo's and NCCL's errors, timeouts included
-            raise RankLost(f"rank {self.rank} of {self.world}: {self._lost()} while {what} ({_first_line(err)})") from None
+        except RuntimeError as err:
+            if not _communication_failed(err):
+                raise
+            raise RankLost(f"rank {self.rank} of {self.world}: {self._lost()} while {what} ({first_line(err)})") from None
 
     def _lost(self) -> str:
         host = socket.gethostname()
-        gone = [rank for rank, (peer_host, pid) in enumerate(self.peers) if rank != self.rank and peer_host == host and not _alive(pid)]
+        local = [rank for rank, (peer_host, _) in enumerate(self.peers) if rank != self.rank and peer_host == host]
+        # A killed peer's sockets close while the kernel is still tearing the process down: give
+        # its exit a moment to show before saying nobody here is gone.
+        deadline = time.monotonic() + 3.0
+        while not (gone := [rank for rank in local if not _alive(self.peers[rank][1])]) and local and time.monotonic() < deadline:
+            time.sleep(0.05)
         if gone:
             return ", ".join(f"rank {rank} (pid {self.peers[rank][1]})" for rank in gone) + (" has" if len(gone) == 1 else " have") + " exited"
         return "another rank stopped answering"
@@ -260,6 +268,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _first_line(err: BaseException) -> str:
+def _communication_failed(err: RuntimeError) -> bool:
+    """A collective that failed because a peer is gone or silent: torch's DistError, or the plain
+    RuntimeError that gloo raises (a closed connection, a timeout)."""
+    return isinstance(err, dist.DistError) or any(mark in str(err) for mark in ("gloo", "NCCL", "Connection closed", "Timed out"))
+
+
+def first_line(err: BaseException) -> str:
+    """An error's first line (at most 300 characters): gloo's and Ray's messages run on."""
     text = str(err).strip().splitlines()
-    return text[0][:200] if text else type(err).__name__
+    return text[0][:300] if text else type(err).__name__

@@ -165,7 +165,8 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, ranks: Ranks) -> Ru
         with progress, sink or contextlib.nullcontext(), StopRequests() as stop:
             bar = progress.add_task("train", total=run.total_steps, completed=state.step, loss="-", speed="-", extra="")
             for step in range(state.step + 1, run.total_steps + 1):
-                record = train_step(run, step)
+                with ranks.collective(f"training step {step}"):  # FSDP's collectives run inside forward and backward
+                    record = train_step(run, step)
                 state = replace(state, step=step, tokens_seen=state.tokens_seen + record["tokens"], train_seconds=state.train_seconds + record["seconds"])
                 last_loss = record["loss"]
                 if run.data.eval is not None and ((tcfg.eval_every and step % tcfg.eval_every == 0) or step == run.total_steps):
