@@ -4,8 +4,8 @@ Alpaca rows) trained with the same global batch in 1 process (batch 8) and in 2 
 
     python benchmarks/distributed.py [--steps 8] [--out distributed.json]
 
-Prints a Markdown table for docs/distributed.md: tokens/s, each rank's peak resident memory, the
-final loss of each, and the largest difference between the two runs' final weights. Every run is a
+Prints a Markdown table for docs/distributed.md: tokens/s, each rank's peak resident memory and
+training state (its parameters or their shards, gradients, AdamW moments), the final loss of each, and the largest difference between the two runs' final weights. Every run is a
 fresh `tunelab train` process; the 1-process run gets all the machine's cores as threads, each of
 the 2 ranks half of them.
 """
@@ -73,19 +73,23 @@ def main() -> None:
                     "distributed": distributed,
                     "tokens_per_s": [reports[1]["tokens_per_s"], reports[2]["tokens_per_s"]],
                     "peak_memory_mb_per_rank": [reports[1]["peak_memory_mb_per_rank"], reports[2]["peak_memory_mb_per_rank"]],
+                    "training_state_mb_per_rank": [reports[1]["training_state_mb_per_rank"], reports[2]["training_state_mb_per_rank"]],
                     "final_loss": [reports[1]["final_train_loss"], reports[2]["final_train_loss"]],
                     "max_weight_difference": worst,
                     "trainable_params": reports[1]["trainable_params"],
                 }
             )
     print(f"{os.cpu_count()} cores, torch threads: 1 process {os.cpu_count()}, 2 ranks {max(1, (os.cpu_count() or 1) // 2)} each; {args.steps} steps of 8 rows\n")
-    print("| method | engine | processes | tokens/s | peak memory per rank (MiB) | final loss | max weight difference |")
-    print("|---|---|---:|---:|---|---:|---:|")
+    print("| method | engine | processes | tokens/s | peak RSS per rank (MiB) | training state per rank (MiB) | final loss | max weight difference |")
+    print("|---|---|---:|---:|---|---|---:|---:|")
     for row in rows:
         for i, processes in enumerate((1, 2)):
             memory = " / ".join(f"{m:.0f}" for m in row["peak_memory_mb_per_rank"][i])
+            state = " / ".join(f"{m:.0f}" for m in row["training_state_mb_per_rank"][i])
             difference = f"{row['max_weight_difference']:.1e}" if i else ""
-            print(f"| {row['method']} | {row['distributed'] if i else '-'} | {processes} | {row['tokens_per_s'][i]:.0f} | {memory} | {row['final_loss'][i]:.4f} | {difference} |")
+            print(
+                f"| {row['method']} | {row['distributed'] if i else '-'} | {processes} | {row['tokens_per_s'][i]:.0f} | {memory} | {state} | {row['final_loss'][i]:.4f} | {difference} |"
+            )
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
 

@@ -249,6 +249,20 @@ def unshard_model(model: nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(model.named_parameters(remove_duplicate=False)), **persistent}
 
 
+def training_state_mb(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
+    """MiB of training state this rank holds: its parameters (its shards under fsdp; a tied weight
+    once), a gradient for each trainable one, and the optimizer's state."""
+    from tunelab.models.quantize import storage_bytes
+
+    def local(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+    params = {id(p): p for p in model.parameters()}.values()
+    state = [value for entries in optimizer.state.values() for value in entries.values() if isinstance(value, torch.Tensor)]
+    held = [storage_bytes(local(p)) for p in params] + [storage_bytes(local(p)) for p in params if p.requires_grad] + [storage_bytes(local(t)) for t in state]
+    return sum(held) / 2**20
+
+
 def whole(tensor: torch.Tensor) -> torch.Tensor:
     """A tensor as one process sees it whole: a sharded DTensor's full value (a collective)."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor

@@ -41,7 +41,7 @@ from tunelab.objectives.sampled import SampledObjective
 from tunelab.runs import RUN_FILE, check_run_format, load_peft_model, load_run, save_artifacts, write_run_file
 from tunelab.train.allocator import keep_freed_memory, peak_memory_mb, reset_peak_memory
 from tunelab.train.checkpoint import TrainState, list_checkpoints, load_checkpoint, newest_intact_checkpoint, save_checkpoint
-from tunelab.train.distributed import SINGLE, Ranks, join, leave, resolve_mode, shard_model, unshard_model, whole
+from tunelab.train.distributed import SINGLE, Ranks, join, leave, resolve_mode, shard_model, training_state_mb, unshard_model, whole
 from tunelab.train.galore import GaLoreAdamW, galore_param_groups
 from tunelab.train.interrupt import StopRequests
 from tunelab.train.neftune import add_embedding_noise
@@ -191,6 +191,7 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, ranks: Ranks) -> Ru
                 progress.update(bar, completed=step, loss=f"{record['loss']:.4f}", speed=f"{record['tokens_per_s']:.0f}", extra=shown)
 
         run.model.eval()
+        state_per_rank = ranks.gather(training_state_mb(run.model, run.optimizer))
         whole_state = unshard_model(run.model) if ranks.sharded else None  # rank 0 writes the whole weights
         memory_per_rank = ranks.gather(peak_memory_mb())
         if ranks.is_writer:
@@ -210,6 +211,7 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, ranks: Ranks) -> Ru
             "processes": ranks.world,
             "distributed": ranks.mode,
             "peak_memory_mb_per_rank": memory_per_rank,
+            "training_state_mb_per_rank": state_per_rank,
             "trainable_params": sum(p.numel() for p in run.params.values()),
             "total_params": sum(p.numel() for p in run.model.parameters()),
             "method": run.method.name,
