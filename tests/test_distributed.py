@@ -81,7 +81,12 @@ def assert_same_run(one, two, atol: float = 1e-6) -> None:
     assert read_report(two)["processes"] == 2
 
 
-@pytest.mark.parametrize("case", OBJECTIVES)
+# Every objective (and DPO's precomputed reference); distillation's on-policy and prompt-only cases
+# sample as GRPO and RAFT do, which are here.
+DDP_CASES = [case for case in OBJECTIVES if case not in ("distill-on-policy", "distill-prompts")]
+
+
+@pytest.mark.parametrize("case", DDP_CASES)
 def test_ddp_two_ranks_of_batch_4_are_one_process_of_batch_8(case, files, tmp_path):
     one, two = one_and_two_processes(tmp_path, files, case)
     assert_same_run(one, two)
@@ -124,9 +129,14 @@ def test_every_method_either_trains_sharded_here_or_says_why_it_cannot():
     sharding = {name for name in method_names() if get_method_class(name).shards}
     assert sharding == {method for method, _ in FSDP_CASES}
     for name in set(method_names()) - sharding:
+        method = get_method_class(name)(get_method_class(name).Options(name=name))
+        if method.single_process_reason:  # sparse_ft
+            with pytest.raises(TunelabError, match=f"method '{name}' trains in one process only: "):
+                resolve_mode("ddp", method, sft, "adamw")
+            continue
         with pytest.raises(TunelabError, match=f"method '{name}' needs each trainable tensor whole on every rank .*use train.distributed: ddp"):
-            resolve_mode("fsdp", get_method_class(name)(get_method_class(name).Options(name=name)), sft, "adamw")
-        assert resolve_mode("auto", get_method_class(name)(get_method_class(name).Options(name=name)), sft, "adamw") == "ddp"
+            resolve_mode("fsdp", method, sft, "adamw")
+        assert resolve_mode("auto", method, sft, "adamw") == "ddp"
     full = get_method_class("full")(get_method_class("full").Options(name="full"))
     assert resolve_mode("auto", full, sft, "adamw") == "fsdp"
     with pytest.raises(TunelabError, match="galore"):
@@ -142,6 +152,25 @@ REFUSED_UNDER_FSDP = {
         "train.distributed: fsdp: the NF4 weight model.layers.0.self_attn.q_proj.base_layer.weight (64, 64) cannot be cut in 2 equal shards",
     ),
 }
+
+
+def test_ddp_sums_gradients_of_every_dtype_in_place_and_keeps_a_missing_one_missing(tmp_path):
+    """One gloo rank: a bf16 tensor beside fp32 ones, and one no rank gave a gradient."""
+    import torch.distributed as dist
+
+    from tunelab.train.distributed import Ranks
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16)), torch.nn.Parameter(torch.ones(4))]
+        params[0].grad, params[1].grad = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 0.25], dtype=torch.bfloat16)
+        kept = params[0].grad
+        Ranks(rank=0, world=1, mode="ddp").sum_gradients(params)
+        assert params[0].grad is kept and params[0].grad.tolist() == [1.0, 2.0, 3.0]
+        assert params[1].grad.dtype == torch.bfloat16 and params[1].grad.tolist() == [0.5, 0.25]
+        assert params[2].grad is None
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("case", REFUSED_UNDER_FSDP)
@@ -211,7 +240,7 @@ def test_a_rank_that_stops_answering_ends_the_others_at_the_collective_timeout(f
     config = objective_config(tmp_path / "run", files, "sft", train={"max_steps": 4, "batch_size": 4})
     path = write_yaml(tmp_path / "run.yaml", config)
     stop = Trigger("tunelab.train.loop", "train_step", 2, signum=signal.SIGSTOP)
-    started = start_ranks(["train", path], tmp_path / "cache", triggers={1: (stop,)}, timeout_s=5)
+    started = start_ranks(["train", path], tmp_path / "cache", triggers={1: (stop,)}, timeout_s=3)
     code, output = finish_cli(*started[0])
     assert code == 1 and "rank 0 of 2: another rank stopped answering while" in output, output
     os.kill(started[1][0].pid, signal.SIGKILL)

@@ -88,6 +88,9 @@ class Method(ABC):
     # not, `whole_tensors_reason` says why it needs each tensor whole (it then trains under ddp).
     shards: ClassVar[bool] = False
     whole_tensors_reason: ClassVar[str] = "it is not verified to train exactly on sharded parameters"
+    # Why the method cannot train in several processes at all (state it gathers from each rank's own
+    # gradients, which no all-reduce sees), or None.
+    single_process_reason: ClassVar[str | None] = None
     # How many training steps' micro-batches `prepare` gets; 0: the method has no `prepare`.
     prepare_steps: int = 0
 

@@ -152,6 +152,7 @@ class SparseFt(BufferedAdapterMethod):
     name = "sparse_ft"
     Options = SparseFtOptions
     whole_tensors_reason = "its prune-and-regrow step ranks the entries of whole weight matrices and gradients"
+    single_process_reason = "it regrows entries by the dense gradients each process accumulates of its own samples, so the ranks would choose different entries"
 
     def __init__(self, options: SparseFtOptions):
         super().__init__(options)

@@ -28,13 +28,12 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
-from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from tunelab.console import console
 from tunelab.errors import TunelabError
 from tunelab.files import read_safetensors, sha256_file, staged_write
-from tunelab.train.distributed import SINGLE, Ranks
+from tunelab.train.distributed import SINGLE, Ranks, local_shard
 
 STEP_DIR = re.compile(r"step-(\d+)")
 CHECKSUMS_FILE = "checksums.json"
@@ -73,6 +72,8 @@ def save_checkpoint(
         if ranks.sharded:
             _, optimizer_state, tensors = _sharded_state(model, optimizer)
             settings = {name: value for name, value in optimizer_state.items() if not isinstance(value, torch.Tensor)}
+            from torch.distributed.checkpoint import HuggingFaceStorageWriter  # fsdp only: a recent torch
+
             dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(staging / SHARDED_DIR), save_distributed=True))
         if ranks.is_writer:
             _write_files(staging, state, trainable, optimizer, rng, ranks, settings)
@@ -112,7 +113,7 @@ def _sharded_state(model, optimizer: torch.optim.Optimizer) -> tuple[dict, dict,
     for prefix, entries in (("model.", model_state), ("optimizer.", optimizer_state)):
         for name, value in entries.items():
             if isinstance(value, torch.Tensor):
-                local = value.to_local() if hasattr(value, "to_local") else value
+                local = local_shard(value)
                 memory = (local.data_ptr(), local.dtype, local.shape) if local.numel() else name
                 if memory not in seen:
                     seen.add(memory)
@@ -177,6 +178,8 @@ def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer, ranks: Ranks =
     _restore_rng(own_rng, meta["rng_of_ranks"][ranks.rank - 1] if ranks.rank else meta["rng"])
     if ranks.sharded:
         model_state, optimizer_state, tensors = _sharded_state(model, optimizer)  # this rank's shards, filled in place
+        from torch.distributed.checkpoint import HuggingFaceStorageReader
+
         dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path / SHARDED_DIR)))
         optimizer_state |= meta["optimizer_settings"]
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=SHARDED_OPTIONS)

@@ -33,6 +33,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from tunelab.console import console
 from tunelab.errors import RankLost, TunelabError
@@ -112,21 +113,37 @@ class Ranks:
         """`ddp`: each gradient becomes its sum over the ranks (one flat all-reduce)."""
         if self.mode != "ddp":
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        # Which tensors got a gradient on some rank: one that none did stays without (AdamW then
+        # leaves it alone, as in one process).
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
         with self.collective("summing gradients"):
-            dist.all_reduce(flat)
-        offset = 0
-        for param, grad in zip(params, grads):
-            param.grad = flat[offset : offset + grad.numel()].view_as(grad).clone()
-            offset += grad.numel()
+            dist.all_reduce(present)
+        for dtype in {p.dtype for p in params}:  # one flat all-reduce per dtype (a bf16 head beside fp32 LoRA)
+            group = [p for p in params if p.dtype == dtype]
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
+            with self.collective("summing gradients"):
+                dist.all_reduce(flat)
+            offset = 0
+            for param in group:
+                summed = flat[offset : offset + param.numel()].view_as(param)
+                offset += param.numel()
+                if param.grad is None:
+                    param.grad = summed.clone()
+                else:
+                    param.grad.copy_(summed)
+        for param, had in zip(params, present.tolist()):
+            if not had:
+                param.grad = None
 
     @contextlib.contextmanager
     def collective(self, what: str):
         """Turn a failed or timed-out collective into one message naming the rank that is gone."""
+        if self.world == 1:
+            yield
+            return
         try:
             yield
-        except RuntimeError as err:
+        except (RuntimeError, CheckpointException) as err:  # DCP wraps the failures of its ranks
             if not _communication_failed(err):
                 raise
             raise RankLost(f"rank {self.rank} of {self.world}: {self._lost()} while {what} ({first_line(err)})") from None
@@ -175,6 +192,8 @@ def leave(ranks: Ranks) -> None:
 def resolve_mode(setting: str, method, objective, optimizer: str) -> str:
     """`auto`: `fsdp` for a method that trains the whole model (its weights and their optimizer
     moments are what outgrows one device), `ddp` for adapters (their few tensors replicate cheaply)."""
+    if method.single_process_reason:
+        raise TunelabError(f"method '{method.name}' trains in one process only: {method.single_process_reason}")
     mode = setting if setting != "auto" else ("fsdp" if method.artifact == "model" and method.shards else "ddp")
     if mode == "fsdp":
         if optimizer == "galore":
@@ -254,13 +273,15 @@ def training_state_mb(model: nn.Module, optimizer: torch.optim.Optimizer) -> flo
     once), a gradient for each trainable one, and the optimizer's state."""
     from tunelab.models.quantize import storage_bytes
 
-    def local(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
     params = {id(p): p for p in model.parameters()}.values()
     state = [value for entries in optimizer.state.values() for value in entries.values() if isinstance(value, torch.Tensor)]
-    held = [storage_bytes(local(p)) for p in params] + [storage_bytes(local(p)) for p in params if p.requires_grad] + [storage_bytes(local(t)) for t in state]
+    held = [storage_bytes(local_shard(p)) for p in params] + [storage_bytes(local_shard(p)) for p in params if p.requires_grad] + [storage_bytes(local_shard(t)) for t in state]
     return sum(held) / 2**20
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded DTensor; any other tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -282,7 +303,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _communication_failed(err: RuntimeError) -> bool:
+def _communication_failed(err: BaseException) -> bool:
     """A collective that failed because a peer is gone or silent: torch's DistError, or the plain
     RuntimeError that gloo raises (a closed connection, a timeout)."""
     return isinstance(err, dist.DistError) or any(mark in str(err) for mark in ("gloo", "NCCL", "Connection closed", "Timed out"))

@@ -16,6 +16,7 @@ from tunelab.console import console
 def launch_processes(nproc: int, tunelab_args: list[str]) -> int:
     """Run `tunelab TUNELAB_ARGS` as ranks 0..nproc-1 and wait; the exit code of the first rank
     that failed (each rank printed its own message), or 0."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -34,10 +35,13 @@ def launch_processes(nproc: int, tunelab_args: list[str]) -> int:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the ranks and the line below say what failed
     try:
         elastic_launch(config, sys.executable)("-m", "tunelab", *tunelab_args)
+    except SignalException as stopped:  # Ctrl-C or SIGTERM to the launcher: it passed the signal on to the ranks
+        return 128 + stopped.sigval
     except ChildFailedError as failed:
         rank, failure = failed.get_first_failure()
-        if failure.exitcode == 1:  # a rank's error, which rank 0 has printed (every rank meets a bad input alike)
-            return 1
+        # A rank's error (printed by the rank), or a stop on SIGINT/SIGTERM after a checkpoint (130, 143).
+        if failure.exitcode in (1, 130, 143):
+            return failure.exitcode
         how = f"was killed by signal {-failure.exitcode}" if failure.exitcode < 0 else f"exited with code {failure.exitcode}"
         console.print(f"[bold red]error:[/] rank {rank} of {nproc} {how} (pid {failure.pid}); the other ranks were stopped", highlight=False, soft_wrap=True)
         return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode

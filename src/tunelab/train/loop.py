@@ -25,7 +25,7 @@ from tunelab.config import RunConfig, changed_keys, dump_config, load_config
 from tunelab.console import console
 from tunelab.data.batching import BatchLayout, split_by_tokens
 from tunelab.data.dataset import build_datasets
-from tunelab.errors import RunStopped, TrainingDiverged, TunelabError
+from tunelab.errors import RankLost, RunStopped, TrainingDiverged, TunelabError
 from tunelab.files import exclusive_directory, remove_leftovers, write_json_atomic
 from tunelab.methods import build_method
 from tunelab.methods.peft_io import CONFIG_FILE as PEFT_CONFIG_FILE
@@ -171,10 +171,11 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, ranks: Ranks) -> Ru
                 last_loss = record["loss"]
                 if run.data.eval is not None and ((tcfg.eval_every and step % tcfg.eval_every == 0) or step == run.total_steps):
                     eval_reference = run.reference.for_split("eval") if run.reference is not None else None
-                    if isinstance(run.objective, SampledObjective):  # score the policy's held-out completions
-                        eval_metrics = evaluate_rewards(run)
-                    else:
-                        eval_metrics = evaluate_objective(run.objective, run.model, run.data.eval, tcfg.batch_size, run.layout, eval_reference)
+                    with ranks.collective(f"evaluating at step {step}"):  # every rank evaluates (FSDP's forwards gather)
+                        if isinstance(run.objective, SampledObjective):  # score the policy's held-out completions
+                            eval_metrics = evaluate_rewards(run)
+                        else:
+                            eval_metrics = evaluate_objective(run.objective, run.model, run.data.eval, tcfg.batch_size, run.layout, eval_reference)
                     record.update(eval_metrics)
                 signum = next((s for s in ranks.gather(stop.signum) if s is not None), None)  # all ranks stop at one step
                 if sink and (step % tcfg.log_every == 0 or "eval_loss" in record or step == run.total_steps or signum):
@@ -183,7 +184,8 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, ranks: Ranks) -> Ru
                 if (tcfg.save_every and step % tcfg.save_every == 0 and step < run.total_steps) or stopping:
                     if run.rollouts is not None:
                         state = replace(state, rollout=run.rollouts.checkpoint_state(step, run.objective.round_steps))
-                    saved = save_checkpoint(output / "checkpoints", state, checkpoint_tensors(run), run.optimizer, tcfg.keep_checkpoints, ranks, run.model)
+                    with ranks.collective(f"writing the checkpoint of step {step}"):
+                        saved = save_checkpoint(output / "checkpoints", state, checkpoint_tensors(run), run.optimizer, tcfg.keep_checkpoints, ranks, run.model)
                 if stopping:
                     name = signal.Signals(signum).name
                     raise RunStopped(f"{name} at step {step} of {run.total_steps}: checkpoint {saved} written; continue with --resume", signum)
@@ -192,7 +194,8 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, ranks: Ranks) -> Ru
 
         run.model.eval()
         state_per_rank = ranks.gather(training_state_mb(run.model, run.optimizer))
-        whole_state = unshard_model(run.model) if ranks.sharded else None  # rank 0 writes the whole weights
+        with ranks.collective("gathering the final weights"):
+            whole_state = unshard_model(run.model) if ranks.sharded else None  # rank 0 writes the whole weights
         memory_per_rank = ranks.gather(peak_memory_mb())
         if ranks.is_writer:
             save_artifacts(run.method, run.model, run.tokenizer, config, output, run.objective, whole_state)
@@ -227,6 +230,9 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, ranks: Ranks) -> Ru
     except TunelabError as err:  # mid-run (disk full, divergence): say what is kept, keeping the error's type
         good = list_checkpoints(output / "checkpoints")
         err.args = (f"{err}; " + (f"the last good checkpoint is {good[-1]} (continue with --resume)" if good else "no checkpoint was written yet"),)
+        if not ranks.is_writer and not isinstance(err, RankLost):  # a failure of this rank's own: say so, naming it
+            err.args = (f"rank {ranks.rank} of {ranks.world}: {err}",)
+            console.quiet = False
         raise
     return RunResult(output_dir=output, report=report)
 
@@ -450,9 +456,11 @@ def train_step(run: Run, step: int) -> dict:
     if ranks.sharded:
         # FSDP's collectives run inside forward and backward: a rank with fewer forwards than
         # another runs forwards of weight zero until they match.
-        filler = batches[-1] if batches else run.forward_batches([micro_batches[0][:1]])[0]
-        for _ in range(max(n for _, n in shares) - len(batches)):
-            (step_loss(objective.output(model, filler.to(run.device), run.reference), totals.counts) * 0.0).backward()
+        missing = max(n for _, n in shares) - len(batches)
+        if missing:
+            filler = batches[-1] if batches else run.forward_batches([next(samples for samples in micro_batches if samples)[:1]])[0]
+            for _ in range(missing):
+                (step_loss(objective.output(model, filler.to(run.device), run.reference), totals.counts) * 0.0).backward()
 
     # The method's own loss term (AdaLoRA's orthogonality), once per step (on rank 0: the ranks' gradients add up).
     regularization = run.method.regularization(model) if ranks.is_writer else None
