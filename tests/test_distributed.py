@@ -22,8 +22,10 @@ from helpers import (
     OBJECTIVES,
     Trigger,
     WriteAudit,
+    assert_clean_failure,
     finish_cli,
     finish_ranks,
+    invoke,
     objective_config,
     read_metrics,
     read_report,
@@ -284,3 +286,10 @@ def test_both_launchers_train_the_same_run(launcher, files, tmp_path):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert_same_run(one, tmp_path / "launched")
+
+
+def test_nproc_and_ray_address_together_are_refused_before_any_write(files, tmp_path):
+    path = write_yaml(tmp_path / "run.yaml", objective_config(tmp_path / "run", files, "sft"))
+    before = tree_state(tmp_path)
+    assert_clean_failure(invoke("train", path, "--nproc", "2", "--ray-address", "local"), "give --nproc or --ray-address, not both")
+    assert tree_state(tmp_path) == before

@@ -17,7 +17,6 @@ run directories stay where their cells ran.
 from __future__ import annotations
 
 import json
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
@@ -165,7 +164,9 @@ def run_sweep(
             console.rule(f"cell {number}/{len(pending)}: {jobs[i][0]} (seed {jobs[i][1]})")
             records[i] = run_cell(*jobs[i])
     elif backend == "process":
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        from tunelab.train.distributed import threads_per_process
+
+        threads = threads_per_process(workers)
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
             futures = {pool.submit(run_cell, *jobs[i], threads): i for i in pending}
             for future in as_completed(futures):

@@ -289,6 +289,16 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container or taskset narrows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def threads_per_process(processes: int) -> int:
+    """Torch threads for each of `processes` processes sharing this machine's cores."""
+    return max(1, machine_cores() // max(1, processes))
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

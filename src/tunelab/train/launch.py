@@ -11,6 +11,7 @@ import sys
 import uuid
 
 from tunelab.console import console
+from tunelab.train.distributed import threads_per_process
 
 
 def launch_processes(nproc: int, tunelab_args: list[str]) -> int:
@@ -21,7 +22,7 @@ def launch_processes(nproc: int, tunelab_args: list[str]) -> int:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if "OMP_NUM_THREADS" not in os.environ:  # the ranks share the machine's cores (torchrun does the same)
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+        os.environ["OMP_NUM_THREADS"] = str(threads_per_process(nproc))
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,

@@ -442,8 +442,8 @@ def train_step(run: Run, step: int) -> dict:
     totals = StepTotals()
     for batch in batches:
         totals.add_counts(batch.counts)
-    shares = ranks.gather((totals.counts, len(batches)))  # every rank's, for the whole step's counts
-    for rank, (counts, _) in enumerate(shares):
+    counted = ranks.gather((totals.counts, len(batches)))  # every rank's, for the whole step's counts
+    for rank, (counts, _) in enumerate(counted):
         if rank != ranks.rank:
             totals.add_counts(counts)
     loss_sum = 0.0
@@ -456,7 +456,7 @@ def train_step(run: Run, step: int) -> dict:
     if ranks.sharded:
         # FSDP's collectives run inside forward and backward: a rank with fewer forwards than
         # another runs forwards of weight zero until they match.
-        missing = max(n for _, n in shares) - len(batches)
+        missing = max(n for _, n in counted) - len(batches)
         if missing:
             filler = batches[-1] if batches else run.forward_batches([next(samples for samples in micro_batches if samples)[:1]])[0]
             for _ in range(missing):
@@ -467,10 +467,11 @@ def train_step(run: Run, step: int) -> dict:
     if regularization is not None:
         regularization.backward()
         loss_sum += regularization.item()
-    if ranks.world > 1:  # the step's loss and metrics are sums over all ranks' forwards
-        shares = ranks.gather((loss_sum, totals.sums_share()))
-        loss_sum = sum(loss for loss, _ in shares)
-        for rank, (_, share) in enumerate(shares):
+    tokens = sum(b.n_tokens for b in batches)
+    if ranks.world > 1:  # the step's loss, metrics and tokens are sums over all ranks' forwards
+        summed = ranks.gather((loss_sum, totals.sums_share(), tokens))
+        loss_sum, tokens = sum(loss for loss, _, _ in summed), sum(n for _, _, n in summed)
+        for rank, (_, share, _) in enumerate(summed):
             if rank != ranks.rank:
                 totals.add_sums(share)
     ranks.sum_gradients(list(run.params.values()))
@@ -484,7 +485,6 @@ def train_step(run: Run, step: int) -> dict:
     run.optimizer.zero_grad(set_to_none=True)
 
     seconds = time.perf_counter() - step_started
-    tokens = sum(ranks.gather(sum(b.n_tokens for b in batches)))
     figures = {key: value for key, value in totals.figures(objective).items() if key != "loss"}
     return {
         "step": step,

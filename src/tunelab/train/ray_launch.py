@@ -28,7 +28,7 @@ import torch
 from tunelab import errors
 from tunelab.config import RunConfig, parse_config
 from tunelab.errors import RankLost, TunelabError
-from tunelab.train.distributed import first_line
+from tunelab.train.distributed import first_line, machine_cores, threads_per_process
 from tunelab.train.loop import RunResult
 
 # Train V2 sends a worker's print() calls to its logger, even those a library captures to read back
@@ -61,7 +61,7 @@ def train_on_ray(config: RunConfig, address: str, workers: int, resume: bool = F
         if hasattr(ray, "LoggingConfig"):  # the Python logging of every process of this job, where Ray has it
             options["logging_config"] = ray.LoggingConfig(log_level="ERROR")
         if address == "local":  # a worker holds one CPU: let the workers fit on this machine
-            options["num_cpus"] = max(_cores(), workers)
+            options["num_cpus"] = max(machine_cores(), workers)
         try:
             ray.init(address=address, **options)
         except (ConnectionError, ValueError, RuntimeError) as err:
@@ -111,7 +111,7 @@ def _worker(options: dict) -> dict:
     if os.path.isdir(options["cwd"]):
         os.chdir(options["cwd"])
     # The node's cores split among its workers (Ray starts a one-CPU worker with one thread).
-    torch.set_num_threads(max(1, _cores() // max(1, ray.train.get_context().get_local_world_size())))
+    torch.set_num_threads(threads_per_process(ray.train.get_context().get_local_world_size()))
     from tunelab.train.loop import train
 
     logging.getLogger(RAY_USER_ERROR_LOGGER).addFilter(_no_tunelab_error_traceback)
@@ -176,7 +176,3 @@ def _root_cause(err: BaseException) -> BaseException:
 def _is_train_v2(train_module) -> bool:
     """Ray Train V2 (the default since Ray 2.5x), not V1 (older Ray, or RAY_TRAIN_V2_ENABLED=0)."""
     return "worker_runtime_env" in {field.name for field in dataclasses.fields(train_module.RunConfig)} and hasattr(train_module, "LoggingConfig")
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
