@@ -99,6 +99,23 @@ def describe_path(path: str | os.PathLike) -> str:
     return f"{path.absolute()} ({path} resolved from the working directory {Path.cwd()})"
 
 
+def check_output_folder(out: Path, flag: str = "--out") -> None:
+    """Refuse an output directory that is a file, holds something already, or lies below a file: a
+    command writes its output folder whole (staged_write), so it must be free."""
+    if out.exists() and not out.is_dir():
+        raise TunelabError(f"{flag} {out} is a file; the output is a directory")
+    if out.exists() and any(out.iterdir()):
+        raise TunelabError(f"{flag} {out} exists and is not empty")
+    check_parent_folders(out, flag)
+
+
+def check_parent_folders(out: Path, flag: str = "--out") -> None:
+    """Refuse an output path below a file (its folders are made when it is written)."""
+    existing = next(folder for folder in out.absolute().parents if folder.exists())
+    if not existing.is_dir():
+        raise TunelabError(f"{flag} {out}: {existing} is a file, not a directory")
+
+
 def check_regular_file(path: Path, what: str = "data file") -> None:
     """Refuse anything but an existing regular file, before it is opened (opening a FIFO would wait
     for a writer)."""

@@ -201,6 +201,23 @@ def export_command(
     _run(action)
 
 
+@app.command("merge")
+def merge_command(
+    config: Path = typer.Argument(..., help="a merge config (YAML, mergekit's shape: merge_method, base_model, models, parameters)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides, e.g. parameters.lambda=0.8"),
+    out: Path = typer.Option(..., "--out", help="the directory to write: a merged checkpoint (output: model) or a peft LoRA adapter (output: lora)"),
+):
+    """Merge fine-tunings of one base (run directories, peft adapters, checkpoints) without training:
+    linear, task_arithmetic, ties, dare_ties, dare_linear, slerp, magnitude_prune."""
+
+    def action():
+        from tunelab.merging import merge
+
+        console.print(f"merged -> {merge(config, out, overrides)}")
+
+    _run(action)
+
+
 @app.command("serve")
 def serve_command(
     adapters: Optional[list[str]] = typer.Argument(None, help="NAME=RUN_DIR_OR_PEFT_ADAPTER, one per adapter served"),

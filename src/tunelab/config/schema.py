@@ -157,10 +157,12 @@ class RunConfig(Strict):
         return self.model_dump(mode="json")
 
 
-def error_at(key: str, value: Any, message: str) -> ValidationError:
-    """A validation error about `key` of the section a validator checks (pydantic puts the
-    section's own location in front), so that the message names the dotted key and its line."""
-    return ValidationError.from_exception_data("config", [{"type": PydanticCustomError("value_error", "{message}", {"message": message}), "loc": (key,), "input": value}])
+def error_at(key: str, value: Any, message: str, missing: bool = False) -> ValidationError:
+    """A validation error about dotted `key` of the section a validator checks (pydantic puts the
+    section's own location in front), so that the message names the key and its line; `missing`:
+    the key is absent (named all the same, at its section's line)."""
+    kind = PydanticCustomError("missing" if missing else "value_error", "{message}", {"message": message})
+    return ValidationError.from_exception_data("config", [{"type": kind, "loc": tuple(key.split(".")), "input": value}])
 
 
 def _named_section(value: Any, section: str) -> dict:

@@ -16,10 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tunelab.config.schema import ModelConfig
-from tunelab.console import console
+from tunelab.console import console, progress_bar
 from tunelab.errors import TunelabError
 from tunelab.eval.likelihood import continuation_logprobs, prompt_ids, sequence_logprobs
 from tunelab.eval.tasks import Sample, TaskConfig, code_program, task_samples
@@ -35,10 +34,6 @@ from tunelab.scoring.answers import (
 from tunelab.scoring.sandbox import SandboxLimits, run_python
 
 SAMPLES_FILE = "eval_samples.jsonl"
-
-
-def progress_bar(label: str):
-    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console)
 
 
 def uses_chat(task: TaskConfig, tokenizer) -> bool:

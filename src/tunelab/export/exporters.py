@@ -15,7 +15,8 @@ from tunelab.config.schema import ModelConfig
 from tunelab.console import console
 from tunelab.errors import TunelabError
 from tunelab.export.gguf_export import GGUF_TYPES, write_lora, write_model
-from tunelab.files import staged_write
+from tunelab.files import check_output_folder, check_parent_folders, staged_write
+from tunelab.methods import Method
 from tunelab.models.loader import load_model, source_gguf
 from tunelab.models.quantize import dequantize_linears
 from tunelab.runs import LoadedRun, load_run
@@ -34,16 +35,14 @@ def export_run(source: str | Path, export_format: str, out: str | Path, gguf_typ
     to_file = export_format.startswith("gguf")
     if to_file and out.suffix != ".gguf":
         raise TunelabError(f"--out {out}: a GGUF export is one file; name it *.gguf")
-    if out.exists():
-        if to_file:
-            raise TunelabError(f"--out {out} exists")
-        if not out.is_dir():
-            raise TunelabError(f"--out {out} is a file; --format {export_format} writes a directory")
-        if any(out.iterdir()):
-            raise TunelabError(f"--out {out} exists and is not empty")
-    existing = next(folder for folder in out.parents if folder.exists())
-    if not existing.is_dir():
-        raise TunelabError(f"--out {out}: {existing} is a file, not a directory")
+    if to_file and out.exists():
+        raise TunelabError(f"--out {out} exists")
+    if out.exists() and not out.is_dir():
+        raise TunelabError(f"--out {out} is a file; --format {export_format} writes a directory")
+    if to_file:
+        check_parent_folders(out)
+    else:
+        check_output_folder(out)
     write = _writer(source, export_format, gguf_type)
     with staged_write(out, directory=not to_file) as staging:  # nothing is left at --out on failure
         write(staging)
@@ -62,9 +61,13 @@ def _writer(source: str | Path, export_format: str, gguf_type: str) -> Callable[
 
 
 def _write_peft(run: LoadedRun, directory: Path) -> None:
+    write_peft_adapter(run.method, run.model, run.config.model.name, directory)
+
+
+def write_peft_adapter(method: Method, model, base_model: str, directory: Path) -> None:
     """adapter_config.json + adapter_model.safetensors, as `peft.PeftModel.from_pretrained` reads them."""
-    config, tensors = run.method.peft_export(run.model)
-    config["base_model_name_or_path"] = run.config.model.name
+    config, tensors = method.peft_export(model)
+    config["base_model_name_or_path"] = base_model
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
 
