@@ -89,7 +89,9 @@ def load_source(path: str, base_model: str) -> Source:
     if not isinstance(method, LinearAdapterMethod):
         raise TunelabError(f"{path}: method '{method.name}' does not change the weights of linear layers (it adds tokens, hooks or modules), so it has no update to merge")
     if getattr(method.options, "init", None) in ("pissa", "olora"):
-        raise TunelabError(f"{path}: LoRA with init {method.options.init} trained against a residual base; export it with `tunelab export --format peft` (plain LoRA on the original weights) and merge that")
+        raise TunelabError(
+            f"{path}: LoRA with init {method.options.init} trained against a residual base; export it with `tunelab export --format peft` (plain LoRA on the original weights) and merge that"
+        )
     try:
         plain = method.lora_factors(model)
     except TunelabError:  # DoRA, VeRA, LoHa, OFT, ...: their update as it acts, W' − W
