@@ -650,14 +650,6 @@ def slerp_without_t(runs: dict) -> dict:
     return {"merge_method": "slerp", "base_model": TINY_MODEL, "models": [{"model": TINY_MODEL}, {"model": str(runs["a"])}], "parameters": {"normalize": True}}
 
 
-def test_slerp_without_t_is_refused(lora_runs, tmp_path):
-    assert_refused(tmp_path, slerp_without_t(lora_runs), "bad.yaml", "slerp needs t")
-
-
-def test_a_task_vector_method_without_base_model_is_refused(lora_runs, tmp_path):
-    assert_refused(tmp_path, {"merge_method": "ties", "models": [{"model": str(lora_runs["a"])}]}, "bad.yaml", "ties takes task vectors against a base_model")
-
-
 @pytest.mark.parametrize("case", ["slerp without t", "ties without base_model"])
 def test_method_requirements_name_their_key_and_line(case, lora_runs, tmp_path):
     if case == "slerp without t":  # `parameters:` is on line 6 of the YAML written

@@ -145,6 +145,33 @@ def compare_command(
     _run(action)
 
 
+@app.command("federate")
+def federate_command(
+    fed_file: Path = typer.Argument(..., help="a federation YAML: base run config, clients, rounds, aggregator, task"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides of the federation, e.g. rounds=10"),
+    resume: bool = typer.Option(False, "--resume", help="continue the federation in its output directory (finished rounds are kept)"),
+    backend: str = typer.Option("sequential", help="sequential | process | ray: where a round's clients train"),
+    workers: int = typer.Option(2, help="worker processes (--backend process)"),
+    ray_address: Optional[str] = typer.Option(None, help="a Ray cluster to join (--backend ray; default: start one here)"),
+    ray_cpus_per_client: float = typer.Option(1, help="CPUs each client holds on Ray (its torch threads)"),
+    ray_gpus_per_client: float = typer.Option(0, help="GPUs each client holds on Ray (0: it trains on CPU)"),
+):
+    """Federated fine-tuning: rounds of client training from the global model, aggregated (fedavg, flora, fedprox) and scored."""
+
+    def action():
+        from tunelab.federated import federate
+
+        report = federate(fed_file, overrides, resume, backend, workers, ray_address, ray_cpus_per_client, ray_gpus_per_client)
+        for rnd, score in report["scores"]:
+            console.print(f"round {rnd:>3}  {report['metric']} {score:.4f}")
+        console.print(
+            f"[bold green]done[/]: {report['aggregator']}, {report['rounds']} rounds, final {report['metric']} {report['final_score']:.4f}, "
+            f"clients sent {report['bytes_sent'] / 1e6:.1f} MB -> {report['global_model']}"
+        )
+
+    _run(action)
+
+
 @app.command("generate")
 def generate_command(
     run_dir: Path = typer.Argument(..., help="a run directory"),

@@ -7,11 +7,11 @@ a cell that left checkpoints (exactly: resume is bitwise), and restarts one that
 A finished cell is reused only if its run's config.yaml is the cell's config (its `output` aside)
 and its record was scored on the same task.
 
-Backends: `sequential` (in this process, one cell after another), `process` (a local pool of
-worker processes, the CPU cores split among them) and `ray` (one Ray task per cell, on whatever
-cluster `ray.init` connects to: a laptop, or `--ray-address` for a real one). The driver keeps what
-each Ray task returns, so the leaderboard and its plots need no storage shared with the nodes;
-run directories stay where their cells ran.
+Backends (`run_jobs`, which `federate` shares): `sequential` (in this process, one cell after
+another), `process` (a local pool of worker processes, the CPU cores split among them) and `ray`
+(one Ray task per cell, on whatever cluster `ray.init` connects to: a laptop, or `--ray-address`
+for a real one). The driver keeps what each Ray task returns, so the leaderboard and its plots
+need no storage shared with the nodes; run directories stay where their cells ran.
 """
 
 from __future__ import annotations
@@ -149,42 +149,85 @@ def run_sweep(
     sweep: Sweep, backend: str = "sequential", workers: int = 2, ray_address: str | None = None, ray_cpus_per_cell: float = 1, ray_gpus_per_cell: float = 0
 ) -> list[dict]:
     """Every cell's record, in grid order (zero-shot first when the sweep asks for it)."""
-    if backend not in BACKENDS:
-        raise TunelabError(f"--backend {backend}: use one of {', '.join(BACKENDS)}")
-    if workers < 1:
-        raise TunelabError(f"--workers {workers}: at least 1")
+    check_backend(backend, workers)
     zero_shot = [run_zero_shot(sweep)] if sweep.config.zero_shot else []
     task = sweep.task.model_dump()
     jobs = [(cell.name, cell.seed, cell.config, task) for cell in sweep.cells]
     records = {i: run_cell(*job) for i, (job, cell) in enumerate(zip(jobs, sweep.cells)) if (cell.run_dir / CELL_RESULT).is_file()}
     pending = [i for i in range(len(jobs)) if i not in records]
     console.print(f"sweep: {len(jobs)} cells, {len(records)} already done, backend {backend}")
-    if backend == "sequential":
-        for number, i in enumerate(pending, 1):
-            console.rule(f"cell {number}/{len(pending)}: {jobs[i][0]} (seed {jobs[i][1]})")
-            records[i] = run_cell(*jobs[i])
-    elif backend == "process":
-        from tunelab.train.distributed import threads_per_process
-
-        threads = threads_per_process(workers)
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(run_cell, *jobs[i], threads): i for i in pending}
-            for future in as_completed(futures):
-                records[futures[future]] = record = future.result()
-                console.print(f"cell done: {record['cell']} (seed {record['seed']})")
-    else:
-        results = _run_on_ray([jobs[i] for i in pending], ray_address, ray_cpus_per_cell, ray_gpus_per_cell)
-        for i, record in zip(pending, results):
-            records[i] = record
-            done = sweep.cells[i].run_dir / CELL_RESULT
-            if not done.is_file():  # the cell ran on another node, without storage shared with this one
-                done.parent.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(done, record)
+    results = run_jobs(
+        run_cell,
+        [jobs[i] for i in pending],
+        backend,
+        workers,
+        ray_address,
+        ray_cpus_per_cell,
+        ray_gpus_per_cell,
+        starting=lambda number, job: console.rule(f"cell {number}/{len(pending)}: {job[0]} (seed {job[1]})"),
+        finished=lambda record: console.print(f"cell done: {record['cell']} (seed {record['seed']})"),
+    )
+    for i, record in zip(pending, results):
+        records[i] = record
+        done = sweep.cells[i].run_dir / CELL_RESULT
+        if not done.is_file():  # the cell ran on a Ray node, without storage shared with this one
+            done.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(done, record)
     return zero_shot + [records[i] for i in range(len(jobs))]
 
 
-def _run_on_ray(jobs: list[tuple], address: str | None, cpus: float, gpus: float) -> list[dict]:
-    """The jobs' records, each cell one Ray task holding `cpus` CPUs (its torch threads) and `gpus` GPUs."""
+def check_backend(backend: str, workers: int) -> None:
+    if backend not in BACKENDS:
+        raise TunelabError(f"--backend {backend}: use one of {', '.join(BACKENDS)}")
+    if workers < 1:
+        raise TunelabError(f"--workers {workers}: at least 1")
+
+
+def run_jobs(
+    function,
+    jobs: list[tuple],
+    backend: str = "sequential",
+    workers: int = 2,
+    ray_address: str | None = None,
+    ray_cpus: float = 1,
+    ray_gpus: float = 0,
+    starting=None,
+    finished=None,
+) -> list:
+    """`function(*job)` of every job, in job order, on a backend: in this process one after
+    another (`starting(number, job)` before each), in a pool of `workers` spawned processes, or
+    one Ray task per job (`ray_cpus`, `ray_gpus` each). Off this process `function` gets one more
+    argument, its torch threads (the pool's workers share the CPU cores; a Ray task has `ray_cpus`),
+    and must be importable by name; `finished(result)` follows each job done there. Used by
+    `compare` (a cell per job) and `federate` (a client's round per job)."""
+    check_backend(backend, workers)
+    if backend == "sequential":
+        results = []
+        for number, job in enumerate(jobs, 1):
+            if starting is not None:
+                starting(number, job)
+            results.append(function(*job))
+        return results
+    if backend == "process":
+        from tunelab.train.distributed import threads_per_process
+
+        threads = threads_per_process(workers)
+        results = [None] * len(jobs)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(function, *job, threads): i for i, job in enumerate(jobs)}
+            for future in as_completed(futures):
+                results[futures[future]] = result = future.result()
+                if finished is not None:
+                    finished(result)
+        return results
+    results = _run_on_ray(function, jobs, ray_address, ray_cpus, ray_gpus)
+    for result in results if finished is not None else []:
+        finished(result)
+    return results
+
+
+def _run_on_ray(function, jobs: list[tuple], address: str | None, cpus: float, gpus: float) -> list:
+    """The jobs' results, each job one Ray task holding `cpus` CPUs (its torch threads) and `gpus` GPUs."""
     try:
         import ray
     except ImportError:
@@ -193,8 +236,8 @@ def _run_on_ray(jobs: list[tuple], address: str | None, cpus: float, gpus: float
     if started_here:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
-        remote_cell = ray.remote(num_cpus=cpus, num_gpus=gpus)(run_cell)
-        return ray.get([remote_cell.remote(*job, max(1, int(cpus))) for job in jobs])
+        remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(function)
+        return ray.get([remote.remote(*job, max(1, int(cpus))) for job in jobs])
     finally:
         if started_here:
             ray.shutdown()

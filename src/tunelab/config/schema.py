@@ -95,6 +95,13 @@ class TrainConfig(Strict):
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"
     # Seconds a rank waits in a collective (model loading included) before it gives up on the others.
     distributed_timeout: float = Field(default=1800, gt=0)
+    # Start from these weights of the method instead of its initialization: a safetensors file of
+    # its tensors, named as a run's adapter/adapter.safetensors names them (`tunelab federate`
+    # starts each round's clients from the global model so).
+    init_weights: str | None = Field(default=None, min_length=1)
+    # FedProx's proximal term mu/2 * ||w - w0||^2 on the trainable tensors, w0 their values at the
+    # start of the run (kept in checkpoints); 0: off.
+    proximal_mu: float = Field(default=0.0, ge=0)
 
     @model_validator(mode="before")
     @classmethod

@@ -26,7 +26,7 @@ from tunelab.console import console
 from tunelab.data.batching import BatchLayout, split_by_tokens
 from tunelab.data.dataset import build_datasets
 from tunelab.errors import RankLost, RunStopped, TrainingDiverged, TunelabError
-from tunelab.files import exclusive_directory, remove_leftovers, write_json_atomic
+from tunelab.files import exclusive_directory, read_safetensors, remove_leftovers, write_json_atomic
 from tunelab.methods import build_method
 from tunelab.methods.peft_io import CONFIG_FILE as PEFT_CONFIG_FILE
 from tunelab.methods.peft_io import read_peft_adapter, read_peft_config
@@ -105,6 +105,7 @@ class Run:
     rollouts: Rollouts | None = None  # completions sampled in training (objective.samples_completions)
     quantized: dict | None = None  # what model.quantize stored in low precision (models/quantize.py)
     ranks: Ranks = SINGLE  # this process among the run's processes (train/distributed.py)
+    anchor: dict | None = None  # train.proximal_mu: the trainable tensors as the run started
 
     def micro_batches(self, step: int) -> list[list[dict]]:
         """The step's samples (of all ranks), one list per micro-batch. They follow from the step
@@ -252,10 +253,14 @@ def set_up(config: RunConfig, resume: bool, overwrite: bool, ranks: Ranks = SING
     method.attach(model)
     if config.method.from_peft:  # read before anything is written: a bad adapter leaves the output as it was
         method.peft_import(model, *read_peft_adapter(config.method.from_peft))
+    if tcfg.init_weights:  # the method's weights to start from (a federated round's global model)
+        load_init_weights(method, model, config)
     objective = build_objective(config.objective)
     objective.attach(model)
     if ranks.world > 1:
         ranks = replace(ranks, mode=resolve_mode(tcfg.distributed, method, objective, tcfg.optimizer))
+        if tcfg.proximal_mu and ranks.sharded:
+            raise TunelabError("train.proximal_mu needs each trainable tensor whole (its anchor is a copy of them); set train.distributed: ddp")
     teacher = objective.teacher_source()
     if teacher is not None:
         objective.teacher = load_teacher(*teacher, config.model, tokenizer)
@@ -338,6 +343,8 @@ def restore_or_prepare(run: Run, output: Path, resume: bool, replaced: list[str]
             method.prepare(model, batches, causal_lm_loss)
         state.prepare_seconds = time.perf_counter() - prepare_started
         run.params = trainable_tensors(method, run.objective, model)
+    if tcfg.proximal_mu:  # FedProx's anchor w0: the trainable tensors now (a checkpoint restores its own)
+        run.anchor = {name: p.detach().clone() for name, p in run.params.items()}
     reference_started = time.perf_counter()
     run.reference, run.reference_logps_computed = set_up_reference(run, output, resumed=checkpoint is not None)
     state.prepare_seconds += time.perf_counter() - reference_started if run.reference_logps_computed else 0.0
@@ -348,7 +355,10 @@ def restore_or_prepare(run: Run, output: Path, resume: bool, replaced: list[str]
         if trainable is not None:  # else (fsdp) the shards are already in the model
             own = {name.removeprefix(OBJECTIVE_PREFIX): t for name, t in trainable.items() if name.startswith(OBJECTIVE_PREFIX)}
             run.objective.load_state_dict(own)
-            method.load_checkpoint_state(model, {n: t for n, t in trainable.items() if not n.startswith(OBJECTIVE_PREFIX)}, source=str(checkpoint))
+            if run.anchor is not None:
+                run.anchor = {name.removeprefix(ANCHOR_PREFIX): t for name, t in trainable.items() if name.startswith(ANCHOR_PREFIX)}
+            method_state = {n: t for n, t in trainable.items() if not n.startswith((OBJECTIVE_PREFIX, ANCHOR_PREFIX))}
+            method.load_checkpoint_state(model, method_state, source=str(checkpoint))
         if method.prepare_steps:
             # The state holds prepare's choice, which may train other tensors than attach's placeholder
             # (SubTuning's layers, all of one shape): move the restored optimizer state onto them.
@@ -400,7 +410,8 @@ def set_up_reference(run: Run, output: Path, resumed: bool) -> tuple[object, int
     def load_reference_model(name: str):
         return load_model(run.config.model.model_copy(update={"name": name}))[0]
 
-    live, precompute_now = choose_reference(options, run.method, run.model, load_reference_model, starts_trained=bool(run.config.method.from_peft))
+    starts_trained = bool(run.config.method.from_peft or run.config.train.init_weights)
+    live, precompute_now = choose_reference(options, run.method, run.model, load_reference_model, starts_trained=starts_trained)
     if run.layout.share_prefixes and not uses_packed_attention(live.model):
         # A model without tunelab's packed attention cannot read shared prompts: lay pairs out whole.
         run.layout = replace(run.layout, share_prefixes=False)
@@ -467,6 +478,13 @@ def train_step(run: Run, step: int) -> dict:
     if regularization is not None:
         regularization.backward()
         loss_sum += regularization.item()
+    # FedProx's proximal term mu/2 * ||w - w0||^2 (train.proximal_mu), once per step too; logged
+    # apart from the loss, so that losses compare with and without it.
+    proximal = {}
+    if run.anchor is not None and ranks.is_writer:
+        term = tcfg.proximal_mu / 2 * sum((p - run.anchor[name]).pow(2).sum() for name, p in run.params.items())
+        term.backward()
+        proximal = {"proximal": term.item()}
     tokens = sum(b.n_tokens for b in batches)
     if ranks.world > 1:  # the step's loss, metrics and tokens are sums over all ranks' forwards
         summed = ranks.gather((loss_sum, totals.sums_share(), tokens))
@@ -497,11 +515,14 @@ def train_step(run: Run, step: int) -> dict:
         "tokens_per_s": tokens / seconds,
         **sampling,
         **figures,
+        **proximal,
     }
 
 
 # Checkpoint names of the objective's own tensors (a reward head), apart from the method's.
 OBJECTIVE_PREFIX = "objective."
+# Checkpoint names of train.proximal_mu's anchor (the trainable tensors as the run started).
+ANCHOR_PREFIX = "proximal_anchor."
 
 
 def trainable_tensors(method, objective, model) -> dict[str, torch.nn.Parameter]:
@@ -518,7 +539,22 @@ def param_groups(run: Run) -> list[dict]:
 
 def checkpoint_tensors(run: Run) -> dict[str, torch.Tensor]:
     own = {OBJECTIVE_PREFIX + name: t for name, t in run.objective.state_dict().items()}
-    return {**run.method.checkpoint_state(run.model), **own}
+    anchor = {ANCHOR_PREFIX + name: t for name, t in (run.anchor or {}).items()}
+    return {**run.method.checkpoint_state(run.model), **own, **anchor}
+
+
+def load_init_weights(method, model, config: RunConfig) -> None:
+    """train.init_weights: the method's tensors loaded over its initialization, before anything is written."""
+    path = config.train.init_weights
+    if config.method.from_peft:
+        raise TunelabError(f"train.init_weights {path} and method.from_peft {config.method.from_peft}: give one set of weights to start from")
+    if method.prepare_steps:
+        raise TunelabError(f"train.init_weights: method '{method.name}' chooses what it trains from the data of a fresh run (prepare), which would replace the given weights")
+    try:
+        weights = read_safetensors(path)
+    except TunelabError as err:
+        raise TunelabError(f"train.init_weights: {err}") from None
+    method.load_state_dict(model, weights, source=f"train.init_weights {path}")
 
 
 def build_optimizer(tcfg, model, groups: list[dict]) -> torch.optim.Optimizer:
