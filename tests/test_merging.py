@@ -251,7 +251,8 @@ def save_checkpoint(model, directory: Path) -> str:
     return str(directory)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["untied-head", "tied-head"])
+# A tied head, as SmolLM2 has: mergekit and tunelab must agree on the one tensor both names share.
+@pytest.fixture(scope="module", params=[True], ids=["tied-head"])
 def checkpoints(request, module_cache, tmp_path_factory) -> dict[str, str]:
     """A tiny random Llama base and three fine-tunings of it (the base plus small perturbations of
     every tensor), as safetensors checkpoints: name -> directory."""
