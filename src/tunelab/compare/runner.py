@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -228,6 +229,15 @@ def run_jobs(
 
 def _run_on_ray(function, jobs: list[tuple], address: str | None, cpus: float, gpus: float) -> list:
     """The jobs' results, each job one Ray task holding `cpus` CPUs (its torch threads) and `gpus` GPUs."""
+    with ray_session(address) as ray:
+        remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(function)
+        return ray.get([remote.remote(*job, max(1, int(cpus))) for job in jobs])
+
+
+@contextmanager
+def ray_session(address: str | None):
+    """Ray (the module) connected for the block: to `address`, or a cluster started here, shut down
+    when the block ends; a connection this process already holds is used and left open."""
     try:
         import ray
     except ImportError:
@@ -236,8 +246,7 @@ def _run_on_ray(function, jobs: list[tuple], address: str | None, cpus: float, g
     if started_here:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
-        remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(function)
-        return ray.get([remote.remote(*job, max(1, int(cpus))) for job in jobs])
+        yield ray
     finally:
         if started_here:
             ray.shutdown()

@@ -34,13 +34,14 @@ import json
 import shutil
 import statistics
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from tunelab.compare.runner import check_backend, run_jobs
+from tunelab.compare.runner import check_backend, ray_session, run_jobs
 from tunelab.config import changed_keys, dump_config, parse_config
 from tunelab.console import console
 from tunelab.errors import TunelabError
@@ -254,8 +255,9 @@ class Server:
         if self.flora:
             update = flora_stack([self.client_factors(state) for state in states], weights)
             _save_tensors(round_dir(fed, round_number) / GLOBAL_STATE, update)
-            total = concatenate([read_safetensors(round_dir(fed, r) / GLOBAL_STATE) for r in range(1, round_number + 1)])
-            received = [self._stacked_bytes_since(k, round_number) for k in chosen]
+            updates = [read_safetensors(round_dir(fed, r) / GLOBAL_STATE) for r in range(1, round_number + 1)]
+            total = concatenate(updates)
+            received = [self._stacked_bytes_since(k, round_number, updates) for k in chosen]
             self.write_flora_global(total)
         else:
             start = read_safetensors(init)
@@ -294,12 +296,12 @@ class Server:
         console.print(f"round {round_number}: {fed.metric} {record['score']:.4f}, sent {record['bytes_sent'] / 2**20:.1f} MiB, received {record['bytes_received'] / 2**20:.1f} MiB")
         return record
 
-    def _stacked_bytes_since(self, client: int, round_number: int) -> int:
-        """flora: what a client downloads before a round: the stacked updates of the rounds from the
-        last one it trained in (its own update is not the round's) on; it keeps its base with the
-        earlier ones folded in."""
+    def _stacked_bytes_since(self, client: int, round_number: int, updates: list[dict[str, torch.Tensor]]) -> int:
+        """flora: what a client downloads before a round: the stacked updates (`updates`: rounds
+        1, 2, ...) of the rounds from the last one it trained in (its own update is not the
+        round's) on; it keeps its base with the earlier ones folded in."""
         last = max((r for r in range(1, round_number) if client in selected_clients(self.fed, r)), default=1)
-        return sum(nbytes(read_safetensors(round_dir(self.fed, r) / GLOBAL_STATE).values()) for r in range(last, round_number))
+        return sum(nbytes(updates[r - 1].values()) for r in range(last, round_number))
 
     def write_flora_global(self, total: dict[str, torch.Tensor]) -> None:
         """The global model base + Σ B_r A_r as one LoRA of the stacked rank (scale 1)."""
@@ -396,7 +398,9 @@ def run_federation(fed: Federation, resume: bool = False, backend: Backend | Non
     check_backend(backend.name, backend.workers)
     check_output(fed, resume)
     started = time.perf_counter()
-    with exclusive_directory(fed.output, "tunelab federate"), _ray(backend):
+    # Ray started once for all rounds (--backend ray), unless this process already holds a connection.
+    ray = ray_session(backend.ray_address) if backend.name == "ray" else nullcontext()
+    with exclusive_directory(fed.output, "tunelab federate"), ray:
         server = Server(fed, backend)  # loads the model: a bad method or objective fails before any write
         remove_leftovers(fed.output)
         if not (fed.output / STATE_FILE).is_file():
@@ -408,29 +412,3 @@ def run_federation(fed: Federation, resume: bool = False, backend: Backend | Non
         report = federation_report(fed, records, time.perf_counter() - started)
         write_json_atomic(fed.output / REPORT_FILE, report)
     return report
-
-
-class _ray:
-    """Ray started once for all rounds (--backend ray), unless it already runs in this process."""
-
-    def __init__(self, backend: Backend):
-        self.backend, self.started = backend, False
-
-    def __enter__(self):
-        if self.backend.name != "ray":
-            return self
-        try:
-            import ray
-        except ImportError:
-            raise TunelabError("--backend ray needs Ray: pip install 'tunelab[ray]'") from None
-        if not ray.is_initialized():
-            ray.init(address=self.backend.ray_address, include_dashboard=False, log_to_driver=False)
-            self.started = True
-        return self
-
-    def __exit__(self, *exc):
-        if self.started:
-            import ray
-
-            ray.shutdown()
-        return False
